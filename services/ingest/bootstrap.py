@@ -1,0 +1,82 @@
+"""Wires the ingest service: the handler, the Kafka consumer, the HTTP routes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.ingest import api
+from services.ingest.handler import IngestHandler
+from shared.bootstrap import Core, build_core
+from shared.clock import Clock
+from shared.http.app import bearer_auth, create_app
+from shared.messaging.consumer import ConsumerRunner
+from shared.messaging.pipeline import Pipeline
+from shared.messaging.transport import Transport
+from shared.settings import Settings
+
+CONSUMER = "ingest"
+SOURCE = "/winback/ingest"
+
+
+@dataclass
+class IngestService:
+    core: Core
+    pipeline: Pipeline
+    consumer: ConsumerRunner
+    app: FastAPI
+
+
+def bootstrap(
+    settings: Settings,
+    *,
+    engine: AsyncEngine | None = None,
+    transport: Transport | None = None,
+    clock: Clock | None = None,
+    group: str = CONSUMER,
+) -> IngestService:
+    core = build_core(settings, engine=engine, transport=transport, clock=clock)
+    topics = settings.topics
+    handler = IngestHandler(
+        core.clock,
+        settings.ingest.event_type_prefix,
+        settings.ingest.max_future_skew_seconds,
+        topics.domain,
+    )
+    pipeline = Pipeline(core.engine, group, handler, core.clock, topics.dead_letter, SOURCE)
+    consumer = ConsumerRunner(
+        core.transport.subscription(group, topics.inbound),
+        pipeline,
+        max_batch=settings.kafka.max_batch,
+        poll_timeout_ms=settings.kafka.poll_timeout_ms,
+        max_event_bytes=settings.ingest.max_event_bytes,
+    )
+    core.runtime.consumers.append(consumer)
+    core.runtime.topics = [*topics.inbound, topics.domain, topics.dead_letter]
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await core.runtime.start()
+        try:
+            yield
+        finally:
+            await core.runtime.stop()
+
+    app = create_app(
+        "winback ingest",
+        checks=[("database", core.runtime.check_database), ("kafka", core.runtime.check_kafka)],
+        routers=[
+            api.router(
+                pipeline,
+                bearer_auth(settings.http.api_keys),
+                settings.ingest.max_event_bytes,
+                settings.ingest.http_batch_limit,
+            )
+        ],
+        lifespan=lifespan,
+    )
+    return IngestService(core, pipeline, consumer, app)

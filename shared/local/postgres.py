@@ -1,0 +1,34 @@
+"""An embedded PostgreSQL 16 from the ``pgserver`` package, for local runs and tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+# pgserver looks up a runtime directory through platformdirs, which warns when
+# XDG_RUNTIME_DIR is unset (as it is in CI); give it a private one.
+os.environ.setdefault("XDG_RUNTIME_DIR", str(Path.home() / ".cache" / "winback" / "run"))
+Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def start_embedded(data_dir: Path, cleanup: str | None = "stop") -> tuple[str, Any]:
+    """Start (or reuse) the server on ``data_dir``; return its asyncpg URL and the handle."""
+    import pgserver
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(data_dir, cleanup_mode=cleanup)  # type: ignore[attr-defined]
+    return to_asyncpg_url(server.get_uri()), server
+
+
+def to_asyncpg_url(uri: str) -> str:
+    """``postgresql://user:@/db?host=/sock`` → ``postgresql+asyncpg://user@/db?host=/sock``."""
+    parsed = urlparse(uri)
+    host = parse_qs(parsed.query).get("host", [""])[0]
+    user = parsed.username or "postgres"
+    db = parsed.path.lstrip("/") or "postgres"
+    if host:
+        return f"postgresql+asyncpg://{user}@/{db}?host={host}"
+    netloc = parsed.netloc.split("@")[-1]
+    return f"postgresql+asyncpg://{user}@{netloc}/{db}"

@@ -1,0 +1,108 @@
+"""The Kafka side of the loop: poll a batch, decode, transact, then commit the offsets.
+
+Offsets are committed only after the database transaction commits (at-least-once; the inbox
+makes the repeats harmless). A rebalance waits for the batch in flight to finish and commit;
+no offset is committed for a partition that was taken away. ``stop()`` finishes the batch,
+commits and leaves the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from shared import metrics
+from shared.cloudevents import from_kafka
+from shared.errors import InvalidEvent
+from shared.messaging.pipeline import DeadLetter, Incoming, Pipeline
+from shared.messaging.transport import Record, Subscription, TopicPartition
+
+log = logging.getLogger(__name__)
+
+
+class ConsumerRunner:
+    def __init__(
+        self,
+        subscription: Subscription,
+        pipeline: Pipeline,
+        max_batch: int = 500,
+        poll_timeout_ms: int = 500,
+        max_event_bytes: int = 256 * 1024,
+        decode: Callable[[Record], Incoming[Any]] | None = None,
+    ) -> None:
+        self.subscription = subscription
+        self.pipeline = pipeline
+        self.max_batch = max_batch
+        self.poll_timeout_ms = poll_timeout_ms
+        self.max_event_bytes = max_event_bytes
+        self._decode = decode or self.decode
+        self._lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._revoked_during_batch: set[TopicPartition] = set()
+        self.started = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        return self.pipeline.consumer
+
+    def decode(self, record: Record) -> Incoming[Any]:
+        if record.value is not None and len(record.value) > self.max_event_bytes:
+            raise InvalidEvent(
+                "oversize", f"{len(record.value)} bytes is over the {self.max_event_bytes} limit"
+            )
+        event = from_kafka(record.value, record.headers)
+        return self.pipeline.decode_payload(event, record.key, record)
+
+    async def run(self) -> None:
+        await self.subscription.start(on_revoke=self._on_revoke)
+        self.started.set()
+        try:
+            while not self._stopping.is_set():
+                records = await self.subscription.poll(self.max_batch, self.poll_timeout_ms)
+                if not records:
+                    continue
+                async with self._lock:
+                    await self.process(records)
+        finally:
+            async with self._lock:
+                await self.subscription.stop()
+
+    async def process(self, records: list[Record]) -> None:
+        owned = self.subscription.assignment()
+        records = [r for r in records if r.tp in owned]
+        items: list[Incoming[Any]] = []
+        dead: list[DeadLetter] = []
+        for record in records:
+            try:
+                items.append(self._decode(record))
+            except InvalidEvent as exc:
+                log.warning(
+                    "dead-lettering a record",
+                    extra={
+                        "code": exc.code,
+                        "field": exc.field,
+                        "topic": record.topic,
+                        "partition": record.partition,
+                        "offset": record.offset,
+                    },
+                )
+                dead.append(DeadLetter(record, exc, self.name))
+        await self.pipeline.transact_reliably(items, dead, self._stopping)
+        positions: dict[TopicPartition, int] = {}
+        for record in records:
+            positions[record.tp] = max(positions.get(record.tp, 0), record.offset + 1)
+        await self.subscription.commit(positions)
+
+    async def _on_revoke(self, partitions: set[TopicPartition]) -> None:
+        # Wait for the batch in flight: it finishes and commits before the partitions go.
+        async with self._lock:
+            log.info("partitions revoked", extra={"count": len(partitions)})
+
+    async def report_lag(self) -> None:
+        for (topic, partition), lag in (await self.subscription.lag()).items():
+            metrics.CONSUMER_LAG.labels(self.name, topic, str(partition)).set(lag)
+
+    def stop(self) -> None:
+        self._stopping.set()

@@ -1,0 +1,33 @@
+"""Prometheus metrics shared by every service (each service adds its own beside these)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS = Counter(
+    "winback_events_consumed_total",
+    "Events consumed, by consumer, event type and result (handled, duplicate)",
+    ["consumer", "type", "result"],
+)
+DEAD_LETTERS = Counter(
+    "winback_dead_letters_total",
+    "Records sent to the dead-letter topic, by consumer and error code",
+    ["consumer", "code"],
+)
+BATCH_SECONDS = Histogram(
+    "winback_batch_handling_seconds",
+    "Time to run one consume→transact→emit transaction",
+    ["consumer"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+CONSUMER_LAG = Gauge(
+    "winback_consumer_lag_records",
+    "Records between the consumer position and the end of the partition",
+    ["consumer", "topic", "partition"],
+)
+OUTBOX_BACKLOG = Gauge("winback_outbox_backlog", "Outbox rows not yet published")
+OUTBOX_OLDEST_AGE = Gauge(
+    "winback_outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row"
+)
+OUTBOX_PUBLISHED = Counter("winback_outbox_published_total", "Outbox rows published", ["topic"])
+HTTP_EVENTS = Counter("winback_http_events_total", "Events posted over HTTP, by result", ["result"])

@@ -1,0 +1,98 @@
+"""A service's moving parts, started and stopped together: consumers, the outbox relay and
+the periodic gauges. Each part runs supervised: a crash is logged and the part restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shared.clock import Clock
+from shared.messaging.consumer import ConsumerRunner
+from shared.messaging.outbox import OutboxRelay
+from shared.messaging.transport import Publisher, Transport
+
+log = logging.getLogger(__name__)
+
+Part = tuple[str, Callable[[], Awaitable[None]], Callable[[], None]]
+
+
+@dataclass
+class Runtime:
+    engine: AsyncEngine
+    transport: Transport
+    publisher: Publisher
+    clock: Clock
+    relay: OutboxRelay
+    consumers: list[ConsumerRunner] = field(default_factory=list)
+    extra_parts: list[Part] = field(default_factory=list)
+    topics: Sequence[str] = ()
+    partitions: int = 6
+    replication: int = 1
+    gauge_seconds: float = 5.0
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def check_database(self) -> None:
+        async with self.engine.connect() as conn:
+            await asyncio.wait_for(conn.execute(text("SELECT 1")), timeout=3)
+
+    async def check_kafka(self) -> None:
+        await self.transport.ping()
+
+    async def start(self) -> None:
+        if self.topics:
+            await self.transport.ensure_topics(self.topics, self.partitions, self.replication)
+        await self.publisher.start()
+        parts: list[Part] = [("outbox-relay", self.relay.run, self.relay.stop)]
+        parts += [(f"consumer:{c.name}", c.run, c.stop) for c in self.consumers]
+        parts += self.extra_parts
+        parts.append(("gauges", self._gauges, lambda: None))
+        for name, run, _ in parts:
+            self._tasks.append(asyncio.create_task(self._supervise(name, run), name=name))
+        self._parts = parts
+
+    async def wait_consuming(self, timeout: float = 60) -> None:
+        """Wait until every consumer has joined its group (for tests and the demo)."""
+        await asyncio.wait_for(asyncio.gather(*(c.started.wait() for c in self.consumers)), timeout)
+
+    async def _supervise(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                await run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("part crashed; restarting", extra={"part": name})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30)
+
+    async def _gauges(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.relay.report_backlog()
+                for consumer in self.consumers:
+                    await consumer.report_lag()
+            except Exception:
+                log.warning("could not refresh gauges", exc_info=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.gauge_seconds)
+
+    async def stop(self, timeout: float = 30) -> None:
+        self._stopping.set()
+        for _, _, stop in getattr(self, "_parts", []):
+            stop()
+        if self._tasks:
+            _done, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        self._tasks.clear()
+        await self.publisher.stop()

@@ -1,0 +1,110 @@
+"""Real-broker helpers for tests: produce in either binding, read a topic to the end."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
+
+PREFIX = "com.example"
+
+
+def cloudevent(
+    type: str,
+    data: Any,
+    *,
+    id: str | None = None,
+    source: str = "/billing/test",
+    time: datetime | str | None = None,
+) -> dict[str, Any]:
+    when = time if time is not None else datetime.now(UTC)
+    return {
+        "specversion": "1.0",
+        "id": id or str(uuid.uuid4()),
+        "source": source,
+        "type": f"{PREFIX}.{type}",
+        "time": when if isinstance(when, str) else when.isoformat(),
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+
+
+def structured(event: dict[str, Any]) -> tuple[bytes, list[tuple[str, bytes]]]:
+    return orjson.dumps(event), [("content-type", b"application/cloudevents+json")]
+
+
+def binary(event: dict[str, Any]) -> tuple[bytes, list[tuple[str, bytes]]]:
+    headers = [
+        (f"ce_{name}", str(value).encode())
+        for name, value in event.items()
+        if name not in ("data", "datacontenttype")
+    ]
+    headers.append(("content-type", b"application/json"))
+    return orjson.dumps(event["data"]), headers
+
+
+async def produce(
+    bootstrap: str,
+    topic: str,
+    records: Sequence[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]],
+) -> None:
+    """Produce (key, value, headers) records and wait for every acknowledgement."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(topic, value=value, key=key, headers=headers)
+            for key, value, headers in records
+        ]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def read_all(
+    bootstrap: str, topic: str, expect: int, timeout: float = 30.0, settle: float = 0.5
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Read the topic from the start until ``expect`` records arrived (then ``settle`` more
+    seconds, to catch extras) or ``timeout`` passed. Returns what was read."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    out: list[ConsumerRecord[bytes, bytes]] = []
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        settle_until: float | None = None
+        while loop.time() < deadline:
+            if settle_until is not None and loop.time() >= settle_until:
+                break
+            batches = await consumer.getmany(timeout_ms=200)
+            for messages in batches.values():
+                out.extend(messages)
+            if settle_until is None and len(out) >= expect:
+                settle_until = loop.time() + settle
+    finally:
+        await consumer.stop()
+    return out
+
+
+def header(record: ConsumerRecord[bytes, bytes], name: str) -> str | None:
+    for key, value in record.headers:
+        if key == name:
+            return bytes(value).decode()
+    return None
+
+
+def event_of(record: ConsumerRecord[bytes, bytes]) -> dict[str, Any]:
+    value: dict[str, Any] = orjson.loads(record.value or b"null")
+    return value
