@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from shared.errors import ConfigError
 
@@ -37,12 +43,15 @@ class KafkaSettings(BaseModel):
     client_id: str = "winback"
     max_batch: int = Field(default=500, ge=1, le=10_000)
     poll_timeout_ms: int = Field(default=500, ge=1, le=60_000)
+    batch_linger_ms: int = Field(default=20, ge=0, le=5_000)
     session_timeout_ms: int = Field(default=30_000, ge=6_000)
     data_dir: Path = Field(default=Path(".winback/kafka"), description="local broker data")
 
 
 class TopicSettings(BaseModel):
-    inbound: list[str] = Field(default_factory=lambda: ["billing.lifecycle", "product.activity"])
+    inbound: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["billing.lifecycle", "product.activity"]
+    )
     domain: str = "winback.customer-events"
     dispatch: str = "winback.dispatch-commands"
     outcomes: str = "winback.outcomes"
@@ -72,7 +81,9 @@ class HttpSettings(BaseModel):
     ingest_port: int = Field(default=8081, ge=0, le=65535)
     scheduler_port: int = Field(default=8082, ge=0, le=65535)
     dispatcher_port: int = Field(default=8083, ge=0, le=65535)
-    api_keys: list[SecretStr] = Field(default_factory=lambda: [SecretStr(DEV_SECRET)])
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=lambda: [SecretStr(DEV_SECRET)]
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -174,6 +185,9 @@ def load_settings(**overrides: Any) -> Settings:
     """Read and validate the settings; raise ``ConfigError`` naming each bad field."""
     try:
         return Settings(**overrides)
+    except SettingsError as exc:
+        cause = exc.__cause__
+        raise ConfigError(f"invalid configuration: {exc}: {cause}") from None
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

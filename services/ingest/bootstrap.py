@@ -54,6 +54,7 @@ def bootstrap(
         max_batch=settings.kafka.max_batch,
         poll_timeout_ms=settings.kafka.poll_timeout_ms,
         max_event_bytes=settings.ingest.max_event_bytes,
+        linger_ms=settings.kafka.batch_linger_ms,
     )
     core.runtime.consumers.append(consumer)
     core.runtime.topics = [*topics.inbound, topics.domain, topics.dead_letter]

@@ -1,14 +1,17 @@
 """A customer's state, folded over lifecycle events in EVENT time, not arrival time. Pure.
 
-- A status-changing event older than the current status is stale: it never overrides it.
-  A stale churn is still recorded as an episode, already ended (``returned`` or
-  ``superseded``), so history is complete but a returned customer stays active.
-- A return (reactivation, or activity after inactivity) ends every open episode that began
-  before it.
-- Profile fields are last-writer-wins by event time, field by field: a stale
-  ``customer.updated`` never overwrites a newer value, and the final profile is the same
-  whatever order the events arrived in.
-- Consent withdrawal always applies, whatever its time: an objection is absolute.
+Two last-writer-wins registers, each stamped with the event time that set it:
+- ``lifecycle`` (unknown / active / churned / trial_expired / lead_lost), written by
+  subscription and trial events and lost leads;
+- ``activity`` (unknown / active / inactive), written by activity events (and by a
+  reactivation, which implies activity).
+An event older than the register's stamp never overrides it, so the final state does not
+depend on arrival order (property-tested). A stale churn is still recorded as an episode,
+already ended (``returned`` or ``superseded``): history is complete, a returned customer stays
+active. A return ends every open episode that began before it.
+
+Profile fields are last-writer-wins by event time, field by field. Consent withdrawal always
+applies, whatever its time: an objection to direct marketing is absolute.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from services.ingest import events as ev
 from services.ingest.reasons import normalise_reason
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-Status = Literal["unknown", "active", "churned", "trial_expired", "inactive", "lead_lost"]
+Lifecycle = Literal["unknown", "active", "churned", "trial_expired", "lead_lost"]
+Activity = Literal["unknown", "active", "inactive"]
+CHURNED: frozenset[str] = frozenset({"churned", "trial_expired", "lead_lost"})
 PROFILE_FIELDS = (
     "email",
     "phone",
@@ -36,10 +41,9 @@ PROFILE_FIELDS = (
     "engagement",
     "crm_owner",
 )
-CHURN_KINDS: dict[str, tuple[str, Status]] = {
+LIFECYCLE_CHURN: dict[str, tuple[str, Lifecycle]] = {
     "subscription.cancelled": ("subscription_cancelled", "churned"),
     "trial.expired": ("trial_expired", "trial_expired"),
-    "user.inactive": ("user_inactive", "inactive"),
     "lead.lost": ("lead_lost", "lead_lost"),
 }
 
@@ -55,12 +59,25 @@ class OpenEpisode:
 class CustomerState:
     id: str
     profile: dict[str, Any] = field(default_factory=dict)
-    status: Status = "unknown"
-    status_at: datetime = EPOCH
     profile_times: dict[str, datetime] = field(default_factory=dict)
+    lifecycle: Lifecycle = "unknown"
+    lifecycle_at: datetime = EPOCH
+    activity: Activity = "unknown"
+    activity_at: datetime = EPOCH
     consent: dict[str, bool] = field(default_factory=dict)
     opted_out_all: bool = False
     open_episodes: tuple[OpenEpisode, ...] = ()
+
+    @property
+    def status(self) -> str:
+        """One word for people and queries: churned-like lifecycle first, then inactivity."""
+        if self.lifecycle in CHURNED:
+            return self.lifecycle
+        if self.activity == "inactive":
+            return "inactive"
+        if "active" in (self.lifecycle, self.activity):
+            return "active"
+        return "unknown"
 
     def snapshot(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id}
@@ -114,7 +131,6 @@ class Effects:
     new_episode: Episode | None = None
     ended: list[tuple[str, datetime, str]] = field(default_factory=list)
     emit: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    changed: bool = False
 
 
 def episode_id(source: str, event_id: str) -> str:
@@ -179,8 +195,10 @@ def apply(
     current = _merge_profile(before, payload.customer, at)
     effects = Effects(state=current)
 
-    if inbound.name in CHURN_KINDS:
+    if inbound.name in LIFECYCLE_CHURN:
         _churn(effects, current, inbound, source, event_id)
+    elif inbound.name == "user.inactive":
+        _inactive(effects, current, inbound, source, event_id)
     elif inbound.name in ("subscription.reactivated", "subscription.created"):
         _reactivated(effects, current, inbound)
     elif inbound.name == "user.active":
@@ -206,26 +224,22 @@ def apply(
         )
     elif inbound.name == "customer.updated" and current is not before:
         effects.emit.append(("customer.updated", {"customer": current.snapshot()}))
-    assert effects.state is not None
-    effects.changed = effects.state != state
     return effects
 
 
-def _churn(
-    effects: Effects, state: CustomerState, inbound: ev.Inbound, source: str, event_id: str
-) -> None:
+def _episode(
+    state: CustomerState, inbound: ev.Inbound, kind: str, source: str, event_id: str
+) -> Episode:
     payload = inbound.payload
     at = inbound.occurred_at
-    kind, status = CHURN_KINDS[inbound.name]
     reason_raw = getattr(payload, "reason", None)
-    if inbound.name == "user.inactive":
+    if kind == "user_inactive":
         reason_raw = reason_raw or "unused"
     mrr = getattr(payload, "mrr_minor", None)
     if mrr is None:
         mrr = state.profile.get("mrr_minor")
-    currency = getattr(payload, "currency", None) or state.profile.get("currency")
     since = state.profile.get("customer_since")
-    episode = Episode(
+    return Episode(
         id=episode_id(source, event_id),
         customer_id=state.id,
         kind=kind,
@@ -236,21 +250,18 @@ def _churn(
         competitor=getattr(payload, "competitor", None),
         occurred_at=at,
         mrr_at_churn_minor=mrr,
-        currency=currency,
+        currency=getattr(payload, "currency", None) or state.profile.get("currency"),
         tenure_days=(at - since).days if isinstance(since, datetime) and since <= at else None,
         source=source,
         source_event_id=event_id,
     )
-    if at < state.status_at:
-        # Stale: something newer already decided the status. Keep the history only.
-        end_reason = "returned" if state.status == "active" else "superseded"
-        effects.new_episode = replace(episode, ended_at=state.status_at, end_reason=end_reason)
-        return
-    current, ended = _end_before(state, at, "superseded")
+
+
+def _open(effects: Effects, state: CustomerState, episode: Episode) -> None:
+    """Open ``episode``; it supersedes every open episode that began before it."""
+    current, ended = _end_before(state, episode.occurred_at, "superseded")
     current = replace(
         current,
-        status=status,
-        status_at=at,
         open_episodes=(
             *current.open_episodes,
             OpenEpisode(episode.id, episode.kind, episode.occurred_at),
@@ -271,6 +282,35 @@ def _churn(
     )
 
 
+def _churn(
+    effects: Effects, state: CustomerState, inbound: ev.Inbound, source: str, event_id: str
+) -> None:
+    at = inbound.occurred_at
+    kind, lifecycle = LIFECYCLE_CHURN[inbound.name]
+    episode = _episode(state, inbound, kind, source, event_id)
+    if at < state.lifecycle_at:
+        # Stale: something newer already decided the lifecycle. Keep the history only.
+        end_reason = "returned" if state.lifecycle == "active" else "superseded"
+        effects.new_episode = replace(episode, ended_at=state.lifecycle_at, end_reason=end_reason)
+        return
+    _open(effects, replace(state, lifecycle=lifecycle, lifecycle_at=at), episode)
+
+
+def _inactive(
+    effects: Effects, state: CustomerState, inbound: ev.Inbound, source: str, event_id: str
+) -> None:
+    at = inbound.occurred_at
+    if at < state.activity_at:
+        return  # activity seen after this: the customer was not inactive
+    state = replace(state, activity="inactive", activity_at=at)
+    effects.state = state
+    if state.lifecycle in CHURNED:
+        return  # already churned: an open case covers them
+    if any(e.kind == "user_inactive" for e in state.open_episodes):
+        return  # still the same spell of inactivity
+    _open(effects, state, _episode(state, inbound, "user_inactive", source, event_id))
+
+
 def _reactivated(effects: Effects, state: CustomerState, inbound: ev.Inbound) -> None:
     payload = inbound.payload
     assert isinstance(payload, ev.SubscriptionReactivated)
@@ -285,10 +325,12 @@ def _reactivated(effects: Effects, state: CustomerState, inbound: ev.Inbound) ->
         at,
     )
     current, ended = _end_before(state, at, "returned")
-    if at >= state.status_at:
+    if at >= state.activity_at:
+        current = replace(current, activity="active", activity_at=at)
+    if at >= state.lifecycle_at:
         was = state.status
-        current = replace(current, status="active", status_at=at)
-        if was not in ("active", "unknown") or ended:
+        current = replace(current, lifecycle="active", lifecycle_at=at)
+        if was in CHURNED or was == "inactive" or ended:
             effects.emit.append(
                 (
                     "customer.returned",
@@ -308,8 +350,9 @@ def _reactivated(effects: Effects, state: CustomerState, inbound: ev.Inbound) ->
 
 def _active(effects: Effects, state: CustomerState, at: datetime) -> None:
     current, ended = _end_before(state, at, "returned", kinds={"user_inactive"})
-    if at >= state.status_at and state.status == "inactive":
-        current = replace(current, status="active", status_at=at)
+    if at >= state.activity_at:
+        current = replace(current, activity="active", activity_at=at)
+    if ended:
         effects.emit.append(
             (
                 "customer.returned",
@@ -323,7 +366,7 @@ def _active(effects: Effects, state: CustomerState, at: datetime) -> None:
                 },
             )
         )
-    elif state.status in ("churned", "trial_expired", "lead_lost"):
+    if state.lifecycle in CHURNED:
         effects.emit.append(
             (
                 "customer.activity",

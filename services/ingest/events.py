@@ -7,6 +7,7 @@ Types arrive as ``<prefix>.<name>`` where the prefix is configurable reverse DNS
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -16,7 +17,6 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
-    EmailStr,
     Field,
     ValidationError,
 )
@@ -26,6 +26,24 @@ from shared.errors import InvalidEvent
 
 Channel = Literal["email", "sms", "crm", "webhook"]
 Engagement = Literal["high", "medium", "low"]
+
+
+# The WHATWG HTML "valid e-mail address" rule (what browsers apply to <input type=email>):
+# a fast, well-defined syntax check. Whether the address exists is the provider's answer;
+# a hard bounce suppresses it.
+_EMAIL = re.compile(
+    r"^[a-zA-Z0-9.!#$%&'*+/=?^_`{|}~-]+@[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
+    r"(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*$"
+)
+
+
+def _email(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if len(value) > 254 or not _EMAIL.match(value):
+        raise ValueError("not a valid email address")
+    local, _, domain = value.rpartition("@")
+    return f"{local}@{domain.lower()}"
 
 
 def _e164(value: str | None) -> str | None:
@@ -64,6 +82,7 @@ def _aware(value: datetime | None) -> datetime | None:
     return value
 
 
+Email = Annotated[str | None, AfterValidator(_email)]
 Phone = Annotated[str | None, AfterValidator(_e164)]
 TimeZone = Annotated[str | None, AfterValidator(_timezone)]
 Currency = Annotated[str | None, AfterValidator(_currency)]
@@ -78,7 +97,7 @@ class _Payload(BaseModel):
 class Profile(_Payload):
     """Profile fields any customer event may carry; absent means unchanged."""
 
-    email: EmailStr | None = None
+    email: Email = None
     phone: Phone = None
     name: str | None = Field(default=None, max_length=200)
     locale: str | None = Field(
@@ -93,7 +112,11 @@ class Profile(_Payload):
     crm_owner: str | None = Field(default=None, max_length=200)
 
     def fields_set(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.model_fields_set if k in Profile.model_fields}
+        """The fields the event actually carried (absent ones leave the profile as it is)."""
+        return {k: getattr(self, k) for k in self.model_fields_set if k in _PROFILE_FIELDS}
+
+
+_PROFILE_FIELDS = frozenset(Profile.model_fields)
 
 
 class CustomerEvent(_Payload):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import text, update
-from sqlalchemy.dialects.postgresql import insert
+import orjson
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.ingest.customer import PROFILE_FIELDS, CustomerState, Episode, OpenEpisode
@@ -54,14 +55,88 @@ async def load(conn: AsyncConnection, ids: Collection[str]) -> dict[str, Custome
         out[r.id] = CustomerState(
             id=r.id,
             profile={name: m[name] for name in PROFILE_FIELDS if m[name] is not None},
-            status=r.status,
-            status_at=r.status_at,
+            lifecycle=r.lifecycle,
+            lifecycle_at=r.lifecycle_at,
+            activity=r.activity,
+            activity_at=r.activity_at,
             profile_times={k: datetime.fromisoformat(v) for k, v in r.profile_times.items()},
             consent=dict(r.consent),
             opted_out_all=r.opted_out_all,
             open_episodes=tuple(episodes.get(r.id, ())),
         )
     return out
+
+
+_CUSTOMER_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("id", "text"),
+    ("email", "text"),
+    ("phone", "text"),
+    ("name", "text"),
+    ("locale", "text"),
+    ("timezone", "text"),
+    ("plan", "text"),
+    ("mrr_minor", "bigint"),
+    ("currency", "text"),
+    ("customer_since", "timestamptz"),
+    ("engagement", "text"),
+    ("crm_owner", "text"),
+    ("status", "text"),
+    ("lifecycle", "text"),
+    ("lifecycle_at", "timestamptz"),
+    ("activity", "text"),
+    ("activity_at", "timestamptz"),
+    ("profile_times", "jsonb"),
+    ("consent", "jsonb"),
+    ("opted_out_all", "boolean"),
+    ("updated_at", "timestamptz"),
+)
+_EPISODE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("id", "text"),
+    ("customer_id", "text"),
+    ("kind", "text"),
+    ("reason", "text"),
+    ("reason_raw", "text"),
+    ("comment", "text"),
+    ("feature", "text"),
+    ("competitor", "text"),
+    ("occurred_at", "timestamptz"),
+    ("mrr_at_churn_minor", "bigint"),
+    ("currency", "text"),
+    ("tenure_days", "integer"),
+    ("ended_at", "timestamptz"),
+    ("end_reason", "text"),
+    ("source", "text"),
+    ("source_event_id", "text"),
+)
+
+
+def _unnest_insert(table: str, columns: tuple[tuple[str, str], ...], tail: str) -> Any:
+    """One INSERT for many rows: each column travels as one array parameter (jsonb as text)."""
+    arrays = ", ".join(
+        f"CAST(:{name} AS {'text' if kind == 'jsonb' else kind}[])" for name, kind in columns
+    )
+    select = ", ".join(
+        f"CAST({name} AS jsonb)" if kind == "jsonb" else name for name, kind in columns
+    )
+    names = ", ".join(name for name, _ in columns)
+    return text(
+        f"INSERT INTO {table} ({names}) SELECT {select} FROM unnest({arrays}) AS t({names}) {tail}"
+    )
+
+
+_UPSERT_CUSTOMERS = _unnest_insert(
+    "customers",
+    _CUSTOMER_COLUMNS,
+    "ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{n} = excluded.{n}" for n, _ in _CUSTOMER_COLUMNS if n != "id"),
+)
+_INSERT_EPISODES = _unnest_insert("churn_episodes", _EPISODE_COLUMNS, "ON CONFLICT DO NOTHING")
+
+
+def _columns(
+    rows: Sequence[dict[str, Any]], columns: tuple[tuple[str, str], ...]
+) -> dict[str, list[Any]]:
+    return {name: [row[name] for row in rows] for name, _ in columns}
 
 
 async def save(
@@ -76,51 +151,40 @@ async def save(
             "id": s.id,
             **{name: s.profile.get(name) for name in PROFILE_FIELDS},
             "status": s.status,
-            "status_at": s.status_at,
-            "profile_times": {k: v.isoformat() for k, v in s.profile_times.items()},
-            "consent": s.consent,
+            "lifecycle": s.lifecycle,
+            "lifecycle_at": s.lifecycle_at,
+            "activity": s.activity,
+            "activity_at": s.activity_at,
+            "profile_times": orjson.dumps(
+                {k: v.isoformat() for k, v in s.profile_times.items()}
+            ).decode(),
+            "consent": orjson.dumps(s.consent).decode(),
             "opted_out_all": s.opted_out_all,
             "updated_at": now,
         }
         for s in states
     ]
     if rows:
-        stmt = insert(customers)
-        await conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[customers.c.id],
-                set_={c: stmt.excluded[c] for c in rows[0] if c != "id"},
-            ),
-            rows,
-        )
+        await conn.execute(_UPSERT_CUSTOMERS, _columns(rows, _CUSTOMER_COLUMNS))
     if new_episodes:
         await conn.execute(
-            insert(churn_episodes).on_conflict_do_nothing(index_elements=[churn_episodes.c.id]),
-            [
-                {
-                    "id": e.id,
-                    "customer_id": e.customer_id,
-                    "kind": e.kind,
-                    "reason": e.reason,
-                    "reason_raw": e.reason_raw,
-                    "comment": e.comment,
-                    "feature": e.feature,
-                    "competitor": e.competitor,
-                    "occurred_at": e.occurred_at,
-                    "mrr_at_churn_minor": e.mrr_at_churn_minor,
-                    "currency": e.currency,
-                    "tenure_days": e.tenure_days,
-                    "ended_at": e.ended_at,
-                    "end_reason": e.end_reason,
-                    "source": e.source,
-                    "source_event_id": e.source_event_id,
-                }
-                for e in new_episodes
-            ],
+            _INSERT_EPISODES,
+            _columns(
+                [{n: getattr(e, n) for n, _ in _EPISODE_COLUMNS} for e in new_episodes],
+                _EPISODE_COLUMNS,
+            ),
         )
-    for episode_id, ended_at, reason in ended:
+    if ended:
         await conn.execute(
-            update(churn_episodes)
-            .where(churn_episodes.c.id == episode_id, churn_episodes.c.ended_at.is_(None))
-            .values(ended_at=ended_at, end_reason=reason)
+            text(
+                "UPDATE churn_episodes AS e SET ended_at = t.ended_at, end_reason = t.reason "
+                "FROM unnest(CAST(:ids AS text[]), CAST(:ats AS timestamptz[]), "
+                "CAST(:reasons AS text[])) AS t(id, ended_at, reason) "
+                "WHERE e.id = t.id AND e.ended_at IS NULL"
+            ),
+            {
+                "ids": [e[0] for e in ended],
+                "ats": [e[1] for e in ended],
+                "reasons": [e[2] for e in ended],
+            },
         )

@@ -31,12 +31,14 @@ class ConsumerRunner:
         poll_timeout_ms: int = 500,
         max_event_bytes: int = 256 * 1024,
         decode: Callable[[Record], Incoming[Any]] | None = None,
+        linger_ms: int = 20,
     ) -> None:
         self.subscription = subscription
         self.pipeline = pipeline
         self.max_batch = max_batch
         self.poll_timeout_ms = poll_timeout_ms
         self.max_event_bytes = max_event_bytes
+        self.linger_ms = linger_ms
         self._decode = decode or self.decode
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -60,7 +62,7 @@ class ConsumerRunner:
         self.started.set()
         try:
             while not self._stopping.is_set():
-                records = await self.subscription.poll(self.max_batch, self.poll_timeout_ms)
+                records = await self._poll_batch()
                 if not records:
                     continue
                 async with self._lock:
@@ -68,6 +70,24 @@ class ConsumerRunner:
         finally:
             async with self._lock:
                 await self.subscription.stop()
+
+    async def _poll_batch(self) -> list[Record]:
+        """Wait for records, then gather more for up to ``linger_ms`` (or a full batch):
+        fewer, larger transactions under load; one short wait when traffic is light."""
+        records = await self.subscription.poll(self.max_batch, self.poll_timeout_ms)
+        if not records or self.linger_ms <= 0:
+            return records
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.linger_ms / 1000
+        while len(records) < self.max_batch and not self._stopping.is_set():
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            more = await self.subscription.poll(
+                self.max_batch - len(records), max(1, int(left * 1000))
+            )
+            records.extend(more)
+        return records
 
     async def process(self, records: list[Record]) -> None:
         owned = self.subscription.assignment()

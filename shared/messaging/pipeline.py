@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 
+import orjson
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -26,7 +27,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from shared import metrics
 from shared.clock import Clock
 from shared.cloudevents import CORRELATION, CloudEvent, format_time
-from shared.db.tables import outbox
 from shared.errors import InvalidEvent, TransientError
 from shared.messaging.transport import OutgoingRecord, Record
 
@@ -284,20 +284,29 @@ def _short_type(event_type: str) -> str:
     return ".".join(parts[-2:]) if len(parts) >= 2 else event_type
 
 
+_INSERT_OUTBOX = text(
+    "INSERT INTO outbox (topic, key, value, headers) "
+    "SELECT t, k, v, CAST(h AS jsonb) FROM unnest(CAST(:topics AS text[]), "
+    "CAST(:keys AS bytea[]), CAST(:values AS bytea[]), CAST(:headers AS text[])) "
+    "WITH ORDINALITY AS r(t, k, v, h, n) ORDER BY n"
+)
+
+
 async def write_outbox(conn: AsyncConnection, records: Sequence[OutgoingRecord]) -> None:
+    """Append records to the outbox in one statement, keeping their order (ids ascend)."""
     if not records:
         return
     await conn.execute(
-        outbox.insert(),
-        [
-            {
-                "topic": r.topic,
-                "key": r.key,
-                "value": r.value,
-                "headers": [[n, base64.b64encode(v).decode()] for n, v in r.headers],
-            }
-            for r in records
-        ],
+        _INSERT_OUTBOX,
+        {
+            "topics": [r.topic for r in records],
+            "keys": [r.key for r in records],
+            "values": [r.value for r in records],
+            "headers": [
+                orjson.dumps([[n, base64.b64encode(v).decode()] for n, v in r.headers]).decode()
+                for r in records
+            ],
+        },
     )
 
 

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 12:22:34.123729
+Create Date: 2026-11-23 12:26:44.339221
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ depends_on = None
 
 
 def upgrade() -> None:
-
     op.create_table(
         "customers",
         sa.Column("id", sa.String(length=200), nullable=False),
@@ -34,7 +33,10 @@ def upgrade() -> None:
         sa.Column("engagement", sa.String(length=10), nullable=True),
         sa.Column("crm_owner", sa.String(length=200), nullable=True),
         sa.Column("status", sa.String(length=20), nullable=False),
-        sa.Column("status_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("lifecycle", sa.String(length=20), nullable=False),
+        sa.Column("lifecycle_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("activity", sa.String(length=20), nullable=False),
+        sa.Column("activity_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column(
             "profile_times",
             postgresql.JSONB(astext_type=sa.Text()),
@@ -147,7 +149,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-
     op.drop_index(
         "ix_churn_episodes_feature",
         table_name="churn_episodes",

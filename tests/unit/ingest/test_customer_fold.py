@@ -1,0 +1,189 @@
+"""The pure customer fold: event time decides, not arrival order."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.ingest import events as ev
+from services.ingest.customer import CustomerState, apply
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def inbound(name: str, at: datetime, **data: Any) -> ev.Inbound:
+    data.setdefault("customer_id", "c1")
+    return ev.Inbound(name=name, payload=ev.PAYLOADS[name].model_validate(data), occurred_at=at)
+
+
+def fold(events: list[ev.Inbound]) -> CustomerState | None:
+    state: CustomerState | None = None
+    for i, item in enumerate(events):
+        state = apply(state, item, "/src", f"id-{i}-{item.name}-{item.occurred_at}").state
+    return state
+
+
+def test_a_cancellation_makes_the_customer_churned_and_opens_an_episode() -> None:
+    effects = apply(
+        None,
+        inbound(
+            "subscription.cancelled",
+            T0,
+            reason="too_expensive",
+            customer={"mrr_minor": 4900, "customer_since": "2025-01-01T00:00:00Z"},
+        ),
+        "/billing",
+        "e1",
+    )
+    assert effects.state is not None
+    assert effects.state.status == "churned"
+    assert effects.new_episode is not None
+    assert effects.new_episode.reason == "price"
+    assert effects.new_episode.mrr_at_churn_minor == 4900
+    assert effects.new_episode.tenure_days == 365
+    assert [name for name, _ in effects.emit] == ["churn.recorded"]
+
+
+def test_a_reactivation_that_arrives_first_wins_over_the_older_cancellation() -> None:
+    back = apply(None, inbound("subscription.reactivated", T0 + timedelta(days=2)), "/b", "r")
+    late = apply(back.state, inbound("subscription.cancelled", T0), "/b", "c")
+    assert late.state is not None
+    assert late.state.status == "active"
+    assert late.new_episode is not None
+    assert late.new_episode.ended_at == T0 + timedelta(days=2)
+    assert late.new_episode.end_reason == "returned"
+    assert late.emit == []
+
+
+def test_a_reactivation_ends_the_open_episode_and_reports_the_return() -> None:
+    churned = apply(None, inbound("subscription.cancelled", T0), "/b", "c")
+    back = apply(
+        churned.state,
+        inbound("subscription.reactivated", T0 + timedelta(days=40), mrr_minor=9900),
+        "/b",
+        "r",
+    )
+    assert back.state is not None
+    assert back.state.status == "active"
+    assert back.state.open_episodes == ()
+    assert [e[2] for e in back.ended] == ["returned"]
+    assert back.emit[0][0] == "customer.returned"
+    assert back.emit[0][1]["mrr_minor"] == 9900
+
+
+def test_a_stale_profile_update_does_not_overwrite_a_newer_one() -> None:
+    new = apply(
+        None,
+        inbound(
+            "customer.updated",
+            T0 + timedelta(days=1),
+            customer={"plan": "pro", "email": "a@example.com"},
+        ),
+        "/b",
+        "1",
+    )
+    old = apply(
+        new.state,
+        inbound("customer.updated", T0, customer={"plan": "basic", "locale": "fi"}),
+        "/b",
+        "2",
+    )
+    assert old.state is not None
+    assert old.state.profile["plan"] == "pro"
+    assert old.state.profile["locale"] == "fi"  # a field the newer update did not set
+
+
+def test_consent_withdrawal_applies_whatever_its_time() -> None:
+    newer = apply(
+        None, inbound("customer.updated", T0 + timedelta(days=9), customer={"plan": "x"}), "/b", "1"
+    )
+    out = apply(newer.state, inbound("consent.withdrawn", T0, channel="sms"), "/b", "2")
+    assert out.state is not None
+    assert out.state.consent == {"sms": False}
+    everything = apply(out.state, inbound("consent.withdrawn", T0, channel="all"), "/b", "3")
+    assert everything.state is not None
+    assert everything.state.opted_out_all is True
+
+
+def test_activity_after_inactivity_ends_the_passive_episode() -> None:
+    quiet = apply(None, inbound("user.inactive", T0, days_inactive=30), "/p", "i")
+    assert quiet.state is not None
+    assert quiet.state.status == "inactive"
+    assert quiet.new_episode is not None
+    assert quiet.new_episode.kind == "user_inactive"
+    back = apply(quiet.state, inbound("user.active", T0 + timedelta(days=3)), "/p", "a")
+    assert back.state is not None
+    assert back.state.status == "active"
+    assert [name for name, _ in back.emit] == ["customer.returned"]
+
+
+def test_a_cancellation_supersedes_an_open_inactivity_episode() -> None:
+    quiet = apply(None, inbound("user.inactive", T0), "/p", "i")
+    gone = apply(quiet.state, inbound("subscription.cancelled", T0 + timedelta(days=5)), "/b", "c")
+    assert [e[2] for e in gone.ended] == ["superseded"]
+    assert gone.emit[0][1]["superseded"] == [quiet.new_episode.id]  # type: ignore[union-attr]
+
+
+def test_feature_release_has_no_customer_and_is_passed_on() -> None:
+    out = apply(None, inbound("feature.released", T0, feature="sso", customer_id=None), "/p", "f")
+    assert out.state is None
+    assert out.emit == [
+        (
+            "feature.released",
+            {"feature": "sso", "name": None, "description": None, "released_at": T0.isoformat()},
+        )
+    ]
+
+
+# --- property: arrival order does not change the outcome ------------------------------------
+NAMES = [
+    "subscription.cancelled",
+    "subscription.reactivated",
+    "user.inactive",
+    "user.active",
+    "trial.expired",
+    "lead.lost",
+    "customer.updated",
+]
+profile_values = st.fixed_dictionaries(
+    {},
+    optional={
+        "plan": st.sampled_from(["basic", "pro", "team"]),
+        "locale": st.sampled_from(["en", "fi", "da"]),
+        "mrr_minor": st.integers(0, 100_000),
+    },
+)
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> list[ev.Inbound]:
+    n = draw(st.integers(1, 8))
+    hours = draw(st.lists(st.integers(0, 24 * 400), min_size=n, max_size=n, unique=True))
+    return [
+        inbound(
+            draw(st.sampled_from(NAMES)), T0 + timedelta(hours=h), customer=draw(profile_values)
+        )
+        for h in hours
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(histories(), st.randoms(use_true_random=False))
+def test_final_state_does_not_depend_on_arrival_order(events: list[ev.Inbound], rnd: Any) -> None:
+    in_time_order = sorted(events, key=lambda e: e.occurred_at)
+    shuffled = list(events)
+    rnd.shuffle(shuffled)
+    a, b = fold(in_time_order), fold(shuffled)
+    assert a is not None
+    assert b is not None
+    assert (a.lifecycle, a.lifecycle_at, a.activity, a.activity_at) == (
+        b.lifecycle,
+        b.lifecycle_at,
+        b.activity,
+        b.activity_at,
+    )
+    assert a.status == b.status
+    assert a.profile == b.profile
