@@ -13,11 +13,12 @@ from typing import Any
 
 import orjson
 
+from services.scheduler.domain.errors import PlaybookError
 from shared import logging as winback_logging
 from shared.errors import ConfigError
 from shared.settings import Settings, load_settings
 
-SERVICES = ("ingest",)
+SERVICES = ("ingest", "scheduler")
 
 
 def _app_for(name: str, settings: Settings) -> Any:
@@ -25,6 +26,10 @@ def _app_for(name: str, settings: Settings) -> Any:
         from services.ingest.bootstrap import bootstrap
 
         return bootstrap(settings).app
+    if name == "scheduler":
+        from services.scheduler.bootstrap import bootstrap as scheduler
+
+        return scheduler(settings).app
     raise SystemExit(f"unknown service {name!r}")
 
 
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             cmd_publish(settings, args)
         else:
             cmd_service(settings, args)
-    except ConfigError as exc:
+    except (ConfigError, PlaybookError) as exc:
         print(f"winback: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 

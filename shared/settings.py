@@ -56,6 +56,7 @@ class TopicSettings(BaseModel):
     dispatch: str = "winback.dispatch-commands"
     outcomes: str = "winback.outcomes"
     dead_letter: str = "winback.dead-letter"
+    erasure: str = "winback.erasure"
     partitions: int = Field(default=6, ge=1, le=1000)
     replication: int = Field(default=1, ge=1, le=10)
 
@@ -74,6 +75,46 @@ class IngestSettings(BaseModel):
     max_event_bytes: int = Field(default=256 * 1024, ge=1024)
     max_future_skew_seconds: int = Field(default=300, ge=0)
     http_batch_limit: int = Field(default=1000, ge=1)
+
+
+class SchedulerSettings(BaseModel):
+    playbooks_dir: Path = Field(
+        default=Path(__file__).resolve().parent.parent / "services" / "scheduler" / "playbooks",
+        description="directory of playbook YAML files, validated at start-up",
+    )
+    claim_batch: int = Field(default=500, ge=1, le=10_000)
+    poll_seconds: float = Field(default=0.5, gt=0, le=60)
+    cap_per_week: int = Field(default=3, ge=1, description="messages per customer per 7 days")
+    cap_per_month: int = Field(default=6, ge=1, description="messages per customer per 30 days")
+    send_window_start_hour: int = Field(default=9, ge=0, le=23)
+    send_window_end_hour: int = Field(default=20, ge=1, le=24)
+    fallback_timezone: str = "UTC"
+    discount_period_days: int = Field(default=365, ge=1)
+    offer_valid_days: int = Field(default=14, ge=1)
+    consent_by_default: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["email", "crm"],
+        description="channels that need no recorded consent (email: EU soft opt-in for past "
+        "customers, with an unsubscribe link in every message; crm: goes to the account owner)",
+    )
+
+    @field_validator("consent_by_default", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> SchedulerSettings:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(self.fallback_timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown IANA timezone {self.fallback_timezone!r}") from None
+        if self.send_window_end_hour <= self.send_window_start_hour:
+            raise ValueError("send_window_end_hour must be after send_window_start_hour")
+        return self
 
 
 class HttpSettings(BaseModel):
@@ -114,6 +155,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     topics: TopicSettings = Field(default_factory=TopicSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
 

@@ -123,3 +123,173 @@ Index(
     churn_episodes.c.feature,
     postgresql_where=churn_episodes.c.feature.is_not(None),
 )
+
+# --- scheduler: its view of customers, win-back cases, step timers, win-backs ----------------
+scheduler_customers = Table(
+    "scheduler_customers",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("email", Text),
+    Column("phone", String(20)),
+    Column("name", Text),
+    Column("locale", String(35)),
+    Column("timezone", String(64)),
+    Column("plan", String(200)),
+    Column("mrr_minor", BigInteger),
+    Column("currency", String(3)),
+    _tz("customer_since"),
+    Column("engagement", String(10)),
+    Column("crm_owner", String(200)),
+    Column("status", String(20)),
+    Column("consent", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("opted_out_all", Boolean, nullable=False, server_default=text("false")),
+    Column("suppressed_channels", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    _tz("last_won_back_at"),
+    _tz("erased_at"),
+    _tz("updated_at", nullable=False, server_default=func.now()),
+)
+
+cases = Table(
+    "cases",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("customer_id", String(200), nullable=False),
+    Column("episode_id", String(64), nullable=False, unique=True),
+    Column("status", String(10), nullable=False),  # open, paused, closed
+    Column("close_reason", String(30)),
+    Column("playbook", String(100), nullable=False),
+    Column("playbook_version", Integer, nullable=False),
+    Column("segment", JSONB, nullable=False),
+    Column("episode", JSONB, nullable=False),
+    Column("feature_key", String(200)),
+    Column("holdout", Boolean, nullable=False, server_default=text("false")),
+    Column("is_rechurn", Boolean, nullable=False, server_default=text("false")),
+    _tz("churned_at", nullable=False),
+    _tz("opened_at", nullable=False),
+    _tz("expires_at", nullable=False),
+    _tz("closed_at"),
+    _tz("returned_at"),
+    _tz("updated_at", nullable=False, server_default=func.now()),
+)
+Index(
+    "uq_cases_one_open_per_customer",
+    cases.c.customer_id,
+    unique=True,
+    postgresql_where=cases.c.status.in_(["open", "paused"]),
+)
+Index("ix_cases_customer_id", cases.c.customer_id)
+Index(
+    "ix_cases_feature_key_open",
+    cases.c.feature_key,
+    postgresql_where=cases.c.status.in_(["open", "paused"]),
+)
+Index("ix_cases_status_opened_at", cases.c.status, cases.c.opened_at, cases.c.id)
+Index(
+    "ix_cases_expires_at_open",
+    cases.c.expires_at,
+    postgresql_where=cases.c.status.in_(["open", "paused"]),
+)
+
+case_steps = Table(
+    "case_steps",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("case_id", String(36), ForeignKey("cases.id"), nullable=False),
+    Column("customer_id", String(200), nullable=False),
+    Column("step_key", String(100), nullable=False),
+    Column("channel", String(10), nullable=False),
+    Column("template", String(100), nullable=False),
+    Column("offer", String(100)),
+    Column("is_discount", Boolean, nullable=False, server_default=text("false")),
+    Column("discount_fallback_template", String(100)),
+    Column("variant", String(100), nullable=False),
+    Column("window", String(50), nullable=False),
+    Column("on_cap", String(10), nullable=False),
+    Column("holdout", Boolean, nullable=False, server_default=text("false")),
+    Column("trigger", String(50)),
+    # pending → dispatched → sent | failed | suppressed; or skipped / cancelled
+    Column("state", String(12), nullable=False),
+    Column("state_reason", Text),
+    _tz("due_at", nullable=False),
+    _tz("original_due_at", nullable=False),
+    _tz("expires_at", nullable=False),
+    _tz("fired_at"),
+    Column("defer_count", Integer, nullable=False, server_default=text("0")),
+    Column("context", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("outcome", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    _tz("created_at", nullable=False, server_default=func.now()),
+    _tz("updated_at", nullable=False, server_default=func.now()),
+)
+Index("uq_case_steps_case_id_step_key", case_steps.c.case_id, case_steps.c.step_key, unique=True)
+Index(
+    "ix_case_steps_due_pending",
+    case_steps.c.due_at,
+    postgresql_where=case_steps.c.state == "pending",
+)
+Index("ix_case_steps_customer_fired", case_steps.c.customer_id, case_steps.c.fired_at)
+
+win_backs = Table(
+    "win_backs",
+    metadata,
+    Column("case_id", String(36), ForeignKey("cases.id"), primary_key=True),
+    Column("customer_id", String(200), nullable=False),
+    Column("step_id", BigInteger),
+    Column("step_key", String(100)),
+    Column("channel", String(10)),
+    Column("template", String(100)),
+    Column("variant", String(100)),
+    Column("crm_owner", String(200)),
+    Column("playbook", String(100), nullable=False),
+    Column("mrr_regained_minor", BigInteger),
+    Column("currency", String(3)),
+    Column("days_to_return", Integer, nullable=False),
+    Column("holdout", Boolean, nullable=False),
+    _tz("churned_at", nullable=False),
+    _tz("returned_at", nullable=False),
+)
+Index("ix_win_backs_customer_id", win_backs.c.customer_id)
+
+# --- dispatcher: one delivery per (case, step), and the suppression list ----------------------
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("idempotency_key", String(200), nullable=False, unique=True),
+    Column("case_id", String(36), nullable=False),
+    Column("step_key", String(100), nullable=False),
+    Column("customer_id", String(200), nullable=False),
+    Column("channel", String(10), nullable=False),
+    Column("template", String(100), nullable=False),
+    Column("variant", String(100)),
+    Column("crm_owner", String(200)),
+    # sending → sent | failed | suppressed
+    Column("state", String(12), nullable=False),
+    Column("provider", String(30)),
+    Column("provider_message_id", String(200)),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("error", Text),
+    Column("subject", Text),
+    Column("body", Text),
+    Column("command", JSONB, nullable=False),
+    _tz("created_at", nullable=False, server_default=func.now()),
+    _tz("sent_at"),
+    _tz("updated_at", nullable=False, server_default=func.now()),
+)
+Index("ix_deliveries_provider_message_id", deliveries.c.provider, deliveries.c.provider_message_id)
+Index("ix_deliveries_customer_id", deliveries.c.customer_id)
+Index(
+    "ix_deliveries_sending",
+    deliveries.c.updated_at,
+    postgresql_where=deliveries.c.state == "sending",
+)
+
+suppressions = Table(
+    "suppressions",
+    metadata,
+    Column("channel", String(10), nullable=False),
+    Column("address_hash", String(64), nullable=False),
+    Column("reason", String(40), nullable=False),
+    Column("customer_id", String(200)),
+    _tz("created_at", nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("channel", "address_hash"),
+)

@@ -154,8 +154,8 @@ class LocalKafka:
                         *self._java(libs),
                         "kafka.tools.StorageTool",
                         "format",
-                        "--cluster-id",
-                        _cluster_id(),
+                        # "=" form: a random id may start with "-"
+                        f"--cluster-id={_cluster_id()}",
                         "--config",
                         str(props),
                         "--ignore-formatted",

@@ -14,6 +14,7 @@ import base64
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -172,8 +173,8 @@ class Pipeline:
             await write_outbox(conn, tx.outgoing)
         elapsed = time.perf_counter() - started
         metrics.BATCH_SECONDS.labels(self.consumer).observe(elapsed)
-        for item in fresh:
-            metrics.EVENTS.labels(self.consumer, _short_type(item.event.type), "handled").inc()
+        for event_type, n in Counter(_short_type(i.event.type) for i in fresh).items():
+            metrics.EVENTS.labels(self.consumer, event_type, "handled").inc(n)
         duplicates = len(items) - len(fresh)
         if duplicates:
             metrics.EVENTS.labels(self.consumer, "any", "duplicate").inc(duplicates)

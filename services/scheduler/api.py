@@ -1,0 +1,407 @@
+"""The status API other services query: a customer's win-back state, case lists and controls,
+and GDPR erasure. Every route needs a bearer token; errors are problem+json."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo
+
+from fastapi import APIRouter, Depends, Path, Query
+from pydantic import BaseModel, Field
+from sqlalchemy import Row, and_, or_, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.scheduler import store
+from services.scheduler.domain import DEFAULT_LADDER, Playbook, find_playbook
+from shared import domain_events as de
+from shared.clock import Clock
+from shared.db.tables import case_steps, cases, scheduler_customers
+from shared.http.problems import Problem
+from shared.messaging.pipeline import Tx, write_outbox
+
+CustomerId = Annotated[str, Path(min_length=1, max_length=200)]
+CaseId = Annotated[str, Path(min_length=1, max_length=36)]
+
+
+class StepOut(BaseModel):
+    step_key: str
+    channel: str
+    template: str
+    offer: str | None
+    variant: str
+    window: str
+    state: str
+    state_reason: str | None
+    due_at: datetime
+    due_at_local: str
+    fired_at: datetime | None
+    outcome: dict[str, Any]
+
+
+class CaseOut(BaseModel):
+    id: str
+    customer_id: str
+    status: str
+    close_reason: str | None
+    playbook: str
+    playbook_version: int
+    segment: dict[str, Any]
+    episode: dict[str, Any]
+    window: str | None
+    holdout: bool
+    is_rechurn: bool
+    churned_at: datetime
+    opened_at: datetime
+    expires_at: datetime
+    closed_at: datetime | None
+    returned_at: datetime | None
+    next_step: StepOut | None = None
+    steps: list[StepOut] = Field(default_factory=list)
+
+
+class WinbackStatus(BaseModel):
+    customer_id: str
+    timezone: str | None
+    consent: dict[str, bool]
+    opted_out_all: bool
+    suppressed_channels: list[str]
+    erased: bool
+    open_case: CaseOut | None
+    past_cases: list[CaseOut]
+
+
+class CasePage(BaseModel):
+    items: list[CaseOut]
+    next_cursor: str | None
+
+
+def _local(when: datetime, tz: str | None, fallback: str) -> str:
+    try:
+        zone = ZoneInfo(tz or fallback)
+    except Exception:
+        zone = ZoneInfo(fallback)
+    return when.astimezone(zone).isoformat()
+
+
+def router(
+    engine: AsyncEngine,
+    clock: Clock,
+    playbooks: list[Playbook],
+    auth: Any,
+    *,
+    erasure_topic: str,
+    outcomes_topic: str,
+    source: str,
+    fallback_timezone: str = "UTC",
+) -> APIRouter:
+    api = APIRouter(prefix="/v1", tags=["win-back status"], dependencies=[Depends(auth)])
+    responses: dict[int | str, dict[str, Any]] = {
+        401: {"description": "missing bearer token (problem+json)"},
+        403: {"description": "bad bearer token (problem+json)"},
+        404: {"description": "not found (problem+json)"},
+        422: {"description": "invalid parameter, named (problem+json)"},
+    }
+
+    def window_of(case: Row[Any], now: datetime) -> str | None:
+        try:
+            ladder = find_playbook(playbooks, case.playbook, case.playbook_version).ladder
+        except KeyError:
+            ladder = DEFAULT_LADDER
+        window = ladder.window_for(now - case.churned_at)
+        return window.name if window is not None else None
+
+    def step_out(row: Row[Any], tz: str | None) -> StepOut:
+        return StepOut(
+            step_key=row.step_key,
+            channel=row.channel,
+            template=row.template,
+            offer=row.offer,
+            variant=row.variant,
+            window=row.window,
+            state=row.state,
+            state_reason=row.state_reason,
+            due_at=row.due_at,
+            due_at_local=_local(row.due_at, tz, fallback_timezone),
+            fired_at=row.fired_at,
+            outcome=row.outcome or {},
+        )
+
+    def case_out(case: Row[Any], steps: list[Row[Any]], tz: str | None, now: datetime) -> CaseOut:
+        outs = [step_out(s, tz) for s in steps]
+        pending = [o for o in outs if o.state == "pending"]
+        return CaseOut(
+            id=case.id,
+            customer_id=case.customer_id,
+            status=case.status,
+            close_reason=case.close_reason,
+            playbook=case.playbook,
+            playbook_version=case.playbook_version,
+            segment=case.segment,
+            episode=case.episode,
+            window=window_of(case, now) if case.status != "closed" else None,
+            holdout=case.holdout,
+            is_rechurn=case.is_rechurn,
+            churned_at=case.churned_at,
+            opened_at=case.opened_at,
+            expires_at=case.expires_at,
+            closed_at=case.closed_at,
+            returned_at=case.returned_at,
+            next_step=min(pending, key=lambda o: o.due_at) if pending else None,
+            steps=outs,
+        )
+
+    @api.get(
+        "/customers/{customer_id}/winback",
+        response_model=WinbackStatus,
+        responses=responses,
+        summary="A customer's win-back status",
+    )
+    async def customer_status(customer_id: CustomerId) -> WinbackStatus:
+        now = clock.now()
+        async with engine.connect() as conn:
+            person = await store.customer(conn, customer_id)
+            all_cases = (
+                await conn.execute(
+                    cases.select()
+                    .where(cases.c.customer_id == customer_id)
+                    .order_by(cases.c.opened_at.desc())
+                )
+            ).all()
+            if person is None and not all_cases:
+                raise Problem(404, "Not found", f"no customer {customer_id!r}")
+            steps = (
+                await conn.execute(
+                    case_steps.select()
+                    .where(case_steps.c.customer_id == customer_id)
+                    .order_by(case_steps.c.due_at, case_steps.c.id)
+                )
+            ).all()
+        tz = person.timezone if person is not None else None
+        by_case: dict[str, list[Row[Any]]] = {}
+        for s in steps:
+            by_case.setdefault(s.case_id, []).append(s)
+        outs = [case_out(c, by_case.get(c.id, []), tz, now) for c in all_cases]
+        return WinbackStatus(
+            customer_id=customer_id,
+            timezone=tz,
+            consent=dict(person.consent) if person is not None else {},
+            opted_out_all=bool(person.opted_out_all) if person is not None else False,
+            suppressed_channels=list(person.suppressed_channels or []) if person else [],
+            erased=person is not None and person.erased_at is not None,
+            open_case=next((o for o in outs if o.status in store.OPEN), None),
+            past_cases=[o for o in outs if o.status not in store.OPEN],
+        )
+
+    @api.get(
+        "/cases",
+        response_model=CasePage,
+        responses=responses,
+        summary="Cases, filtered, newest first, with cursor pagination",
+    )
+    async def list_cases(
+        status: Annotated[Literal["open", "paused", "closed"] | None, Query()] = None,
+        segment: Annotated[
+            str | None, Query(description="lifecycle type, churn reason or segment label")
+        ] = None,
+        playbook: Annotated[str | None, Query()] = None,
+        window: Annotated[str | None, Query(description="timing window name")] = None,
+        due_before: Annotated[
+            datetime | None,
+            Query(description="only cases with a pending step due before this time"),
+        ] = None,
+        cursor: Annotated[str | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    ) -> CasePage:
+        now = clock.now()
+        query = select(cases)
+        if status:
+            query = query.where(cases.c.status == status)
+        if segment:
+            query = query.where(
+                or_(
+                    cases.c.segment["lifecycle"].astext == segment,
+                    cases.c.segment["reason"].astext == segment,
+                    cases.c.segment["labels"].contains([segment]),
+                )
+            )
+        if playbook:
+            query = query.where(cases.c.playbook == playbook)
+        if window:
+            spans = [w for w in DEFAULT_LADDER.windows if w.name == window]
+            if not spans:
+                names = ", ".join(w.name for w in DEFAULT_LADDER.windows)
+                raise Problem(
+                    422,
+                    "Invalid parameter",
+                    f"window: must be one of {names}",
+                    errors=[{"field": "window", "reason": f"one of {names}"}],
+                )
+            span = spans[0]
+            query = query.where(cases.c.churned_at <= now - span.start)
+            if span.end is not None:
+                query = query.where(cases.c.churned_at > now - span.end)
+        if due_before is not None:
+            if due_before.tzinfo is None:
+                raise Problem(
+                    422,
+                    "Invalid parameter",
+                    "due_before: needs a UTC offset",
+                    errors=[{"field": "due_before", "reason": "needs a UTC offset"}],
+                )
+            query = query.where(
+                select(case_steps.c.id)
+                .where(
+                    case_steps.c.case_id == cases.c.id,
+                    case_steps.c.state == "pending",
+                    case_steps.c.due_at < due_before,
+                )
+                .exists()
+            )
+        if cursor:
+            try:
+                at_text, case_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+                at = datetime.fromisoformat(at_text)
+            except Exception:
+                raise Problem(
+                    422,
+                    "Invalid parameter",
+                    "cursor: not a cursor from this API",
+                    errors=[{"field": "cursor", "reason": "malformed"}],
+                ) from None
+            query = query.where(
+                or_(cases.c.opened_at < at, and_(cases.c.opened_at == at, cases.c.id < case_id))
+            )
+        query = query.order_by(cases.c.opened_at.desc(), cases.c.id.desc()).limit(limit + 1)
+        async with engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+            page = rows[:limit]
+            tzs = dict(
+                (
+                    await conn.execute(
+                        select(scheduler_customers.c.id, scheduler_customers.c.timezone).where(
+                            scheduler_customers.c.id.in_([r.customer_id for r in page])
+                        )
+                    )
+                ).all()
+            )
+            steps = (
+                await conn.execute(
+                    case_steps.select()
+                    .where(case_steps.c.case_id.in_([r.id for r in page]))
+                    .order_by(case_steps.c.due_at)
+                )
+            ).all()
+        by_case: dict[str, list[Row[Any]]] = {}
+        for s in steps:
+            by_case.setdefault(s.case_id, []).append(s)
+        items = [case_out(r, by_case.get(r.id, []), tzs.get(r.customer_id), now) for r in page]
+        next_cursor = None
+        if len(rows) > limit:
+            last = page[-1]
+            next_cursor = base64.urlsafe_b64encode(
+                f"{last.opened_at.isoformat()}|{last.id}".encode()
+            ).decode()
+        return CasePage(items=items, next_cursor=next_cursor)
+
+    async def _control(case_id: str, action: str) -> CaseOut:
+        now = clock.now()
+        async with engine.begin() as conn:
+            case = await store.case_by_id(conn, case_id, lock=True)
+            if case is None:
+                raise Problem(404, "Not found", f"no case {case_id!r}")
+            if case.status == "closed":
+                raise Problem(409, "Case is closed", f"case {case_id} closed: {case.close_reason}")
+            tx = Tx(conn=conn, now=now, source=source)
+            if action == "pause":
+                await store.set_case_status(conn, case_id, "paused", now)
+            elif action == "resume":
+                await store.set_case_status(conn, case_id, "open", now)
+            else:
+                await store.close_case(conn, case_id, "cancelled", now)
+                tx.emit(
+                    outcomes_topic,
+                    case.customer_id,
+                    de.CASE_CLOSED,
+                    {
+                        "case_id": case_id,
+                        "customer_id": case.customer_id,
+                        "reason": "cancelled",
+                        "playbook": case.playbook,
+                    },
+                    subject=case.customer_id,
+                )
+            await write_outbox(conn, tx.outgoing)
+            case = await store.case_by_id(conn, case_id)
+            steps = (
+                await conn.execute(
+                    case_steps.select()
+                    .where(case_steps.c.case_id == case_id)
+                    .order_by(case_steps.c.due_at)
+                )
+            ).all()
+            tz = (
+                await conn.scalar(
+                    select(scheduler_customers.c.timezone).where(
+                        scheduler_customers.c.id == case.customer_id
+                    )
+                )
+                if case
+                else None
+            )
+        assert case is not None
+        return case_out(case, list(steps), tz, now)
+
+    for action in ("pause", "resume", "cancel"):
+
+        async def control(case_id: CaseId, _action: str = action) -> CaseOut:
+            return await _control(case_id, _action)
+
+        api.add_api_route(
+            f"/cases/{{case_id}}/{action}",
+            control,
+            methods=["POST"],
+            response_model=CaseOut,
+            responses={**responses, 409: {"description": "the case is closed (problem+json)"}},
+            summary=f"{action.capitalize()} a case",
+            name=f"{action}_case",
+        )
+
+    @api.delete(
+        "/customers/{customer_id}",
+        status_code=202,
+        responses=responses,
+        summary="GDPR erasure: every service removes the person's data",
+    )
+    async def erase(customer_id: CustomerId) -> dict[str, Any]:
+        now = clock.now()
+        async with engine.begin() as conn:
+            person = await store.customer(conn, customer_id)
+            if person is None:
+                raise Problem(404, "Not found", f"no customer {customer_id!r}")
+            hashes = {}
+            if person.email:
+                hashes["email"] = store.address_hash("email", person.email)
+            if person.phone:
+                hashes["sms"] = store.address_hash("sms", person.phone)
+            case = await store.open_case(conn, customer_id)
+            if case is not None:
+                await store.close_case(conn, case.id, "erased", now)
+            await store.erase_customer(conn, customer_id, now)
+            tx = Tx(conn=conn, now=now, source=source)
+            tx.emit(
+                erasure_topic,
+                customer_id,
+                de.CUSTOMER_ERASED,
+                {
+                    "customer_id": customer_id,
+                    "address_hashes": hashes,
+                    "erased_at": now.isoformat(),
+                },
+                subject=customer_id,
+            )
+            await write_outbox(conn, tx.outgoing)
+        return {"customer_id": customer_id, "erased": True}
+
+    return api

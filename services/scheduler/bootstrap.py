@@ -1,0 +1,129 @@
+"""Wires the scheduler: playbooks (validated at start-up), the event handler, the step timer,
+the status API and the gauges."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from datetime import timedelta
+
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.scheduler import api, metrics
+from services.scheduler.domain import OFFERS, TEMPLATE_NAMES, Playbook, load_playbooks
+from services.scheduler.handler import SchedulerHandler
+from services.scheduler.timers import StepFirer
+from services.scheduler.views import policy
+from shared.bootstrap import Core, build_core
+from shared.clock import Clock
+from shared.http.app import bearer_auth, create_app
+from shared.messaging.consumer import ConsumerRunner
+from shared.messaging.pipeline import Pipeline
+from shared.messaging.transport import Transport
+from shared.settings import Settings
+
+CONSUMER = "scheduler"
+SOURCE = "/winback/scheduler"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerService:
+    core: Core
+    playbooks: list[Playbook]
+    pipeline: Pipeline
+    consumer: ConsumerRunner
+    firer: StepFirer
+    app: FastAPI
+
+
+def load(settings: Settings) -> list[Playbook]:
+    """The playbooks; a file with errors stops start-up naming the file, line and field."""
+    return load_playbooks(settings.scheduler.playbooks_dir, templates=TEMPLATE_NAMES, offers=OFFERS)
+
+
+def bootstrap(
+    settings: Settings,
+    *,
+    engine: AsyncEngine | None = None,
+    transport: Transport | None = None,
+    clock: Clock | None = None,
+    playbooks: list[Playbook] | None = None,
+    group: str = CONSUMER,
+) -> SchedulerService:
+    playbooks = playbooks if playbooks is not None else load(settings)
+    core = build_core(settings, engine=engine, transport=transport, clock=clock)
+    topics = settings.topics
+    handler = SchedulerHandler(playbooks, topics.outcomes, settings.scheduler.fallback_timezone)
+    pipeline = Pipeline(core.engine, group, handler, core.clock, topics.dead_letter, SOURCE)
+    consumer = ConsumerRunner(
+        core.transport.subscription(group, [topics.domain, topics.outcomes]),
+        pipeline,
+        max_batch=settings.kafka.max_batch,
+        poll_timeout_ms=settings.kafka.poll_timeout_ms,
+        linger_ms=settings.kafka.batch_linger_ms,
+    )
+    firer = StepFirer(
+        core.engine,
+        core.clock,
+        policy(settings.scheduler),
+        topics.dispatch,
+        SOURCE,
+        batch_size=settings.scheduler.claim_batch,
+        poll_seconds=settings.scheduler.poll_seconds,
+        offer_valid=timedelta(days=settings.scheduler.offer_valid_days),
+    )
+    stopping = asyncio.Event()
+
+    async def gauges() -> None:
+        while not stopping.is_set():
+            try:
+                await metrics.refresh(core.engine, core.clock.now())
+            except Exception:
+                log.warning("could not refresh scheduler gauges", exc_info=True)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), 10)
+
+    core.runtime.consumers.append(consumer)
+    core.runtime.extra_parts += [
+        ("step-timer", firer.run, firer.stop),
+        ("scheduler-gauges", gauges, stopping.set),
+    ]
+    core.runtime.topics = [
+        topics.domain,
+        topics.outcomes,
+        topics.dispatch,
+        topics.erasure,
+        topics.dead_letter,
+    ]
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await core.runtime.start()
+        try:
+            yield
+        finally:
+            await core.runtime.stop()
+
+    app = create_app(
+        "winback scheduler",
+        checks=[("database", core.runtime.check_database), ("kafka", core.runtime.check_kafka)],
+        routers=[
+            api.router(
+                core.engine,
+                core.clock,
+                playbooks,
+                bearer_auth(settings.http.api_keys),
+                erasure_topic=topics.erasure,
+                outcomes_topic=topics.outcomes,
+                source=SOURCE,
+                fallback_timezone=settings.scheduler.fallback_timezone,
+            )
+        ],
+        lifespan=lifespan,
+    )
+    return SchedulerService(core, playbooks, pipeline, consumer, firer, app)

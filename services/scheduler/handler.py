@@ -1,0 +1,356 @@
+"""The scheduler's handler for the shared loop: domain events from ingest and outcome events
+from the dispatcher become cases, step timers, closes and win-backs.
+
+The decisions (segment, playbook, plan, attribution) are the pure domain's; this module only
+loads what they need, calls them and stores the answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from services.scheduler import store
+from services.scheduler.domain import (
+    Playbook,
+    attribute_reactivation,
+    case_expires_at,
+    choose_playbook,
+    find_playbook,
+    plan_steps,
+    plan_triggered,
+    segment,
+)
+from services.scheduler.domain.planning import normalise_feature
+from services.scheduler.views import (
+    customer_view,
+    episode_from_event,
+    episode_from_json,
+    episode_json,
+    segment_from_json,
+    segment_json,
+    step_row,
+)
+from shared import domain_events as de
+from shared.cloudevents import CloudEvent
+from shared.errors import InvalidEvent
+from shared.messaging.pipeline import Incoming, Tx
+
+log = logging.getLogger(__name__)
+
+OUTCOME_STATE = {
+    de.MESSAGE_SENT: "sent",
+    de.MESSAGE_FAILED: "failed",
+    de.MESSAGE_SUPPRESSED: "suppressed",
+}
+OUTCOME_EVENTS = {
+    f"{de.PREFIX}.message.{name}"
+    for name in (
+        "sent",
+        "failed",
+        "suppressed",
+        "delivered",
+        "opened",
+        "clicked",
+        "bounced",
+        "complained",
+    )
+}
+UNSUBSCRIBED = f"{de.PREFIX}.customer.unsubscribed"
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str
+    data: dict[str, Any]
+    time: datetime | None
+
+
+class SchedulerHandler:
+    def __init__(
+        self, playbooks: Sequence[Playbook], domain_topic: str, fallback_timezone: str = "UTC"
+    ) -> None:
+        self.playbooks = list(playbooks)
+        self.topic = domain_topic
+        self.fallback_timezone = fallback_timezone
+
+    def decode(self, event: CloudEvent) -> Event:
+        if not isinstance(event.data, dict):
+            raise InvalidEvent("invalid_payload", "data must be a JSON object", "data")
+        return Event(event.type, event.data, event.time)
+
+    async def handle(self, tx: Tx, items: Sequence[Incoming[Any]]) -> None:
+        for item in items:
+            event: Event = item.payload
+            handler = self._routes.get(event.type)
+            if handler is not None:
+                await handler(self, tx, event, item.event)
+            elif event.type in OUTCOME_EVENTS:
+                await self._outcome(tx, event)
+
+    # -- ingest's events ----------------------------------------------------------------------
+    async def _churn(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
+        snapshot, ep = event.data["customer"], event.data["episode"]
+        cid = snapshot["id"]
+        await store.upsert_customer(tx.conn, snapshot, tx.now)
+        if await store.case_exists_for_episode(tx.conn, ep["id"]):
+            return
+        row = await store.customer(tx.conn, cid)
+        if row is None or row.erased_at is not None:
+            return
+        current = await store.open_case(tx.conn, cid)
+        if current is not None:
+            await self._close(tx, current, "superseded", cause)
+        prior = row.last_won_back_at
+        episode = episode_from_event(ep, prior if prior is not None else None)
+        if prior is not None and prior > episode.occurred_at:
+            episode = episode_from_event(ep, None)
+        view = customer_view(row._mapping)
+        seg = segment(view, episode, tx.now)
+        playbook = choose_playbook(self.playbooks, seg)
+        if playbook is None:
+            log.info("no playbook matches", extra={"customer_id": cid})
+            return
+        expires = case_expires_at(playbook, episode)
+        if tx.now >= expires:
+            return  # churned longer ago than the horizon: not on the list any more
+        steps = plan_steps(
+            playbook, view, episode, tx.now, segment=seg, fallback_timezone=self.fallback_timezone
+        )
+        case_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"winback-case|{episode.episode_id}"))
+        holdout = any(s.holdout for s in steps)
+        await store.insert_case(
+            tx.conn,
+            {
+                "id": case_id,
+                "customer_id": cid,
+                "episode_id": episode.episode_id,
+                "status": "open",
+                "playbook": playbook.name,
+                "playbook_version": playbook.version,
+                "segment": segment_json(seg),
+                "episode": episode_json(episode),
+                "feature_key": normalise_feature(episode.feature) if episode.feature else None,
+                "holdout": holdout,
+                "is_rechurn": seg.is_rechurn,
+                "churned_at": episode.occurred_at,
+                "opened_at": tx.now,
+                "expires_at": expires,
+            },
+            [step_row(case_id, cid, s) for s in steps],
+        )
+        tx.emit(
+            self.topic,
+            cid,
+            de.CASE_OPENED,
+            {
+                "case_id": case_id,
+                "customer_id": cid,
+                "playbook": playbook.name,
+                "playbook_version": playbook.version,
+                "segment": segment_json(seg),
+                "holdout": holdout,
+                "is_rechurn": seg.is_rechurn,
+                "time_since_return_days": (episode.occurred_at - prior).days
+                if seg.is_rechurn and prior is not None
+                else None,
+                "steps": len(steps),
+            },
+            cause=cause,
+            subject=cid,
+        )
+
+    async def _returned(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
+        snapshot = event.data["customer"]
+        cid = snapshot["id"]
+        await store.upsert_customer(tx.conn, snapshot, tx.now)
+        case = await store.open_case(tx.conn, cid)
+        if case is None:
+            return
+        playbook = self._playbook(case)
+        episode = episode_from_json(case.episode)
+        by_activity = event.data.get("kind") == "activity"
+        if (
+            by_activity
+            and episode.kind != "user_inactive"
+            and not (playbook and playbook.exits_on("activity"))
+        ):
+            return
+        returned_at = datetime.fromisoformat(event.data["returned_at"])
+        await self._close(tx, case, "returned", cause, returned_at=returned_at)
+        row = await store.customer(tx.conn, cid)
+        owner = row.crm_owner if row is not None else None
+        sent = await store.sent_steps(tx.conn, case.id, owner)
+        window = playbook.attribution_window if playbook else None
+        credit = attribute_reactivation(
+            [s for _, s in sent],
+            episode,
+            returned_at,
+            mrr_regained_minor=event.data.get("mrr_minor"),
+            **({"window": window} if window is not None else {}),
+        )
+        step_id = next((i for i, s in sent if s is credit.credited), None)
+        credited = credit.credited
+        await store.record_win_back(
+            tx.conn,
+            {
+                "case_id": case.id,
+                "customer_id": cid,
+                "step_id": step_id,
+                "step_key": credited.step_key if credited else None,
+                "channel": credited.channel if credited else None,
+                "template": credited.template if credited else None,
+                "variant": credited.variant if credited else None,
+                "crm_owner": credit.crm_owner if credited else owner,
+                "playbook": case.playbook,
+                "mrr_regained_minor": credit.mrr_regained_minor,
+                "currency": snapshot.get("currency"),
+                "days_to_return": credit.days_to_return,
+                "holdout": case.holdout,
+                "churned_at": episode.occurred_at,
+                "returned_at": returned_at,
+            },
+        )
+        if credit.is_win_back and credited is not None:
+            await store.set_last_won_back(tx.conn, cid, returned_at)
+            tx.emit(
+                self.topic,
+                cid,
+                de.CASE_WON_BACK,
+                {
+                    "case_id": case.id,
+                    "customer_id": cid,
+                    "episode_id": episode.episode_id,
+                    "playbook": case.playbook,
+                    "playbook_version": case.playbook_version,
+                    "step_key": credited.step_key,
+                    "channel": credited.channel,
+                    "template": credited.template,
+                    "variant": credited.variant,
+                    "offer": credited.offer,
+                    "crm_owner": credit.crm_owner,
+                    "mrr_regained_minor": credit.mrr_regained_minor,
+                    "mrr_at_churn_minor": credit.mrr_at_churn_minor,
+                    "currency": snapshot.get("currency"),
+                    "days_to_return": credit.days_to_return,
+                    "churned_at": episode.occurred_at.isoformat(),
+                    "returned_at": returned_at.isoformat(),
+                },
+                cause=cause,
+                subject=cid,
+            )
+
+    async def _activity(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
+        cid = event.data["customer_id"]
+        case = await store.open_case(tx.conn, cid)
+        playbook = self._playbook(case) if case is not None else None
+        if case is not None and playbook is not None and playbook.exits_on("activity"):
+            await self._close(tx, case, "activity", cause)
+
+    async def _consent(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
+        cid = event.data["customer_id"]
+        channel = event.data.get("channel", "all")
+        await store.set_consent(tx.conn, cid, channel, bool(event.data.get("granted")), tx.now)
+        if channel == "all" and not event.data.get("granted"):
+            case = await store.open_case(tx.conn, cid)
+            if case is not None:
+                await self._close(tx, case, "unsubscribed", cause)
+
+    async def _updated(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
+        await store.upsert_customer(tx.conn, event.data["customer"], tx.now)
+
+    async def _feature(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
+        feature = event.data["feature"]
+        for case in await store.open_cases_for_feature(tx.conn, normalise_feature(feature)):
+            playbook = self._playbook(case)
+            row = await store.customer(tx.conn, case.customer_id)
+            if playbook is None or row is None or case.status != "open":
+                continue
+            steps = plan_triggered(
+                playbook,
+                customer_view(row._mapping),
+                episode_from_json(case.episode),
+                tx.now,
+                feature=feature,
+                segment=segment_from_json(case.segment),
+                already_planned=await store.step_keys(tx.conn, case.id),
+            )
+            context = {
+                "feature": event.data.get("name") or feature,
+                "feature_description": event.data.get("description"),
+            }
+            await store.insert_steps(
+                tx.conn, [step_row(case.id, case.customer_id, s, context) for s in steps]
+            )
+
+    # -- the dispatcher's outcomes ----------------------------------------------------------
+    async def _outcome(self, tx: Tx, event: Event) -> None:
+        data = event.data
+        if not data.get("case_id") or not data.get("step_key"):
+            return
+        name = event.type.rsplit(".", 1)[-1]
+        outcome = {name: (event.time or tx.now).isoformat()}
+        for key in ("provider", "provider_message_id", "reason"):
+            if data.get(key):
+                outcome[f"{name}_{key}" if key == "reason" else key] = data[key]
+        await store.record_outcome(
+            tx.conn,
+            data["case_id"],
+            data["step_key"],
+            OUTCOME_STATE.get(event.type),
+            outcome,
+            tx.now,
+        )
+
+    async def _unsubscribed(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
+        cid = event.data["customer_id"]
+        channel = event.data.get("channel") or "all"
+        await store.set_consent(tx.conn, cid, channel, False, tx.now)
+        case = await store.open_case(tx.conn, cid)
+        if case is not None:
+            # An unsubscribe is the customer saying stop: the case ends, whatever the channel.
+            await self._close(tx, case, "unsubscribed", cause)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _playbook(self, case: Any) -> Playbook | None:
+        try:
+            return find_playbook(self.playbooks, case.playbook, case.playbook_version)
+        except KeyError:
+            return None
+
+    async def _close(
+        self,
+        tx: Tx,
+        case: Any,
+        reason: str,
+        cause: CloudEvent | None,
+        returned_at: datetime | None = None,
+    ) -> None:
+        if await store.close_case(tx.conn, case.id, reason, tx.now, returned_at):
+            tx.emit(
+                self.topic,
+                case.customer_id,
+                de.CASE_CLOSED,
+                {
+                    "case_id": case.id,
+                    "customer_id": case.customer_id,
+                    "reason": reason,
+                    "playbook": case.playbook,
+                },
+                cause=cause,
+                subject=case.customer_id,
+            )
+
+    _routes: dict[str, Any] = {
+        de.CHURN_RECORDED: _churn,
+        de.CUSTOMER_RETURNED: _returned,
+        de.CUSTOMER_ACTIVITY: _activity,
+        de.CONSENT_CHANGED: _consent,
+        de.CUSTOMER_UPDATED: _updated,
+        de.FEATURE_RELEASED: _feature,
+        UNSUBSCRIBED: _unsubscribed,
+    }

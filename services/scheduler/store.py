@@ -1,0 +1,269 @@
+"""The scheduler's rows: its view of customers, cases, step timers and win-backs."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, bindparam, func, select, update
+from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.scheduler.domain import SentStep
+from shared.db.tables import case_steps, cases, scheduler_customers, win_backs
+
+OPEN = ("open", "paused")
+PROFILE = (
+    "email",
+    "phone",
+    "name",
+    "locale",
+    "timezone",
+    "plan",
+    "mrr_minor",
+    "currency",
+    "customer_since",
+    "engagement",
+    "crm_owner",
+    "status",
+)
+
+
+def address_hash(channel: str, address: str) -> str:
+    """The suppression-list key of a contact point: SHA-256 of the normalised address."""
+    normal = address.strip().lower() if channel == "email" else address.strip()
+    return hashlib.sha256(f"{channel}:{normal}".encode()).hexdigest()
+
+
+async def upsert_customer(
+    conn: AsyncConnection, snapshot: Mapping[str, Any], now: datetime
+) -> None:
+    """Take the profile as ingest published it (ingest already ordered it by event time)."""
+    values: dict[str, Any] = {"id": snapshot["id"], "updated_at": now}
+    for name in PROFILE:
+        if name in snapshot:
+            value = snapshot[name]
+            if name == "customer_since" and isinstance(value, str):
+                value = datetime.fromisoformat(value)
+            values[name] = value
+    if "consent" in snapshot:
+        values["consent"] = snapshot["consent"] or {}
+    if "opted_out_all" in snapshot:
+        values["opted_out_all"] = bool(snapshot["opted_out_all"])
+    stmt = insert(scheduler_customers).values(**values)
+    await conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[scheduler_customers.c.id],
+            set_={k: stmt.excluded[k] for k in values if k != "id"},
+            where=scheduler_customers.c.erased_at.is_(None),
+        )
+    )
+
+
+async def customer(conn: AsyncConnection, customer_id: str) -> Row[Any] | None:
+    return (
+        await conn.execute(
+            scheduler_customers.select().where(scheduler_customers.c.id == customer_id)
+        )
+    ).one_or_none()
+
+
+async def customers(conn: AsyncConnection, ids: Sequence[str]) -> dict[str, Row[Any]]:
+    if not ids:
+        return {}
+    rows = await conn.execute(
+        scheduler_customers.select().where(scheduler_customers.c.id.in_(list(ids)))
+    )
+    return {r.id: r for r in rows}
+
+
+async def set_consent(
+    conn: AsyncConnection, customer_id: str, channel: str, granted: bool, now: datetime
+) -> None:
+    if channel == "all":
+        values: dict[str, Any] = {"opted_out_all": not granted}
+    else:
+        patch = bindparam("consent_patch", value={channel: granted}, type_=JSONB)
+        values = {"consent": scheduler_customers.c.consent.op("||")(patch)}
+    await conn.execute(
+        insert(scheduler_customers).values(id=customer_id, updated_at=now).on_conflict_do_nothing()
+    )
+    await conn.execute(
+        update(scheduler_customers)
+        .where(scheduler_customers.c.id == customer_id)
+        .values(updated_at=now, **values)
+    )
+
+
+async def open_case(conn: AsyncConnection, customer_id: str) -> Row[Any] | None:
+    """The customer's open (or paused) case, locked for this transaction."""
+    return (
+        await conn.execute(
+            cases.select()
+            .where(cases.c.customer_id == customer_id, cases.c.status.in_(OPEN))
+            .with_for_update()
+        )
+    ).one_or_none()
+
+
+async def case_by_id(conn: AsyncConnection, case_id: str, lock: bool = False) -> Row[Any] | None:
+    query = cases.select().where(cases.c.id == case_id)
+    if lock:
+        query = query.with_for_update()
+    return (await conn.execute(query)).one_or_none()
+
+
+async def case_exists_for_episode(conn: AsyncConnection, episode_id: str) -> bool:
+    found = await conn.scalar(select(cases.c.id).where(cases.c.episode_id == episode_id))
+    return found is not None
+
+
+async def insert_case(
+    conn: AsyncConnection, row: Mapping[str, Any], steps: Sequence[Mapping[str, Any]]
+) -> None:
+    await conn.execute(cases.insert().values(**row))
+    await insert_steps(conn, steps)
+
+
+async def insert_steps(conn: AsyncConnection, steps: Sequence[Mapping[str, Any]]) -> int:
+    if not steps:
+        return 0
+    result = await conn.execute(
+        insert(case_steps)
+        .on_conflict_do_nothing(index_elements=[case_steps.c.case_id, case_steps.c.step_key])
+        .returning(case_steps.c.id),
+        [dict(s) for s in steps],
+    )
+    return len(result.all())
+
+
+async def close_case(
+    conn: AsyncConnection,
+    case_id: str,
+    reason: str,
+    now: datetime,
+    returned_at: datetime | None = None,
+) -> bool:
+    """Close a case and cancel every pending step. True if it was open."""
+    result = await conn.execute(
+        update(cases)
+        .where(cases.c.id == case_id, cases.c.status.in_(OPEN))
+        .values(
+            status="closed",
+            close_reason=reason,
+            closed_at=now,
+            updated_at=now,
+            returned_at=returned_at,
+        )
+    )
+    if not result.rowcount:
+        return False
+    await conn.execute(
+        update(case_steps)
+        .where(case_steps.c.case_id == case_id, case_steps.c.state == "pending")
+        .values(state="cancelled", state_reason=f"case closed: {reason}", updated_at=now)
+    )
+    return True
+
+
+async def set_case_status(conn: AsyncConnection, case_id: str, status: str, now: datetime) -> None:
+    await conn.execute(
+        update(cases).where(cases.c.id == case_id).values(status=status, updated_at=now)
+    )
+
+
+async def sent_steps(
+    conn: AsyncConnection, case_id: str, crm_owner: str | None
+) -> list[tuple[int, SentStep]]:
+    rows = await conn.execute(
+        select(case_steps, cases.c.playbook, cases.c.playbook_version)
+        .join(cases, cases.c.id == case_steps.c.case_id)
+        .where(case_steps.c.case_id == case_id, case_steps.c.state.in_(["dispatched", "sent"]))
+        .order_by(case_steps.c.fired_at)
+    )
+    return [
+        (
+            r.id,
+            SentStep(
+                step_key=r.step_key,
+                channel=r.channel,
+                template=r.template,
+                variant=r.variant,
+                sent_at=r.fired_at,
+                crm_owner=crm_owner,
+                playbook=r.playbook,
+                playbook_version=r.playbook_version,
+                offer=r.offer,
+            ),
+        )
+        for r in rows
+    ]
+
+
+async def step_keys(conn: AsyncConnection, case_id: str) -> list[str]:
+    return list(
+        (
+            await conn.execute(select(case_steps.c.step_key).where(case_steps.c.case_id == case_id))
+        ).scalars()
+    )
+
+
+async def open_cases_for_feature(conn: AsyncConnection, feature_key: str) -> list[Row[Any]]:
+    return list(
+        await conn.execute(
+            cases.select()
+            .where(cases.c.feature_key == feature_key, cases.c.status.in_(OPEN))
+            .with_for_update(skip_locked=False)
+        )
+    )
+
+
+async def record_win_back(conn: AsyncConnection, row: Mapping[str, Any]) -> None:
+    await conn.execute(insert(win_backs).values(**row).on_conflict_do_nothing())
+
+
+async def set_last_won_back(conn: AsyncConnection, customer_id: str, at: datetime) -> None:
+    await conn.execute(
+        update(scheduler_customers)
+        .where(
+            scheduler_customers.c.id == customer_id,
+            func.coalesce(scheduler_customers.c.last_won_back_at, at) <= at,
+        )
+        .values(last_won_back_at=at)
+    )
+
+
+async def record_outcome(
+    conn: AsyncConnection,
+    case_id: str,
+    step_key: str,
+    state: str | None,
+    outcome: Mapping[str, Any],
+    now: datetime,
+) -> None:
+    """Merge a delivery outcome into the step; move its state when the outcome is final."""
+    patch = bindparam("patch", value=dict(outcome), type_=JSONB)
+    values: dict[str, Any] = {"outcome": case_steps.c.outcome.op("||")(patch), "updated_at": now}
+    where = [case_steps.c.case_id == case_id, case_steps.c.step_key == step_key]
+    if state is not None:
+        values["state"] = state
+        if state == "sent":  # a late "sent" never overwrites a final answer that came first
+            where.append(case_steps.c.state.in_(["dispatched", "pending"]))
+    await conn.execute(update(case_steps).where(*where).values(**values))
+
+
+async def erase_customer(conn: AsyncConnection, customer_id: str, now: datetime) -> None:
+    await conn.execute(
+        update(scheduler_customers)
+        .where(scheduler_customers.c.id == customer_id)
+        .values(
+            email=None, phone=None, name=None, erased_at=now, opted_out_all=True, updated_at=now
+        )
+    )
+    await conn.execute(
+        update(case_steps)
+        .where(case_steps.c.customer_id == customer_id)
+        .values(context={}, updated_at=now)
+    )

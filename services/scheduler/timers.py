@@ -1,0 +1,282 @@
+"""Durable timers: due steps are rows, claimed in batches with ``FOR UPDATE SKIP LOCKED``.
+
+In one transaction per batch: claim due steps of open cases, run the guardrails (pure
+``decide``) over each with the customer's contact history, then mark each step dispatched
+(and write its dispatch command to the outbox), deferred (new ``due_at``) or skipped. Several
+schedulers on one database never fire a step twice (the row lock, and ``state`` moves on in
+the same transaction); a scheduler killed mid-batch loses nothing (the transaction rolls
+back and the rows are claimable again). ``asyncio.sleep`` only paces the polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.scheduler import metrics, store
+from services.scheduler.domain import (
+    ContactHistory,
+    Defer,
+    GuardrailPolicy,
+    Send,
+    decide,
+)
+from services.scheduler.views import customer_view, planned_from_row, segment_from_json
+from shared import domain_events as de
+from shared.clock import Clock
+from shared.messaging.pipeline import Tx, write_outbox
+
+log = logging.getLogger(__name__)
+
+_CLAIM = text(
+    "SELECT s.*, c.playbook, c.playbook_version, c.segment, c.episode "
+    "FROM case_steps AS s JOIN cases AS c ON c.id = s.case_id "
+    "WHERE s.state = 'pending' AND s.due_at <= :now AND c.status = 'open' "
+    "ORDER BY s.due_at LIMIT :n FOR UPDATE OF s SKIP LOCKED"
+)
+_HISTORY = text(
+    "SELECT customer_id, fired_at, is_discount FROM case_steps "
+    "WHERE customer_id = ANY(CAST(:ids AS text[])) AND state IN ('dispatched', 'sent') "
+    "AND fired_at > :since AND fired_at <= :now"
+)
+_UPDATE = text(
+    "UPDATE case_steps AS s SET state = u.state, state_reason = u.reason, due_at = u.due_at, "
+    "fired_at = u.fired_at, template = u.template, offer = u.offer, "
+    "is_discount = u.is_discount, defer_count = s.defer_count + u.deferred, updated_at = :now "
+    "FROM unnest(CAST(:ids AS bigint[]), CAST(:states AS text[]), CAST(:reasons AS text[]), "
+    "CAST(:due AS timestamptz[]), CAST(:fired AS timestamptz[]), CAST(:templates AS text[]), "
+    "CAST(:offers AS text[]), CAST(:discounts AS boolean[]), CAST(:deferred AS integer[])) "
+    "AS u(id, state, reason, due_at, fired_at, template, offer, is_discount, deferred) "
+    "WHERE s.id = u.id"
+)
+_EXPIRE = text(
+    "WITH closed AS (UPDATE cases SET status = 'closed', close_reason = 'horizon', "
+    "closed_at = :now, updated_at = :now WHERE status IN ('open', 'paused') "
+    "AND expires_at <= :now RETURNING id) "
+    "UPDATE case_steps SET state = 'cancelled', state_reason = 'case closed: horizon', "
+    "updated_at = :now WHERE state = 'pending' AND case_id IN (SELECT id FROM closed)"
+)
+
+
+@dataclass(frozen=True)
+class FireResult:
+    claimed: int
+    dispatched: int
+    deferred: int
+    skipped: int
+
+
+class StepFirer:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        clock: Clock,
+        policy: GuardrailPolicy,
+        dispatch_topic: str,
+        source: str,
+        batch_size: int = 500,
+        poll_seconds: float = 0.5,
+        offer_valid: timedelta = timedelta(days=14),
+    ) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.policy = policy
+        self.dispatch_topic = dispatch_topic
+        self.source = source
+        self.batch_size = batch_size
+        self.poll_seconds = poll_seconds
+        self.offer_valid = offer_valid
+        self._lookback = max(
+            [policy.discount_period, *(cap.period for cap in policy.caps)], default=timedelta(0)
+        )
+        self._stopping = asyncio.Event()
+
+    async def fire_once(self) -> FireResult:
+        """Claim and decide one batch of due steps; commit; return what happened."""
+        async with self.engine.begin() as conn:
+            now = self.clock.now()
+            rows = (await conn.execute(_CLAIM, {"now": now, "n": self.batch_size})).mappings().all()
+            if not rows:
+                return FireResult(0, 0, 0, 0)
+            tx = Tx(conn=conn, now=now, source=self.source)
+            ids = sorted({r["customer_id"] for r in rows})
+            people = await store.customers(conn, ids)
+            history = await self._history(conn, ids, now)
+            updates: list[tuple[Any, ...]] = []
+            counts: Counter[str] = Counter()
+            for row in rows:
+                cid = row["customer_id"]
+                person = people.get(cid)
+                if person is None or person.erased_at is not None:
+                    updates.append(_skip(row, "no_customer"))
+                    counts["skipped"] += 1
+                    continue
+                step = planned_from_row(row, row["playbook"], row["playbook_version"])
+                decision = decide(
+                    step,
+                    customer=customer_view(person._mapping),
+                    segment=segment_from_json(row["segment"]),
+                    history=history.get(cid, ContactHistory()),
+                    now=now,
+                    policy=self.policy,
+                )
+                if isinstance(decision, Send):
+                    sent = decision.step
+                    history[cid] = history.get(cid, ContactHistory()).with_send(
+                        now, discount=sent.is_discount
+                    )
+                    updates.append(
+                        (
+                            row["id"],
+                            "dispatched",
+                            _withheld(decision),
+                            row["due_at"],
+                            now,
+                            sent.template,
+                            sent.offer,
+                            sent.is_discount,
+                            0,
+                        )
+                    )
+                    tx.emit(
+                        self.dispatch_topic,
+                        cid,
+                        de.DISPATCH_REQUESTED,
+                        self._command(row, person, sent, now),
+                        subject=cid,
+                    )
+                    counts["dispatched"] += 1
+                elif isinstance(decision, Defer):
+                    updates.append(
+                        (
+                            row["id"],
+                            "pending",
+                            decision.reason,
+                            decision.until,
+                            None,
+                            row["template"],
+                            row["offer"],
+                            row["is_discount"],
+                            1,
+                        )
+                    )
+                    counts["deferred"] += 1
+                else:
+                    reason = decision.reason + (f": {decision.detail}" if decision.detail else "")
+                    updates.append(_skip(row, reason))
+                    counts["skipped"] += 1
+            await conn.execute(_UPDATE, {"now": now, **_columns(updates)})
+            await write_outbox(conn, tx.outgoing)
+        for outcome, n in counts.items():
+            metrics.STEPS_FIRED.labels(outcome).inc(n)
+        return FireResult(len(rows), counts["dispatched"], counts["deferred"], counts["skipped"])
+
+    async def expire_cases(self) -> None:
+        """Close every case whose horizon passed (''removed from the list'')."""
+        async with self.engine.begin() as conn:
+            await conn.execute(_EXPIRE, {"now": self.clock.now()})
+
+    async def _history(self, conn: Any, ids: list[str], now: datetime) -> dict[str, ContactHistory]:
+        sent: dict[str, list[datetime]] = {}
+        discounts: dict[str, list[datetime]] = {}
+        rows = await conn.execute(_HISTORY, {"ids": ids, "since": now - self._lookback, "now": now})
+        for r in rows:
+            sent.setdefault(r.customer_id, []).append(r.fired_at)
+            if r.is_discount:
+                discounts.setdefault(r.customer_id, []).append(r.fired_at)
+        return {
+            cid: ContactHistory(sent_at=tuple(times), discounts_at=tuple(discounts.get(cid, ())))
+            for cid, times in sent.items()
+        }
+
+    def _command(self, row: Any, person: Any, step: Any, now: datetime) -> dict[str, Any]:
+        """The dispatch command: everything the dispatcher needs to render and send."""
+        context = dict(row["context"] or {})
+        return {
+            "idempotency_key": f"{row['case_id']}:{row['step_key']}",
+            "case_id": row["case_id"],
+            "step_id": row["id"],
+            "step_key": row["step_key"],
+            "playbook": row["playbook"],
+            "playbook_version": row["playbook_version"],
+            "channel": step.channel,
+            "template": step.template,
+            "offer": step.offer,
+            "is_discount": step.is_discount,
+            "variant": step.variant,
+            "valid_until": (now + self.offer_valid).isoformat() if step.offer else None,
+            "customer": {
+                "id": person.id,
+                "email": person.email,
+                "phone": person.phone,
+                "name": person.name,
+                "locale": person.locale,
+                "timezone": person.timezone,
+                "plan": person.plan,
+                "crm_owner": person.crm_owner,
+            },
+            "reason": (row["episode"] or {}).get("reason"),
+            "features": [context["feature"]] if context.get("feature") else [],
+            "feature_description": context.get("feature_description"),
+            "requested_at": now.isoformat(),
+        }
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        expired_at = 0.0
+        while not self._stopping.is_set():
+            try:
+                if loop.time() - expired_at > 60:
+                    expired_at = loop.time()
+                    await self.expire_cases()
+                result = await self.fire_once()
+            except Exception:
+                log.exception("firing due steps failed; retrying")
+                result = FireResult(0, 0, 0, 0)
+            if result.claimed < self.batch_size:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.poll_seconds)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+def _withheld(decision: Send) -> str | None:
+    return f"discount withheld: {decision.offer_withheld}" if decision.offer_withheld else None
+
+
+def _skip(row: Any, reason: str) -> tuple[Any, ...]:
+    return (
+        row["id"],
+        "skipped",
+        reason,
+        row["due_at"],
+        None,
+        row["template"],
+        row["offer"],
+        row["is_discount"],
+        0,
+    )
+
+
+def _columns(updates: list[tuple[Any, ...]]) -> dict[str, list[Any]]:
+    names = (
+        "ids",
+        "states",
+        "reasons",
+        "due",
+        "fired",
+        "templates",
+        "offers",
+        "discounts",
+        "deferred",
+    )
+    return {name: [u[i] for u in updates] for i, name in enumerate(names)}

@@ -1,0 +1,174 @@
+"""Translations between stored rows / event payloads and the pure domain's plain data."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from services.scheduler.domain import (
+    Channel,
+    ChurnEpisode,
+    CustomerView,
+    GuardrailPolicy,
+    PlannedStep,
+    Segment,
+    SendWindow,
+)
+from services.scheduler.domain.guardrails import FrequencyCap
+from shared.settings import SchedulerSettings
+
+CHANNELS = ("email", "sms", "crm", "webhook")
+
+
+def _time(value: Any) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))
+
+
+def customer_view(row: Mapping[Any, Any]) -> CustomerView:
+    consent = {k: bool(v) for k, v in (row.get("consent") or {}).items() if k in CHANNELS}
+    engagement = row.get("engagement")
+    return CustomerView(
+        customer_id=row["id"],
+        timezone=row.get("timezone"),
+        locale=row.get("locale"),
+        mrr_minor=row.get("mrr_minor"),
+        currency=row.get("currency"),
+        customer_since=_time(row.get("customer_since")),
+        engagement=engagement if engagement in ("high", "medium", "low") else None,
+        crm_owner=row.get("crm_owner"),
+        consent=cast(dict[Channel, bool], consent),
+        opted_out_all=bool(row.get("opted_out_all")),
+        suppressed_channels=frozenset(
+            cast(Channel, c) for c in (row.get("suppressed_channels") or []) if c in CHANNELS
+        ),
+    )
+
+
+def episode_from_event(data: Mapping[str, Any], prior_win_back_at: datetime | None) -> ChurnEpisode:
+    occurred = _time(data["occurred_at"])
+    assert occurred is not None
+    return ChurnEpisode(
+        episode_id=data["id"],
+        kind=data["kind"],
+        occurred_at=occurred,
+        reason=data.get("reason") or "unknown",
+        feature=data.get("feature"),
+        competitor=data.get("competitor"),
+        mrr_at_churn_minor=data.get("mrr_at_churn_minor"),
+        prior_win_back_at=prior_win_back_at,
+    )
+
+
+def episode_json(episode: ChurnEpisode) -> dict[str, Any]:
+    return {
+        "id": episode.episode_id,
+        "kind": episode.kind,
+        "occurred_at": episode.occurred_at.isoformat(),
+        "reason": episode.reason,
+        "feature": episode.feature,
+        "competitor": episode.competitor,
+        "mrr_at_churn_minor": episode.mrr_at_churn_minor,
+        "prior_win_back_at": episode.prior_win_back_at.isoformat()
+        if episode.prior_win_back_at
+        else None,
+    }
+
+
+def episode_from_json(data: Mapping[str, Any]) -> ChurnEpisode:
+    return episode_from_event(data, _time(data.get("prior_win_back_at")))
+
+
+def segment_json(segment: Segment) -> dict[str, Any]:
+    return {
+        "lifecycle": segment.lifecycle,
+        "reason": segment.reason,
+        "value_tier": segment.value_tier,
+        "engagement": segment.engagement,
+        "tenure": segment.tenure,
+        "is_rechurn": segment.is_rechurn,
+        "days_since_churn": segment.days_since_churn,
+        "labels": sorted(segment.labels),
+    }
+
+
+def segment_from_json(data: Mapping[str, Any]) -> Segment:
+    return Segment(
+        lifecycle=data["lifecycle"],
+        reason=data["reason"],
+        value_tier=data["value_tier"],
+        engagement=data["engagement"],
+        tenure=data["tenure"],
+        is_rechurn=bool(data["is_rechurn"]),
+        days_since_churn=int(data.get("days_since_churn", 0)),
+    )
+
+
+def step_row(
+    case_id: str, customer_id: str, step: PlannedStep, context: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "case_id": case_id,
+        "customer_id": customer_id,
+        "step_key": step.step_key,
+        "channel": step.channel,
+        "template": step.template,
+        "offer": step.offer,
+        "is_discount": step.is_discount,
+        "discount_fallback_template": step.discount_fallback_template,
+        "variant": step.variant,
+        "window": step.window,
+        "on_cap": step.on_cap,
+        "holdout": step.holdout,
+        "trigger": step.trigger,
+        "state": "pending",
+        "due_at": step.due_at,
+        "original_due_at": step.original_due_at,
+        "expires_at": step.expires_at,
+        "context": dict(context or {}),
+    }
+
+
+def planned_from_row(row: Mapping[Any, Any], playbook: str, version: int) -> PlannedStep:
+    return PlannedStep(
+        playbook=playbook,
+        playbook_version=version,
+        step_key=row["step_key"],
+        channel=row["channel"],
+        template=row["template"],
+        offer=row["offer"],
+        is_discount=row["is_discount"],
+        due_at=row["due_at"],
+        original_due_at=row["original_due_at"],
+        variant=row["variant"],
+        window=row["window"],
+        on_cap=row["on_cap"],
+        holdout=row["holdout"],
+        expires_at=row["expires_at"],
+        discount_fallback_template=row["discount_fallback_template"],
+        trigger=row["trigger"],
+    )
+
+
+def policy(settings: SchedulerSettings) -> GuardrailPolicy:
+    from datetime import time
+
+    end = (
+        time(settings.send_window_end_hour)
+        if settings.send_window_end_hour < 24
+        else time(23, 59, 59)
+    )
+    return GuardrailPolicy(
+        caps=(
+            FrequencyCap(settings.cap_per_week, timedelta(days=7)),
+            FrequencyCap(settings.cap_per_month, timedelta(days=30)),
+        ),
+        send_window=SendWindow(time(settings.send_window_start_hour), end),
+        fallback_timezone=settings.fallback_timezone,
+        discount_period=timedelta(days=settings.discount_period_days),
+        consent_by_default=frozenset(
+            cast(Channel, c) for c in settings.consent_by_default if c in CHANNELS
+        ),
+    )
