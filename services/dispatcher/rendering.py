@@ -1,0 +1,629 @@
+"""Render a step's message from sandboxed Jinja2 templates, per channel and locale.
+
+Layout of ``templates/`` (one directory per locale, one per channel inside it)::
+
+    {locale}/email/{name}.subject.txt   subject line (plain text)
+    {locale}/email/{name}.html          HTML part (autoescaped), extends {locale}/email/_base.html
+    {locale}/email/{name}.txt           plain-text part, extends {locale}/email/_base.txt
+    {locale}/sms/{name}.txt             SMS body
+    {locale}/crm/{name}.subject.txt, {name}.body.txt   CRM task for a person to act on
+    {locale}/offers.json                 offer code → the offer in words, in that language
+
+Every template name and channel has a ``TemplateSpec`` in ``TEMPLATE_SPECS`` naming the fields
+it needs (``required``) and may use (``optional``). A message is rendered only when every
+required field is present and non-blank, so no customer ever gets "Hi ," or an empty offer: a
+missing template or field is a ``TemplateError`` (a ``PermanentSendError``). ``check_templates``
+runs the same checks, plus a trial render, for every locale at start-up.
+
+Locale fallback: ``fi-FI`` → ``fi`` → ``en``; all parts of one message come from one locale.
+Dates and money are formatted with babel in the customer's locale when its language is the
+template's language (``en-GB`` gets "1 March 2026"), otherwise in the template's language.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from decimal import Decimal
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Final, TypedDict
+from urllib.parse import urlsplit
+
+from babel import Locale, UnknownLocaleError
+from babel.dates import format_date
+from babel.numbers import format_currency
+from jinja2 import (
+    FileSystemLoader,
+    StrictUndefined,
+    TemplateNotFound,
+    TemplateSyntaxError,
+    UndefinedError,
+    meta,
+    pass_context,
+    select_autoescape,
+)
+from jinja2.exceptions import SecurityError
+from jinja2.runtime import Context
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from services.dispatcher.errors import TemplateError
+
+TEMPLATES_DIR: Final = Path(__file__).parent / "templates"
+DEFAULT_LOCALE: Final = "en"
+SHIPPED_LOCALES: Final = ("en", "fi", "da", "ms")
+
+
+class Channel(StrEnum):
+    """How a message reaches the customer (or, for ``CRM``, a task for a person on our side).
+
+    The values are the scheduler's channel names, so ``Channel(step.channel)`` works."""
+
+    EMAIL = "email"
+    SMS = "sms"
+    CRM = "crm"
+    WEBHOOK = "webhook"
+
+
+# Which template files make up a message on each channel; the webhook channel carries the
+# email parts (subject, text, HTML) to the receiving system.
+_PARTS: Final[Mapping[Channel, tuple[str, ...]]] = {
+    Channel.EMAIL: ("subject.txt", "html", "txt"),
+    Channel.WEBHOOK: ("subject.txt", "html", "txt"),
+    Channel.SMS: ("txt",),
+    Channel.CRM: ("subject.txt", "body.txt"),
+}
+_CHANNEL_DIR: Final[Mapping[Channel, str]] = {
+    Channel.EMAIL: "email",
+    Channel.WEBHOOK: "email",
+    Channel.SMS: "sms",
+    Channel.CRM: "crm",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedMessage:
+    """A rendered message. ``locale`` is the template locale actually used (after fallback).
+
+    ``subject`` is the email subject or CRM task subject (``None`` for SMS); ``text`` the plain
+    text part, SMS body or CRM task body; ``html`` the HTML part (email and webhook only).
+    """
+
+    template: str
+    channel: Channel
+    locale: str
+    subject: str | None
+    text: str
+    html: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Brand:
+    """Who sends: shown in every email footer (CAN-SPAM wants the postal address)."""
+
+    company_name: str
+    postal_address: str
+
+    def __post_init__(self) -> None:
+        if not self.company_name.strip() or not self.postal_address.strip():
+            raise ValueError("Brand needs a company name and a postal address")
+
+
+class MessageContext(TypedDict, total=False):
+    """The personalisation fields templates may use; which ones a template needs is in its spec.
+
+    ``offer`` is an offer code from the playbooks (``discount_50pct_3mo``), put into words from
+    the locale's ``offers.json``, or else a short phrase already in the customer's language.
+    ``mrr`` with ``currency`` (ISO 4217) and ``churn_reason``/``segment`` are for CRM tasks.
+    """
+
+    name: str
+    product: str
+    offer: str
+    valid_until: date
+    new_features: Sequence[str]
+    cta_url: str
+    unsubscribe_url: str
+    churn_reason: str
+    segment: str
+    mrr: Decimal | int
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateSpec:
+    """The fields one template needs on one channel (``required``) and may use (``optional``)."""
+
+    required: frozenset[str]
+    optional: frozenset[str] = field(default_factory=frozenset)
+
+
+_EMAIL_BASE: Final = frozenset({"name", "product", "cta_url", "unsubscribe_url"})
+_FEATURES: Final = frozenset({"new_features"})
+_OFFER: Final = frozenset({"offer", "valid_until"})
+
+
+def _email(extra: frozenset[str], optional: frozenset[str] = frozenset()) -> TemplateSpec:
+    return TemplateSpec(required=_EMAIL_BASE | extra, optional=optional)
+
+
+_EMAIL_SPECS: Final[Mapping[str, TemplateSpec]] = {
+    "we_miss_you": _email(_FEATURES, optional=_OFFER),
+    "what_you_missed": _email(_FEATURES),
+    "special_offer": _email(_OFFER),
+    "last_chance": _email(_OFFER),
+    "whats_new": _email(_FEATURES),
+    "feature_built": _email(_FEATURES),
+    "comparison": _email(_FEATURES),
+    "budget_checkin": _email(_FEATURES, optional=_OFFER),
+    "what_we_changed": _email(_FEATURES),
+    "check_in": _email(_FEATURES),
+    "value_content": _email(_FEATURES),
+    "customer_story": _email(_FEATURES),
+    "final_decision": _email(_OFFER),
+    "quarterly_checkin": _email(_FEATURES),
+    "trial_expired": _email(_OFFER),
+    "lead_followup": _email(_FEATURES),
+    "inactive_nudge": _email(_FEATURES),
+    "exit_survey": _email(_FEATURES),
+    "trial_extension": _email(frozenset({"offer"}), optional=frozenset({"valid_until"})),
+    "demo_follow_up": _email(_FEATURES, optional=_OFFER),
+    "usage_nudge": _email(_FEATURES),
+}
+_SMS_BASE: Final = frozenset({"name", "product", "cta_url"})
+
+TEMPLATE_SPECS: Final[Mapping[tuple[str, Channel], TemplateSpec]] = {
+    **{(name, Channel.EMAIL): spec for name, spec in _EMAIL_SPECS.items()},
+    **{(name, Channel.WEBHOOK): spec for name, spec in _EMAIL_SPECS.items()},
+    ("we_miss_you", Channel.SMS): TemplateSpec(required=_SMS_BASE, optional=frozenset({"offer"})),
+    ("special_offer", Channel.SMS): TemplateSpec(required=_SMS_BASE | _OFFER),
+    ("last_chance", Channel.SMS): TemplateSpec(required=_SMS_BASE | _OFFER),
+    ("crm_personal_outreach", Channel.CRM): TemplateSpec(
+        required=frozenset({"name", "product", "churn_reason", "segment", "mrr", "currency"}),
+        optional=frozenset({"offer"}),
+    ),
+}
+"""Every (template name, channel) the dispatcher can render, with the fields it needs."""
+
+# Names the renderer provides itself: the brand, and the babel locale used for formatting.
+_PROVIDED: Final = frozenset({"company_name", "postal_address", "locale"})
+_URL_FIELDS: Final = frozenset({"cta_url", "unsubscribe_url"})
+_BLANK_ELEMENT: Final = re.compile(r"<(p|li|a|strong|em|h1|h2|h3|td|ul)\b[^>]*>\s*</\1>")
+_MANY_BLANK_LINES: Final = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
+_OFFER_CODE: Final = re.compile(r"[a-z0-9]+(?:_[a-z0-9]+)+")
+OFFERS_FILE: Final = "offers.json"
+
+SAMPLE_CONTEXT: Final[MessageContext] = {
+    "name": "Sample",
+    "product": "Sample Product",
+    "offer": "Sample offer",
+    "valid_until": date(2030, 12, 31),
+    "new_features": ["Sample feature one", "Sample feature two"],
+    "cta_url": "https://example.invalid/next",
+    "unsubscribe_url": "https://example.invalid/u/token",
+    "churn_reason": "too_expensive",
+    "segment": "high_value",
+    "mrr": Decimal("99.00"),
+    "currency": "EUR",
+}
+"""A complete context used by ``check_templates`` for its trial renders."""
+
+
+def _clean(value: object) -> object:
+    """Collapse runs of whitespace (newlines included) to one space and drop control characters,
+    so a field can neither break a text layout nor look filled while printing nothing."""
+    if isinstance(value, str):
+        text = "".join(ch for ch in value if ch in " \t\n\r" or unicodedata.category(ch) != "Cc")
+        return " ".join(text.split())
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_clean(item) for item in value]
+    return value
+
+
+def _is_blank(value: object) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, Sequence):
+        return len(value) == 0
+    return False
+
+
+def _field_problem(name: str, value: object) -> str | None:
+    """Why ``value`` cannot fill field ``name``, or ``None`` when it can."""
+    if _is_blank(value):
+        return "blank"
+    if name == "valid_until":
+        return None if isinstance(value, date) else "not a date"
+    if name == "mrr":
+        ok = isinstance(value, Decimal | int) and not isinstance(value, bool)
+        return None if ok else "not a Decimal or int"
+    if name == "new_features":
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            return "not a list of strings"
+        if any(not isinstance(item, str) or not item.strip() for item in value):
+            return "has a blank or non-string item"
+        return None
+    if not isinstance(value, str):
+        return "not a string"
+    if name in _URL_FIELDS and (
+        urlsplit(value).scheme not in {"https", "http"} or any(ch.isspace() for ch in value)
+    ):
+        return "not an http(s) URL"
+    if name == "currency" and not re.fullmatch(r"[A-Za-z]{3}", value):
+        return "not an ISO 4217 code"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _ResolvedLocale:
+    template_locale: str
+    babel_locale: str
+
+
+@pass_context
+def _format_date_filter(ctx: Context, value: date, fmt: str = "long") -> str:
+    return format_date(value, format=fmt, locale=str(ctx["locale"]))
+
+
+@pass_context
+def _format_money_filter(ctx: Context, value: Decimal | int, currency: str) -> str:
+    return format_currency(value, currency.upper(), locale=str(ctx["locale"]))
+
+
+class TemplateRenderer:
+    """Renders messages from a template directory in a sandboxed, strict Jinja2 environment.
+
+    HTML templates (``.html``) are autoescaped; text templates (``.txt``) are not, as their
+    output is never interpreted as HTML. Templates are compiled once and cached.
+    """
+
+    def __init__(
+        self,
+        brand: Brand,
+        templates_dir: Path = TEMPLATES_DIR,
+        *,
+        specs: Mapping[tuple[str, Channel], TemplateSpec] = TEMPLATE_SPECS,
+    ) -> None:
+        self._brand = brand
+        self._specs = specs
+        self._dir = templates_dir
+        self._env = ImmutableSandboxedEnvironment(
+            loader=FileSystemLoader(templates_dir),
+            undefined=StrictUndefined,
+            autoescape=select_autoescape(
+                enabled_extensions=("html",), disabled_extensions=("txt",), default=True
+            ),
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=False,
+            auto_reload=False,
+        )
+        self._env.filters["format_date"] = _format_date_filter
+        self._env.filters["format_money"] = _format_money_filter
+        self._locales = tuple(
+            sorted(p.name for p in templates_dir.iterdir() if p.is_dir() and p.name[0] != "_")
+        )
+        self._offers = {
+            locale: _load_offers(templates_dir / locale / OFFERS_FILE) for locale in self._locales
+        }
+        self._offer_codes = frozenset(code for table in self._offers.values() for code in table)
+
+    @property
+    def locales(self) -> tuple[str, ...]:
+        """The template locales present in the template directory."""
+        return self._locales
+
+    @property
+    def offer_codes(self) -> frozenset[str]:
+        """Offer codes the templates can put into words (from every locale's offers.json)."""
+        return self._offer_codes
+
+    def render(
+        self, template: str, channel: Channel | str, locale: str | None, context: Mapping[str, Any]
+    ) -> RenderedMessage:
+        """Render ``template`` for ``channel`` in the best locale for ``locale``.
+
+        Raises ``TemplateError`` when there is no such template, when a required field is
+        missing or blank or of the wrong type, or when the output would contain a blank hole.
+        Fields the template does not declare are ignored.
+        """
+        chan = self._channel(template, channel)
+        spec = self._spec(template, chan)
+        values = self._values(template, chan, spec, context)
+        resolved = self._resolve_locale(template, chan, locale)
+        self._localise_offer(template, chan, values, resolved.template_locale)
+        return self._render(template, chan, spec, resolved, values)
+
+    def check_templates(self, names: Iterable[str]) -> None:
+        """Start-up check: every named template renders on every channel and locale it has.
+
+        For each name: a spec exists; the default locale has every part; no locale has only
+        some of the parts; every file parses; the templates use no field outside their spec;
+        and a trial render with complete and with required-only sample contexts succeeds.
+        Raises one ``TemplateError`` listing every problem found.
+        """
+        problems = self._check_offers()
+        for name in dict.fromkeys(names):
+            channels = [chan for (n, chan) in self._specs if n == name]
+            if not channels:
+                problems.append(f"{name}: no template spec for this name on any channel")
+                continue
+            for chan in channels:
+                problems.extend(self._check_one(name, chan))
+        if problems:
+            raise TemplateError("template check failed: " + "; ".join(problems))
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _localise_offer(
+        self, template: str, channel: Channel, values: dict[str, object], locale: str
+    ) -> None:
+        """Replace an offer code by its wording in ``locale`` (English if untranslated)."""
+        offer = values.get("offer")
+        if not isinstance(offer, str):
+            return
+        if offer in self._offer_codes:
+            text = self._offers.get(locale, {}).get(offer) or self._offers.get(
+                DEFAULT_LOCALE, {}
+            ).get(offer)
+        elif _OFFER_CODE.fullmatch(offer):
+            text = None
+        else:
+            return  # free text, already in the customer's language
+        if text is None:
+            raise TemplateError(
+                f"offer code {offer!r} has no wording in {locale!r} or {DEFAULT_LOCALE!r}",
+                template=template,
+                channel=channel.value,
+                missing_fields=["offer"],
+            )
+        values["offer"] = text
+
+    def _check_offers(self) -> list[str]:
+        reference = set(self._offers.get(DEFAULT_LOCALE, {}))
+        problems = []
+        for locale, table in self._offers.items():
+            missing = sorted(reference - set(table))
+            if missing:
+                problems.append(f"{OFFERS_FILE}: locale {locale!r} lacks {', '.join(missing)}")
+        return problems
+
+    def _channel(self, template: str, channel: Channel | str) -> Channel:
+        try:
+            return Channel(channel)
+        except ValueError:
+            raise TemplateError(
+                f"unknown channel {channel!r} for template {template!r}",
+                template=template,
+                channel=str(channel),
+            ) from None
+
+    def _spec(self, template: str, channel: Channel) -> TemplateSpec:
+        spec = self._specs.get((template, channel))
+        if spec is None:
+            raise TemplateError(
+                f"no template {template!r} for channel {channel.value!r}",
+                template=template,
+                channel=channel.value,
+            )
+        return spec
+
+    def _values(
+        self, template: str, channel: Channel, spec: TemplateSpec, context: Mapping[str, Any]
+    ) -> dict[str, object]:
+        missing = sorted(f for f in spec.required if f not in context)
+        if missing:
+            raise TemplateError(
+                f"template {template!r} ({channel.value}) is missing field(s): "
+                + ", ".join(missing),
+                template=template,
+                channel=channel.value,
+                missing_fields=missing,
+            )
+        bad: dict[str, str] = {}
+        values: dict[str, object] = {}
+        for name in spec.required | spec.optional:
+            if name not in context:
+                continue
+            value = context[name] if name in _URL_FIELDS else _clean(context[name])
+            if name in spec.optional and _is_blank(value):
+                continue  # an absent optional field: the template leaves that part out
+            problem = _field_problem(name, value)
+            if problem is not None:
+                bad[name] = problem
+            else:
+                values[name] = value
+        if bad:
+            described = ", ".join(f"{k} ({v})" for k, v in sorted(bad.items()))
+            raise TemplateError(
+                f"template {template!r} ({channel.value}) has unusable field(s): {described}",
+                template=template,
+                channel=channel.value,
+                missing_fields=sorted(bad),
+            )
+        return values
+
+    def _names(self, locale: str, template: str, channel: Channel) -> list[str]:
+        return [f"{locale}/{_CHANNEL_DIR[channel]}/{template}.{p}" for p in _PARTS[channel]]
+
+    def _has_all_parts(self, locale: str, template: str, channel: Channel) -> bool:
+        return all((self._dir / n).is_file() for n in self._names(locale, template, channel))
+
+    def _resolve_locale(
+        self, template: str, channel: Channel, requested: str | None
+    ) -> _ResolvedLocale:
+        parsed = _parse_locale(requested)
+        candidates: list[str] = []
+        if parsed is not None:
+            if parsed.territory:
+                candidates.append(f"{parsed.language}-{parsed.territory}")
+            candidates.append(parsed.language)
+        candidates.append(DEFAULT_LOCALE)
+        for candidate in candidates:
+            if candidate in self._locales and self._has_all_parts(candidate, template, channel):
+                language = candidate.split("-")[0]
+                same_language = parsed is not None and parsed.language == language
+                babel_locale = str(parsed) if same_language and parsed else language
+                return _ResolvedLocale(candidate, babel_locale)
+        raise TemplateError(
+            f"no template {template!r} for channel {channel.value!r} in locales "
+            + " → ".join(dict.fromkeys(candidates)),
+            template=template,
+            channel=channel.value,
+        )
+
+    def _render(
+        self,
+        template: str,
+        channel: Channel,
+        spec: TemplateSpec,
+        resolved: _ResolvedLocale,
+        values: Mapping[str, object],
+    ) -> RenderedMessage:
+        variables: dict[str, object] = {
+            **values,
+            "company_name": self._brand.company_name,
+            "postal_address": self._brand.postal_address,
+            "locale": resolved.babel_locale,
+        }
+        parts: dict[str, str] = {}
+        for part, name in zip(
+            _PARTS[channel], self._names(resolved.template_locale, template, channel), strict=True
+        ):
+            try:
+                out = self._env.get_template(name).render(variables)
+            except UndefinedError as exc:
+                raise TemplateError(
+                    f"template {name!r} uses a field its spec does not provide: {exc.message}",
+                    template=template,
+                    channel=channel.value,
+                ) from exc
+            except (TemplateNotFound, TemplateSyntaxError, SecurityError) as exc:
+                raise TemplateError(
+                    f"template {name!r} cannot be rendered: {exc}",
+                    template=template,
+                    channel=channel.value,
+                ) from exc
+            parts[part] = self._tidy(part, out, name, template, channel)
+        subject = parts.get("subject.txt")
+        text = parts.get("txt") or parts.get("body.txt")
+        if text is None:  # pragma: no cover - every channel has a text part
+            raise TemplateError(f"channel {channel.value} has no text part", template=template)
+        return RenderedMessage(
+            template=template,
+            channel=channel,
+            locale=resolved.template_locale,
+            subject=subject,
+            text=text,
+            html=parts.get("html"),
+        )
+
+    def _tidy(self, part: str, out: str, name: str, template: str, channel: Channel) -> str:
+        if part.startswith("subject"):
+            out = " ".join(out.split())
+        elif part == "html":
+            out = out.strip() + "\n"
+            hole = _BLANK_ELEMENT.search(out)
+            if hole is not None:
+                raise TemplateError(
+                    f"template {name!r} rendered an empty <{hole.group(1)}> element",
+                    template=template,
+                    channel=channel.value,
+                )
+        else:
+            lines = "\n".join(line.rstrip() for line in out.strip().splitlines())
+            out = _MANY_BLANK_LINES.sub("\n\n", lines) + "\n"
+            if channel is Channel.SMS:
+                out = out.strip()
+        if not out.strip():
+            raise TemplateError(
+                f"template {name!r} rendered nothing", template=template, channel=channel.value
+            )
+        return out
+
+    def _check_one(self, name: str, channel: Channel) -> list[str]:
+        spec = self._specs[(name, channel)]
+        label = f"{name} ({channel.value})"
+        problems: list[str] = []
+        if not self._has_all_parts(DEFAULT_LOCALE, name, channel):
+            problems.append(f"{label}: default locale {DEFAULT_LOCALE!r} lacks a part")
+        allowed = spec.required | spec.optional | _PROVIDED
+        for locale in self._locales:
+            files = self._names(locale, name, channel)
+            present = [f for f in files if (self._dir / f).is_file()]
+            if not present:
+                continue  # not translated: falls back
+            if len(present) != len(files):
+                missing = sorted(set(files) - set(present))
+                problems.append(f"{label}: locale {locale!r} lacks {', '.join(missing)}")
+                continue
+            try:
+                used = set().union(*(self._variables(f) for f in files))
+            except (TemplateSyntaxError, TemplateNotFound) as exc:
+                problems.append(f"{label}: locale {locale!r} does not parse: {exc}")
+                continue
+            unknown = sorted(used - allowed)
+            if unknown:
+                problems.append(
+                    f"{label}: locale {locale!r} uses undeclared field(s) {', '.join(unknown)}"
+                )
+                continue
+            resolved = _ResolvedLocale(locale, locale.replace("-", "_"))
+            for sample in (_sample(spec.required | spec.optional), _sample(spec.required)):
+                try:
+                    values = self._values(name, channel, spec, sample)
+                    self._render(name, channel, spec, resolved, values)
+                except TemplateError as exc:
+                    problems.append(f"{label}: locale {locale!r}: {exc.reason}")
+                    break
+        return problems
+
+    def _variables(self, name: str, seen: set[str] | None = None) -> set[str]:
+        """Undeclared variables of ``name`` and of every template it extends or includes."""
+        seen = set() if seen is None else seen
+        if name in seen:
+            return set()
+        seen.add(name)
+        loader = self._env.loader
+        assert loader is not None
+        source, _, _ = loader.get_source(self._env, name)
+        ast = self._env.parse(source)
+        found = set(meta.find_undeclared_variables(ast))
+        for ref in meta.find_referenced_templates(ast):
+            if ref is not None:
+                found |= self._variables(ref, seen)
+        return found
+
+
+def _load_offers(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise TemplateError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(table, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in table.items()
+    ):
+        raise TemplateError(f"{path} must map offer codes to non-blank phrases")
+    return table
+
+
+def _sample(fields: Iterable[str]) -> dict[str, object]:
+    sample: Mapping[str, object] = SAMPLE_CONTEXT
+    return {f: sample[f] for f in fields}
+
+
+def _parse_locale(requested: str | None) -> Locale | None:
+    if not requested or not requested.strip():
+        return None
+    try:
+        return Locale.parse(requested.strip().replace("-", "_"))
+    except (UnknownLocaleError, ValueError, TypeError):
+        return None
