@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.ingest import api
+from services.ingest.erasure import ErasureHandler
 from services.ingest.handler import IngestHandler
 from shared.bootstrap import Core, build_core
 from shared.clock import Clock
@@ -56,8 +57,20 @@ def bootstrap(
         max_event_bytes=settings.ingest.max_event_bytes,
         linger_ms=settings.kafka.batch_linger_ms,
     )
-    core.runtime.consumers.append(consumer)
-    core.runtime.topics = [*topics.inbound, topics.domain, topics.dead_letter]
+    erasure = ConsumerRunner(
+        core.transport.subscription(f"{group}-erasure", [topics.erasure]),
+        Pipeline(
+            core.engine,
+            f"{group}-erasure",
+            ErasureHandler(),
+            core.clock,
+            topics.dead_letter,
+            SOURCE,
+        ),
+        poll_timeout_ms=settings.kafka.poll_timeout_ms,
+    )
+    core.runtime.consumers += [consumer, erasure]
+    core.runtime.topics = [*topics.inbound, topics.domain, topics.erasure, topics.dead_letter]
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

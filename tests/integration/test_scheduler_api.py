@@ -166,3 +166,44 @@ def test_a_playbook_with_an_error_stops_start_up_naming_file_line_and_field(
     message = str(info.value)
     assert "broken.yaml:7" in message
     assert "steps[0].offset" in message
+
+
+async def test_ingest_forgets_contact_points_and_comments_of_an_erased_customer(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    from sqlalchemy import select
+
+    from shared.db.tables import churn_episodes, customers
+    from tests.support.services import eventually
+
+    cid = not_in_holdout("cus_g", "price_discount")
+    async with system(settings, engine) as s:
+        await s.send(cancellation(cid, T0, comment="call me on +358401234567"))
+        await s.case(cid)
+        async with (
+            serve(s.scheduler.app, lifespan="off") as url,
+            httpx.AsyncClient(base_url=url, headers=AUTH) as http,
+        ):
+            assert (await http.delete(f"/v1/customers/{cid}")).status_code == 202
+
+        async def row() -> Any:
+            async with engine.connect() as conn:
+                return (
+                    await conn.execute(
+                        select(
+                            customers.c.email,
+                            customers.c.phone,
+                            customers.c.status,
+                            churn_episodes.c.comment,
+                            churn_episodes.c.reason,
+                        )
+                        .join(churn_episodes, churn_episodes.c.customer_id == customers.c.id)
+                        .where(customers.c.id == cid)
+                    )
+                ).one()
+
+        erased = await eventually(row, lambda r: r.email is None)
+    assert erased.email is None
+    assert erased.comment is None
+    assert erased.status == "churned"  # anonymised facts stay
+    assert erased.reason == "price"

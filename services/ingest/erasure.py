@@ -1,0 +1,43 @@
+"""GDPR erasure on ingest's side: when the scheduler publishes ``customer.erased``, contact
+points, names and free-text comments go; anonymised rows (status, episodes, reasons) stay."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from shared import domain_events as de
+from shared.cloudevents import CloudEvent
+from shared.db.tables import churn_episodes, customers
+from shared.errors import InvalidEvent
+from shared.messaging.pipeline import Incoming, Tx
+
+
+async def erase(conn: AsyncConnection, ids: Sequence[str]) -> None:
+    if not ids:
+        return
+    await conn.execute(
+        update(customers)
+        .where(customers.c.id.in_(list(ids)))
+        .values(email=None, phone=None, name=None)
+    )
+    await conn.execute(
+        update(churn_episodes)
+        .where(churn_episodes.c.customer_id.in_(list(ids)))
+        .values(comment=None)
+    )
+
+
+class ErasureHandler:
+    def decode(self, event: CloudEvent) -> str | None:
+        if event.type != de.CUSTOMER_ERASED:
+            return None
+        if not isinstance(event.data, dict) or not event.data.get("customer_id"):
+            raise InvalidEvent("invalid_payload", "customer_id is required", "data.customer_id")
+        return str(event.data["customer_id"])
+
+    async def handle(self, tx: Tx, items: Sequence[Incoming[Any]]) -> None:
+        await erase(tx.conn, [i.payload for i in items if i.payload is not None])
