@@ -1,13 +1,16 @@
 """Ingest benchmark on the real broker and the real database.
 
-1. Produce N cancellation events (structured CloudEvents, distinct customers) to a topic.
+1. Produce N cancellation events (structured CloudEvents, distinct customers; each event's
+   ``time`` is its produce time) to a topic with P partitions.
 2. Reference: a bare aiokafka consumer reads the whole topic (no decoding, no database).
-3. Drain: the ingest service (decode, inbox, customers, episodes, outbox, offset commit, and
-   the outbox relay publishing the domain events) consumes the same backlog; events/s.
-4. Latency: with ingest running and idle, produce at a steady rate and measure, per event,
-   the time from the producer's record timestamp to the commit of its transaction; p50/p99.
+3. Drain: W ``winback ingest`` processes (one consumer group; the outbox relay off) and one
+   ``winback relay`` process (publishing the domain events) consume the backlog. The rate is
+   N over the span between the first and the last committed episode (so process start-up and
+   the group join are not counted).
+4. Latency: with the workers idle, produce at a steady rate for S seconds; the time from
+   produce (event time) to the insert inside the committing transaction, per event: p50/p99.
 
-Run: .venv/bin/python -m bench.ingest_bench [--events 100000] [--rate 2000 --seconds 10]
+Run: .venv/bin/python -m bench.ingest_bench [--events 100000 --workers 2 --rate 2000]
 Starts its own PostgreSQL (pgserver) and Kafka unless DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS.
 """
 
@@ -16,27 +19,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from sqlalchemy import func, select, text
+from aiokafka.structs import TopicPartition
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.ingest.bootstrap import bootstrap
 from shared.db import migrate
 from shared.db.engine import make_engine, normalise_url
-from shared.db.tables import churn_episodes
-from shared.messaging.consumer import ConsumerRunner
 from shared.messaging.kafka import KafkaTransport
-from shared.messaging.transport import Record
-from shared.settings import load_settings
 
 HEADERS = [("content-type", b"application/cloudevents+json")]
 
@@ -66,19 +66,16 @@ def event(i: int, run: str) -> bytes:
 
 
 async def produce(
-    bootstrap_servers: str, topic: str, start: int, n: int, run: str, rate: float | None = None
-) -> None:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap_servers, linger_ms=5, max_batch_size=512 * 1024
-    )
+    servers: str, topic: str, start: int, n: int, run: str, rate: float | None = None
+) -> float:
+    producer = AIOKafkaProducer(bootstrap_servers=servers, linger_ms=5, max_batch_size=512 * 1024)
     await producer.start()
+    t0 = time.perf_counter()
     try:
         futures = []
-        t0 = time.perf_counter()
         for i in range(start, start + n):
             if rate is not None:
-                due = t0 + (i - start) / rate
-                delay = due - time.perf_counter()
+                delay = t0 + (i - start) / rate - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
             futures.append(
@@ -87,51 +84,165 @@ async def produce(
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
+    return n / (time.perf_counter() - t0)
 
 
-async def bare_read(bootstrap_servers: str, topic: str, n: int) -> float:
+async def bare_read(servers: str, topic: str, partitions: int, n: int) -> float:
+    """The reference: read every record once with a bare consumer (no group, no work)."""
     consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap_servers,
-        group_id=f"bare-{uuid.uuid4().hex[:6]}",
-        auto_offset_reset="earliest",
+        bootstrap_servers=servers,
         enable_auto_commit=False,
         fetch_max_bytes=16 * 1024 * 1024,
         max_partition_fetch_bytes=2 * 1024 * 1024,
     )
     await consumer.start()
-    seen = 0
-    started: float | None = None
     try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        seen = 0
+        t0 = time.perf_counter()
         while seen < n:
-            batches = await consumer.getmany(timeout_ms=500, max_records=500)
-            if started is None and batches:
-                started = time.perf_counter()
+            batches = await consumer.getmany(timeout_ms=1000, max_records=1000)
             seen += sum(len(v) for v in batches.values())
-        elapsed = time.perf_counter() - (started or time.perf_counter())
+        return n / (time.perf_counter() - t0)
     finally:
         await consumer.stop()
-    return n / elapsed
 
 
-class TimedRunner(ConsumerRunner):
-    """Records produce→commit latency for each record after its transaction committed."""
+async def count(engine: AsyncEngine, run: str) -> int:
+    async with engine.connect() as conn:
+        return int(
+            await conn.scalar(
+                text("SELECT count(*) FROM churn_episodes WHERE source_event_id LIKE :p"),
+                {"p": f"{run}-%"},
+            )
+            or 0
+        )
 
-    latencies: list[float]
-    busy: float
-    batches: int
 
-    async def process(self, records: list[Record]) -> None:
-        t = time.perf_counter()
-        await super().process(records)
-        self.busy += time.perf_counter() - t
-        self.batches += 1
-        now_ms = time.time() * 1000
-        self.latencies.extend(now_ms - (r.timestamp_ms or now_ms) for r in records)
+async def wait_for(
+    engine: AsyncEngine, run: str, n: int, procs: list[subprocess.Popen[bytes]], timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while await count(engine, run) < n:
+        for p in procs:
+            if p.poll() is not None:
+                raise SystemExit(f"a worker exited with {p.returncode}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"not drained in {timeout} s")
+        await asyncio.sleep(0.2)
+
+
+def spawn(command: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    winback = str(Path(sys.executable).with_name("winback"))
+    with log.open("ab") as out:
+        return subprocess.Popen([winback, command], env=env, stdout=out, stderr=out)
+
+
+async def run(args: argparse.Namespace, db_url: str, servers: str, logs: Path) -> None:
+    await migrate.upgrade_async(db_url)
+    runid = uuid.uuid4().hex[:6]
+    topic, domain = f"bench-in-{runid}", f"bench-domain-{runid}"
+    transport = KafkaTransport(servers)
+    await transport.ensure_topics(
+        [topic, domain, f"bench-dlq-{runid}", f"bench-erasure-{runid}"], args.partitions
+    )
+    n = args.events
+    produce_rate = await produce(servers, topic, 0, n, runid)
+    raw_rate = await bare_read(servers, topic, args.partitions, n)
+
+    env = {
+        **os.environ,
+        "WINBACK_DATABASE__URL": db_url,
+        "WINBACK_DATABASE__POOL_SIZE": "4",
+        "WINBACK_KAFKA__BOOTSTRAP_SERVERS": servers,
+        "WINBACK_KAFKA__MAX_BATCH": str(args.batch),
+        "WINBACK_TOPICS__INBOUND": topic,
+        "WINBACK_TOPICS__DOMAIN": domain,
+        "WINBACK_TOPICS__DEAD_LETTER": f"bench-dlq-{runid}",
+        "WINBACK_TOPICS__ERASURE": f"bench-erasure-{runid}",
+        "WINBACK_TOPICS__PARTITIONS": str(args.partitions),
+        "WINBACK_HTTP__INGEST_PORT": "0",
+        "WINBACK_HTTP__RELAY_PORT": "0",
+        "WINBACK_LOG_LEVEL": "WARNING",
+    }
+    engine = make_engine(db_url, pool_size=2)
+    procs = [
+        spawn("ingest", {**env, "WINBACK_OUTBOX__RELAY_ENABLED": "false"}, logs / f"ingest-{i}.log")
+        for i in range(args.workers)
+    ]
+    procs.append(spawn("relay", env, logs / "relay.log"))
+    try:
+        await wait_for(engine, runid, n, procs, timeout=900)
+        async with engine.connect() as conn:
+            span = (
+                await conn.execute(
+                    text(
+                        "SELECT extract(epoch FROM max(recorded_at) - min(recorded_at)) AS s "
+                        "FROM churn_episodes WHERE source_event_id LIKE :p"
+                    ),
+                    {"p": f"{runid}-%"},
+                )
+            ).one()
+        drain_rate = n / float(span.s)
+
+        steady = int(args.rate * args.seconds)
+        await produce(servers, topic, n, steady, runid, rate=args.rate)
+        await wait_for(engine, runid, n + steady, procs, timeout=300)
+        async with engine.connect() as conn:
+            lat = (
+                await conn.execute(
+                    text(
+                        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50, "
+                        "percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99, max(ms) AS max "
+                        "FROM (SELECT extract(epoch FROM recorded_at - occurred_at) * 1000 AS ms "
+                        "FROM churn_episodes WHERE source_event_id LIKE :p "
+                        "AND split_part(source_event_id, '-', 2)::int >= :n) AS t"
+                    ),
+                    {"p": f"{runid}-%", "n": n},
+                )
+            ).one()
+            await asyncio.sleep(2)
+            backlog = await conn.scalar(
+                text("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            )
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        await engine.dispose()
+
+    print(
+        f"events                      {n:,} on {args.partitions} partitions, max batch {args.batch}"
+    )
+    print(f"produce rate                {produce_rate:,.0f} events/s")
+    print(f"bare aiokafka read (ref)    {raw_rate:,.0f} events/s")
+    print(
+        f"ingest drain                {drain_rate:,.0f} events/s with {args.workers} "
+        f"consumer process(es) + 1 relay process ({drain_rate / raw_rate:.1%} of the bare "
+        f"read rate)"
+    )
+    print(f"steady load                 {args.rate:,.0f} events/s for {args.seconds:g} s")
+    print(
+        f"produce→commit latency      p50 {lat.p50:.0f} ms, p99 {lat.p99:.0f} ms, "
+        f"max {lat.max:.0f} ms"
+    )
+    print(f"outbox rows unpublished 2 s after the steady load: {backlog}")
+
+
+def print_logs(logs: Path) -> None:
+    for log in sorted(logs.iterdir()):
+        print(f"--- {log.name}\n{log.read_text()[-3000:]}")
 
 
 async def main(args: argparse.Namespace) -> None:
     with ExitStack() as stack:
+        logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-logs-")))
         db_url = os.environ.get("DATABASE_URL")
         if not db_url:
             from shared.local.postgres import start_embedded
@@ -139,7 +250,6 @@ async def main(args: argparse.Namespace) -> None:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-pg-"))
             db_url, server = start_embedded(Path(tmp), cleanup="delete")
             stack.callback(server.cleanup)
-        db_url = normalise_url(db_url)
         servers = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
         if not servers:
             from shared.local.kafka_broker import LocalKafka
@@ -148,122 +258,22 @@ async def main(args: argparse.Namespace) -> None:
             broker = LocalKafka(Path(tmp), heap="1g").start()
             stack.callback(broker.stop)
             servers = broker.bootstrap_servers
-        await run(args, db_url, servers)
+        try:
+            await run(args, normalise_url(db_url), servers, logs)
+        except SystemExit:
+            print_logs(logs)
+            raise
 
 
-async def run(args: argparse.Namespace, db_url: str, servers: str) -> None:
-    await migrate.upgrade_async(db_url)
-    runid = uuid.uuid4().hex[:6]
-    settings = load_settings(
-        database={"url": db_url},
-        kafka={"bootstrap_servers": servers, "max_batch": args.batch},
-        topics={
-            "inbound": [f"bench-in-{runid}"],
-            "domain": f"bench-domain-{runid}",
-            "dead_letter": f"bench-dlq-{runid}",
-            "partitions": args.partitions,
-        },
-    )
-    topic = settings.topics.inbound[0]
-    transport = KafkaTransport(servers)
-    await transport.ensure_topics(
-        [topic, settings.topics.domain, settings.topics.dead_letter], args.partitions
-    )
-    n = args.events
-    t0 = time.perf_counter()
-    await produce(servers, topic, 0, n, runid)
-    produce_rate = n / (time.perf_counter() - t0)
-
-    raw_rate = await bare_read(servers, topic, n)
-
-    engine = make_engine(db_url, pool_size=5)
-    service = bootstrap(settings, engine=engine)
-    runner = TimedRunner(
-        service.consumer.subscription,
-        service.pipeline,
-        max_batch=args.batch,
-        poll_timeout_ms=100,
-        linger_ms=settings.kafka.batch_linger_ms,
-    )
-    runner.latencies = []
-    runner.busy = 0.0
-    runner.batches = 0
-    service.core.runtime.consumers[:] = [runner]
-
-    async def count() -> int:
-        async with engine.connect() as conn:
-            return int(await conn.scalar(select(func.count()).select_from(churn_episodes)) or 0)
-
-    if args.no_relay:
-
-        async def idle() -> None:
-            return None
-
-        service.core.runtime.relay.run = idle  # type: ignore[method-assign]
-    if args.profile:
-        import cProfile
-
-        prof = cProfile.Profile()
-        prof.enable()
-    await service.core.runtime.start()
-    started = time.perf_counter()
-    while await count() < n:  # noqa: ASYNC110 - polling the database is the measurement
-        await asyncio.sleep(0.05)
-    drain_seconds = time.perf_counter() - started
-    drain_rate = n / drain_seconds
-    print(f"drain: {runner.batches} batches, {runner.busy:.1f} s inside process()")
-    if args.profile:
-        import pstats
-
-        prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
-
-    runner.latencies.clear()
-    steady = int(args.rate * args.seconds)
-    await produce(servers, topic, n, steady, runid, rate=args.rate)
-    while await count() < n + steady:  # noqa: ASYNC110
-        await asyncio.sleep(0.05)
-    lat = sorted(runner.latencies)
-    await service.core.runtime.stop()
-    async with engine.connect() as conn:
-        backlog = await conn.scalar(text("SELECT count(*) FROM outbox WHERE published_at IS NULL"))
-    await engine.dispose()
-
-    def pct(p: float) -> float:
-        return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
-
-    print(f"events                      {n}")
-    print(f"partitions / max batch      {args.partitions} / {args.batch}")
-    print(f"produce rate                {produce_rate:,.0f} events/s")
-    print(f"bare aiokafka read (ref)    {raw_rate:,.0f} events/s")
-    print(
-        f"ingest drain                {drain_rate:,.0f} events/s "
-        f"({drain_seconds:.1f} s; {drain_rate / raw_rate:.1%} of the bare read rate)"
-    )
-    print(f"steady load                 {args.rate:,.0f} events/s for {args.seconds} s")
-    print(
-        f"produce→commit latency      p50 {pct(0.5):.0f} ms, p99 {pct(0.99):.0f} ms, "
-        f"max {lat[-1] if lat else float('nan'):.0f} ms (n={len(lat)})"
-    )
-    print(f"outbox rows left unpublished at stop: {backlog}")
-    if lat:
-        print(f"mean latency                {statistics.fmean(lat):.0f} ms")
-
-
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
+def cli(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--events", type=int, default=100_000)
     p.add_argument("--partitions", type=int, default=6)
     p.add_argument("--batch", type=int, default=1000)
-    p.add_argument("--rate", type=float, default=2000)
-    p.add_argument("--seconds", type=float, default=10)
-    p.add_argument("--profile", action="store_true", help="cProfile the drain phase")
-    p.add_argument("--no-relay", action="store_true", help="leave the outbox unpublished")
-    return p.parse_args(argv)
-
-
-def cli(argv: list[str] | None = None) -> Any:
-    return asyncio.run(main(parse(argv)))
+    p.add_argument("--workers", type=int, default=2, help="ingest consumer processes")
+    p.add_argument("--rate", type=float, default=2000, help="steady-load events/s")
+    p.add_argument("--seconds", type=float, default=10, help="steady-load duration")
+    asyncio.run(main(p.parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -43,33 +43,61 @@ async def fill(engine: AsyncEngine, steps: int, due: int, per_case: int = 5) -> 
     """Cases, customers and steps made by the database itself (generate_series)."""
     n_cases = steps // per_case
     async with engine.begin() as conn:
-        await conn.execute(text("TRUNCATE case_steps, win_backs, cases, scheduler_customers, "
-                                "outbox RESTART IDENTITY CASCADE"))
-        await conn.execute(text(
-            "INSERT INTO scheduler_customers (id, email, timezone, locale, engagement, consent) "
-            "SELECT 'c' || i, 'c' || i || '@example.com', 'UTC', 'en', 'high', "
-            "'{\"email\": true}'::jsonb FROM generate_series(1, :n) AS i"), {"n": n_cases})
-        await conn.execute(text(
-            "INSERT INTO cases (id, customer_id, episode_id, status, playbook, playbook_version,"
-            " segment, episode, churned_at, opened_at, expires_at) "
-            "SELECT 'case' || i, 'c' || i, 'ep' || i, 'open', 'budget', 1, "
-            "CAST(:segment AS jsonb), jsonb_build_object('id', 'ep' || i, 'kind', "
-            "'subscription_cancelled', 'reason', 'budget', 'occurred_at', CAST(:churn AS text)), "
-            ":churned, :churned, :expires FROM generate_series(1, :n) AS i"),
-            {"n": n_cases, "segment": SEGMENT, "churn": (NOW - timedelta(days=30)).isoformat(),
-             "churned": NOW - timedelta(days=30), "expires": NOW + timedelta(days=300)})
+        await conn.execute(
+            text(
+                "TRUNCATE case_steps, win_backs, cases, scheduler_customers, "
+                "outbox RESTART IDENTITY CASCADE"
+            )
+        )
+        await conn.execute(
+            text(
+                "INSERT INTO scheduler_customers "
+                "(id, email, timezone, locale, engagement, consent) "
+                "SELECT 'c' || i, 'c' || i || '@example.com', 'UTC', 'en', 'high', "
+                "'{\"email\": true}'::jsonb FROM generate_series(1, :n) AS i"
+            ),
+            {"n": n_cases},
+        )
+        await conn.execute(
+            text(
+                "INSERT INTO cases (id, customer_id, episode_id, status, playbook, "
+                "playbook_version, segment, episode, churned_at, opened_at, expires_at) "
+                "SELECT 'case' || i, 'c' || i, 'ep' || i, 'open', 'budget', 1, "
+                "CAST(:segment AS jsonb), jsonb_build_object('id', 'ep' || i, 'kind', "
+                "'subscription_cancelled', 'reason', 'budget', 'occurred_at', "
+                "CAST(:churn AS text)), "
+                ":churned, :churned, :expires FROM generate_series(1, :n) AS i"
+            ),
+            {
+                "n": n_cases,
+                "segment": SEGMENT,
+                "churn": (NOW - timedelta(days=30)).isoformat(),
+                "churned": NOW - timedelta(days=30),
+                "expires": NOW + timedelta(days=300),
+            },
+        )
         # step k of case i: the first step of the first `due` cases is due now, every other
         # step is spread over the coming months
-        await conn.execute(text(
-            "INSERT INTO case_steps (case_id, customer_id, step_key, channel, template, "
-            "variant, \"window\", on_cap, state, due_at, original_due_at, expires_at) "
-            "SELECT 'case' || i, 'c' || i, 's' || k, 'email', 'check_in', 'default', "
-            "'email_series', 'defer', 'pending', "
-            "CASE WHEN k = 1 AND i <= :due THEN CAST(:now AS timestamptz) - interval '1 minute' "
-            "ELSE CAST(:now AS timestamptz) + (k * interval '20 days') + (i % 1000) * interval '1 minute' END, "
-            ":now, :expires FROM generate_series(1, :n) AS i, generate_series(1, :per) AS k"),
-            {"n": n_cases, "per": per_case, "due": due, "now": NOW,
-             "expires": NOW + timedelta(days=300)})
+        await conn.execute(
+            text(
+                "INSERT INTO case_steps (case_id, customer_id, step_key, channel, template, "
+                'variant, "window", on_cap, state, due_at, original_due_at, expires_at) '
+                "SELECT 'case' || i, 'c' || i, 's' || k, 'email', 'check_in', 'default', "
+                "'email_series', 'defer', 'pending', "
+                "CASE WHEN k = 1 AND i <= :due "
+                "THEN CAST(:now AS timestamptz) - interval '1 minute' "
+                "ELSE CAST(:now AS timestamptz) + (k * interval '20 days') "
+                "+ (i % 1000) * interval '1 minute' END, "
+                ":now, :expires FROM generate_series(1, :n) AS i, generate_series(1, :per) AS k"
+            ),
+            {
+                "n": n_cases,
+                "per": per_case,
+                "due": due,
+                "now": NOW,
+                "expires": NOW + timedelta(days=300),
+            },
+        )
     # as in a live system, where rows arrive over time and autovacuum keeps up: settle the
     # freshly bulk-loaded pages (visibility map, hint bits, statistics) before measuring
     async with engine.connect() as conn:
@@ -77,11 +105,16 @@ async def fill(engine: AsyncEngine, steps: int, due: int, per_case: int = 5) -> 
         await conn.execute(text("VACUUM (ANALYZE) case_steps, cases, scheduler_customers"))
 
 
-async def fire_all(engine: AsyncEngine, batch: int, limit: int | None = None
-                   ) -> tuple[int, float]:
+async def fire_all(engine: AsyncEngine, batch: int, limit: int | None = None) -> tuple[int, float]:
     settings = SchedulerSettings()
-    firer = StepFirer(engine, FrozenClock(NOW), policy(settings), "bench.dispatch",
-                      "/bench/scheduler", batch_size=batch)
+    firer = StepFirer(
+        engine,
+        FrozenClock(NOW),
+        policy(settings),
+        "bench.dispatch",
+        "/bench/scheduler",
+        batch_size=batch,
+    )
     fired = 0
     started = time.perf_counter()
     while limit is None or fired < limit:
@@ -141,20 +174,32 @@ async def run(args: argparse.Namespace, url: str) -> None:
     total_s = big_sample_s + rest_s
     async with engine.connect() as conn:
         outbox_rows = await conn.scalar(text("SELECT count(*) FROM outbox"))
-        doubled = await conn.scalar(text(
-            "SELECT count(*) FROM (SELECT value FROM outbox GROUP BY value HAVING count(*) > 1) d"))
+        doubled = await conn.scalar(
+            text(
+                "SELECT count(*) FROM (SELECT value FROM outbox GROUP BY value "
+                "HAVING count(*) > 1) d"
+            )
+        )
     await engine.dispose()
 
     small_rate = small_fired / small_s
     big_rate = big_fired_sample / big_sample_s
-    print(f"table sizes                 10,000 rows vs {args.steps:,} rows "
-          f"(filled in {fill_s:.0f} s), batch {args.batch}")
-    print(f"claim query alone           {small_claim:,.0f} rows/s (10k table) vs "
-          f"{big_claim:,.0f} rows/s ({args.steps:,} table): ratio {big_claim / small_claim:.2f}")
-    print(f"claim-and-emit, first {sample:,}  {small_rate:,.0f} steps/s (10k table) vs "
-          f"{big_rate:,.0f} steps/s ({args.steps:,} table): ratio {big_rate / small_rate:.2f}")
-    print(f"claim-and-emit, all due     {total_fired:,} steps in {total_s:.1f} s = "
-          f"{total_fired / total_s:,.0f} steps/s")
+    print(
+        f"table sizes                 10,000 rows vs {args.steps:,} rows "
+        f"(filled in {fill_s:.0f} s), batch {args.batch}"
+    )
+    print(
+        f"claim query alone           {small_claim:,.0f} rows/s (10k table) vs "
+        f"{big_claim:,.0f} rows/s ({args.steps:,} table): ratio {big_claim / small_claim:.2f}"
+    )
+    print(
+        f"claim-and-emit, first {sample:,}  {small_rate:,.0f} steps/s (10k table) vs "
+        f"{big_rate:,.0f} steps/s ({args.steps:,} table): ratio {big_rate / small_rate:.2f}"
+    )
+    print(
+        f"claim-and-emit, all due     {total_fired:,} steps in {total_s:.1f} s = "
+        f"{total_fired / total_s:,.0f} steps/s"
+    )
     print(f"dispatch commands in outbox {outbox_rows:,} (duplicates: {doubled})")
 
 
@@ -186,8 +231,12 @@ def cli(argv: list[str] | None = None) -> None:
     p.add_argument("--due", type=int, default=100_000)
     p.add_argument("--batch", type=int, default=500)
     p.add_argument("--explain", action="store_true", help="print the claim query's plan")
-    p.add_argument("--sample", type=int, default=5_000,
-                   help="due steps fired to compare the small and the big table")
+    p.add_argument(
+        "--sample",
+        type=int,
+        default=5_000,
+        help="due steps fired to compare the small and the big table",
+    )
     asyncio.run(main(p.parse_args(argv)))
 
 

@@ -26,6 +26,10 @@ def _app_for(name: str, settings: Settings) -> Any:
         from services.ingest.bootstrap import bootstrap
 
         return bootstrap(settings).app
+    if name == "relay":
+        from services.relay import bootstrap as relay
+
+        return relay(settings)[1]
     if name == "scheduler":
         from services.scheduler.bootstrap import bootstrap as scheduler
 
@@ -147,8 +151,13 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("migrate", help="apply the database migrations (or --down REV)")
     m.add_argument("--down", help="downgrade to this revision (e.g. base)")
-    for name in SERVICES:
-        s = sub.add_parser(name, help=f"run the {name} service")
+    for name in (*SERVICES, "relay"):
+        s = sub.add_parser(
+            name,
+            help=f"run the {name} service"
+            if name != "relay"
+            else "run only the outbox relay (scale it apart from the consumers)",
+        )
         s.add_argument("--migrate", action="store_true", help="apply migrations first")
     sub.add_parser("run", help="run everything, with a local database and broker if unset")
     pub = sub.add_parser("publish-test-event", help="publish one CloudEvent to Kafka")

@@ -69,5 +69,6 @@ def build_core(
         relay=relay,
         partitions=settings.topics.partitions,
         replication=settings.topics.replication,
+        relay_enabled=settings.outbox.relay_enabled,
     )
     return Core(settings, engine, transport, clock, runtime)

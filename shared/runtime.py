@@ -35,6 +35,7 @@ class Runtime:
     partitions: int = 6
     replication: int = 1
     gauge_seconds: float = 5.0
+    relay_enabled: bool = True
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -48,8 +49,10 @@ class Runtime:
     async def start(self) -> None:
         if self.topics:
             await self.transport.ensure_topics(self.topics, self.partitions, self.replication)
-        await self.publisher.start()
-        parts: list[Part] = [("outbox-relay", self.relay.run, self.relay.stop)]
+        parts: list[Part] = []
+        if self.relay_enabled:
+            await self.publisher.start()
+            parts.append(("outbox-relay", self.relay.run, self.relay.stop))
         parts += [(f"consumer:{c.name}", c.run, c.stop) for c in self.consumers]
         parts += self.extra_parts
         parts.append(("gauges", self._gauges, lambda: None))

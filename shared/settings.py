@@ -122,6 +122,7 @@ class HttpSettings(BaseModel):
     ingest_port: int = Field(default=8081, ge=0, le=65535)
     scheduler_port: int = Field(default=8082, ge=0, le=65535)
     dispatcher_port: int = Field(default=8083, ge=0, le=65535)
+    relay_port: int = Field(default=8084, ge=0, le=65535)
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=lambda: [SecretStr(DEV_SECRET)]
     )
@@ -135,9 +136,279 @@ class HttpSettings(BaseModel):
 
 
 class OutboxSettings(BaseModel):
+    relay_enabled: bool = Field(
+        default=True, description="run the outbox relay in this process (or `winback relay`)"
+    )
     batch_size: int = Field(default=1000, ge=1, le=50_000)
     idle_poll_seconds: float = Field(default=0.05, gt=0, le=60)
     keep_published_hours: float = Field(default=24, ge=0)
+
+
+# --- dispatcher ------------------------------------------------------------------------------
+DEV_UNSUBSCRIBE_KEY = "dev-only-unsubscribe-key-not-a-secret"
+DEV_POSTAL_ADDRESS = "Example Street 1, 00100 Helsinki, Finland"
+ProviderKind = Literal["file", "sendgrid", "postmark", "twilio", "hubspot", "webhook"]
+CHANNEL_KINDS: dict[str, tuple[str, ...]] = {
+    "email": ("file", "sendgrid", "postmark"),
+    "sms": ("file", "twilio"),
+    "crm": ("file", "hubspot"),
+    "webhook": ("file", "webhook"),
+}
+"""The dispatcher's channels and the provider kinds that can serve each."""
+
+
+class ProviderSettings(BaseModel):
+    """One provider of a channel. ``kind`` picks the adapter; ``file`` (the embedded default)
+    writes each message into ``directory`` instead of calling an API."""
+
+    model_config = {"extra": "forbid"}
+
+    kind: ProviderKind = "file"
+    name: str = Field(default="", description="name in metrics and outcomes; empty = the kind")
+    base_url: str = Field(default="", description="API base URL (webhook: the receiver URL)")
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="SendGrid API key, Postmark server token, HubSpot private-app token, "
+        "Twilio auth token or the webhook signing secret",
+    )
+    account_sid: str | None = Field(default=None, description="Twilio account SID")
+    from_address: str | None = Field(default=None, description="email From / SMS From number")
+    from_name: str | None = None
+    messaging_service_sid: str | None = Field(default=None, description="Twilio, instead of From")
+    message_stream: str = Field(default="broadcast", description="Postmark message stream")
+    status_callbacks: bool = Field(default=True, description="Twilio: ask for status callbacks")
+    idempotency_property: str | None = Field(
+        default=None, description="HubSpot: a unique-valued task property that gets our key"
+    )
+    directory: Path = Field(default=Path(".winback/messages"), description="file provider folder")
+    rate_per_second: float | None = Field(default=None, gt=0, description="rate limit")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+    @model_validator(mode="after")
+    def _credentials(self) -> ProviderSettings:
+        key = self.api_key.get_secret_value() if self.api_key is not None else ""
+        needs_key = {
+            "sendgrid": "API_KEY (the SendGrid API key)",
+            "postmark": "API_KEY (the Postmark server token)",
+            "hubspot": "API_KEY (the HubSpot private-app token)",
+            "twilio": "API_KEY (the Twilio auth token)",
+            "webhook": "API_KEY (the signing secret, 16+ characters)",
+        }
+        if self.kind in needs_key and not key:
+            raise ValueError(f"a {self.kind} provider needs {needs_key[self.kind]}")
+        if self.kind == "webhook":
+            if len(key.encode()) < 16:
+                raise ValueError("the webhook signing secret (API_KEY) needs 16+ characters")
+            if not self.base_url:
+                raise ValueError("a webhook provider needs BASE_URL, the receiver's URL")
+        if self.kind in ("sendgrid", "postmark") and not self.from_address:
+            raise ValueError(f"a {self.kind} provider needs FROM_ADDRESS (the sender email)")
+        if self.kind == "twilio":
+            if not self.account_sid:
+                raise ValueError("a twilio provider needs ACCOUNT_SID")
+            if (self.from_address is None) == (self.messaging_service_sid is None):
+                raise ValueError(
+                    "a twilio provider needs exactly one of FROM_ADDRESS (a number) and "
+                    "MESSAGING_SERVICE_SID"
+                )
+        if self.base_url and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"BASE_URL {self.base_url!r} is not an http(s) URL")
+        return self
+
+
+class ChannelSettings(BaseModel):
+    """A channel's providers in order: the primary, then an optional secondary (failover)."""
+
+    model_config = {"extra": "forbid"}
+
+    primary: ProviderSettings = Field(default_factory=ProviderSettings)
+    secondary: ProviderSettings | None = None
+
+    @property
+    def providers(self) -> list[ProviderSettings]:
+        return [self.primary] + ([self.secondary] if self.secondary is not None else [])
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ChannelSettings:
+        if self.secondary is not None and self.secondary.label == self.primary.label:
+            raise ValueError(
+                f"primary and secondary are both named {self.primary.label!r}: set NAME on one"
+            )
+        return self
+
+
+class DispatcherHttpSettings(BaseModel):
+    """Outgoing HTTP to providers: several pooled clients share the in-flight sends."""
+
+    model_config = {"extra": "forbid"}
+
+    clients: int = Field(default=4, ge=1, le=64, description="httpx clients, used round robin")
+    max_connections: int = Field(default=128, ge=1, le=10_000, description="per client")
+    connect_timeout: float = Field(default=5.0, gt=0, le=120)
+    read_timeout: float = Field(default=15.0, gt=0, le=300)
+
+
+class DispatcherRetrySettings(BaseModel):
+    """Transient failures: retried per provider within a round (exponential backoff with full
+    jitter, honouring Retry-After), then up to ``rounds`` rounds through the provider chain,
+    ``round_delay_seconds`` (doubling) apart."""
+
+    model_config = {"extra": "forbid"}
+
+    max_attempts: int = Field(default=3, ge=1, le=20, description="per provider and round")
+    base_delay: float = Field(default=0.5, ge=0, le=60)
+    max_delay: float = Field(default=30.0, ge=0, le=600)
+    max_retry_after: float = Field(default=60.0, ge=0, le=3600)
+    rounds: int = Field(default=3, ge=1, le=50)
+    round_delay_seconds: float = Field(default=300.0, ge=0, le=86_400)
+
+
+class DispatcherCircuitSettings(BaseModel):
+    """Per provider: open after ``consecutive_failures`` in a row or ``failure_ratio`` of the
+    last ``window`` calls (at least ``min_calls``); probe again after ``cooldown_seconds``."""
+
+    model_config = {"extra": "forbid"}
+
+    consecutive_failures: int = Field(default=5, ge=1)
+    failure_ratio: float | None = Field(default=0.5, gt=0, le=1)
+    window: int = Field(default=20, ge=1)
+    min_calls: int = Field(default=10, ge=1)
+    cooldown_seconds: float = Field(default=30.0, gt=0)
+
+
+class DispatcherWebhookSettings(BaseModel):
+    """How provider webhooks prove who they are; an endpoint left unconfigured answers 404."""
+
+    model_config = {"extra": "forbid"}
+
+    sendgrid_public_key: str | None = Field(
+        default=None, description="SendGrid signed event webhook verification key (base64/PEM)"
+    )
+    twilio_auth_token: SecretStr | None = Field(
+        default=None, description="Twilio auth token; empty = the Twilio provider's"
+    )
+    postmark_username: str | None = None
+    postmark_password: SecretStr | None = None
+    tolerance_seconds: int = Field(default=300, ge=1, le=3600)
+
+
+class DispatcherSettings(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    email: ChannelSettings = Field(default_factory=ChannelSettings)
+    sms: ChannelSettings = Field(default_factory=ChannelSettings)
+    crm: ChannelSettings = Field(default_factory=ChannelSettings)
+    webhook: ChannelSettings = Field(default_factory=ChannelSettings)
+    public_base_url: str = Field(
+        default="http://127.0.0.1:8083",
+        description="the dispatcher's public URL: unsubscribe links, Twilio signature URL",
+    )
+    unsubscribe_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=lambda: [SecretStr(DEV_UNSUBSCRIBE_KEY)],
+        description="HMAC keys (32+ bytes, comma list): the first signs, all verify",
+    )
+    unsubscribe_mailto: str | None = Field(
+        default=None, description="address for the mailto: part of List-Unsubscribe"
+    )
+    unsubscribe_max_age_days: int | None = Field(default=None, ge=30)
+    company_name: str = "Example Ltd"
+    postal_address: str = DEV_POSTAL_ADDRESS
+    product_name: str = "Example App"
+    cta_url: str = "https://app.example.com/welcome-back"
+    highlights: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["Faster reports", "A new mobile app", "Single sign-on"],
+        description="what is new (comma list), for templates when a step names no feature",
+    )
+    crm_default_owner: str | None = Field(
+        default=None, description="CRM task owner when the customer has none"
+    )
+    crm_task_due_hours: float = Field(default=24, gt=0)
+    webhooks: DispatcherWebhookSettings = Field(default_factory=DispatcherWebhookSettings)
+    http: DispatcherHttpSettings = Field(default_factory=DispatcherHttpSettings)
+    retry: DispatcherRetrySettings = Field(default_factory=DispatcherRetrySettings)
+    circuit: DispatcherCircuitSettings = Field(default_factory=DispatcherCircuitSettings)
+    max_in_flight: int = Field(default=512, ge=1, le=20_000, description="concurrent sends")
+    claim_batch: int = Field(default=500, ge=1, le=10_000)
+    poll_seconds: float = Field(default=0.05, gt=0, le=60)
+    stale_sending_seconds: float = Field(
+        default=1800,
+        gt=0,
+        description="a delivery left 'sending' this long belongs to a crashed dispatcher",
+    )
+
+    @field_validator("unsubscribe_keys", "highlights", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def channel(self, name: str) -> ChannelSettings:
+        value: ChannelSettings = getattr(self, name)
+        return value
+
+    def worst_send_seconds(self) -> float:
+        """The longest one claimed delivery may take through its whole provider chain."""
+        chain = max(len(self.channel(c).providers) for c in CHANNEL_KINDS)
+        wait = max(self.retry.max_delay, self.retry.max_retry_after + self.retry.base_delay)
+        call = self.http.connect_timeout + self.http.read_timeout
+        return chain * self.retry.max_attempts * (call + wait)
+
+    @model_validator(mode="after")
+    def _check(self) -> DispatcherSettings:
+        for channel, kinds in CHANNEL_KINDS.items():
+            for position, provider in zip(
+                ("primary", "secondary"), self.channel(channel).providers, strict=False
+            ):
+                if provider.kind not in kinds:
+                    raise ValueError(
+                        f"dispatcher.{channel}.{position}.kind: a {provider.kind} provider "
+                        f"cannot serve {channel} (one of {', '.join(kinds)})"
+                    )
+        if not self.unsubscribe_keys:
+            raise ValueError("dispatcher.unsubscribe_keys: at least one key is needed")
+        if any(len(k.get_secret_value().encode()) < 32 for k in self.unsubscribe_keys):
+            raise ValueError("dispatcher.unsubscribe_keys: each key needs 32+ bytes")
+        for name in ("public_base_url", "cta_url"):
+            if not getattr(self, name).startswith(("http://", "https://")):
+                raise ValueError(f"dispatcher.{name}: must be an http(s) URL")
+        if not self.company_name.strip() or not self.postal_address.strip():
+            raise ValueError("dispatcher.postal_address: commercial email needs a postal address")
+        if self.stale_sending_seconds < self.worst_send_seconds():
+            raise ValueError(
+                "dispatcher.stale_sending_seconds: must be at least "
+                f"{self.worst_send_seconds():.0f} s, the longest a send may take with these "
+                "timeouts and retries; a slow send must never look like a crashed one"
+            )
+        hooks = self.webhooks
+        if (hooks.postmark_username is None) != (hooks.postmark_password is None):
+            raise ValueError("dispatcher.webhooks.postmark_username: give username and password")
+        return self
+
+    def production_problems(self) -> list[str]:
+        """What production refuses, checked when the dispatcher starts (other services do not
+        need its secrets): development keys, a placeholder address, plain http, no credential."""
+        problems = []
+        if any(k.get_secret_value() == DEV_UNSUBSCRIBE_KEY for k in self.unsubscribe_keys):
+            problems.append("dispatcher.unsubscribe_keys: production needs a real key")
+        if not self.public_base_url.startswith("https://"):
+            problems.append("dispatcher.public_base_url: production needs an https URL")
+        if self.postal_address == DEV_POSTAL_ADDRESS:
+            problems.append("dispatcher.postal_address: production needs the real postal address")
+        for channel in CHANNEL_KINDS:
+            for position, provider in zip(
+                ("primary", "secondary"), self.channel(channel).providers, strict=False
+            ):
+                key = provider.api_key.get_secret_value() if provider.api_key else ""
+                if provider.kind != "file" and (key in ("", DEV_SECRET) or len(key) < 8):
+                    problems.append(
+                        f"dispatcher.{channel}.{position}.api_key: production needs the real "
+                        f"{provider.kind} credential"
+                    )
+        return problems
 
 
 class Settings(BaseSettings):
@@ -158,6 +429,7 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
 
     @model_validator(mode="after")
     def _no_dev_secrets_in_production(self) -> Settings:

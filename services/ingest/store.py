@@ -110,8 +110,14 @@ _EPISODE_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _unnest_insert(table: str, columns: tuple[tuple[str, str], ...], tail: str) -> Any:
-    """One INSERT for many rows: each column travels as one array parameter (jsonb as text)."""
+def _unnest_insert(
+    table: str,
+    columns: tuple[tuple[str, str], ...],
+    tail: str,
+    computed: dict[str, str] | None = None,
+) -> Any:
+    """One INSERT for many rows: each column travels as one array parameter (jsonb as text);
+    ``computed`` columns are SQL expressions evaluated per row."""
     arrays = ", ".join(
         f"CAST(:{name} AS {'text' if kind == 'jsonb' else kind}[])" for name, kind in columns
     )
@@ -119,8 +125,11 @@ def _unnest_insert(table: str, columns: tuple[tuple[str, str], ...], tail: str) 
         f"CAST({name} AS jsonb)" if kind == "jsonb" else name for name, kind in columns
     )
     names = ", ".join(name for name, _ in columns)
+    extra = computed or {}
+    target = ", ".join([names, *extra])
+    values = ", ".join([select, *extra.values()])
     return text(
-        f"INSERT INTO {table} ({names}) SELECT {select} FROM unnest({arrays}) AS t({names}) {tail}"
+        f"INSERT INTO {table} ({target}) SELECT {values} FROM unnest({arrays}) AS t({names}) {tail}"
     )
 
 
@@ -130,7 +139,12 @@ _UPSERT_CUSTOMERS = _unnest_insert(
     "ON CONFLICT (id) DO UPDATE SET "
     + ", ".join(f"{n} = excluded.{n}" for n, _ in _CUSTOMER_COLUMNS if n != "id"),
 )
-_INSERT_EPISODES = _unnest_insert("churn_episodes", _EPISODE_COLUMNS, "ON CONFLICT DO NOTHING")
+_INSERT_EPISODES = _unnest_insert(
+    "churn_episodes",
+    _EPISODE_COLUMNS,
+    "ON CONFLICT DO NOTHING",
+    computed={"recorded_at": "clock_timestamp()"},
+)
 
 
 def _columns(

@@ -276,9 +276,7 @@ class _Group:
                 target = assign_round_robin(
                     [m.topics for m in members], self.bus._partition_counts()
                 )
-                losing = [
-                    (m, m._owned - want) for m, want in zip(members, target, strict=True)
-                ]
+                losing = [(m, m._owned - want) for m, want in zip(members, target, strict=True)]
                 losing = [(m, lost) for m, lost in losing if lost]
                 if not losing:
                     break
@@ -289,11 +287,7 @@ class _Group:
                 if gained:
                     member._gain(gained, self.committed)
             self.unsettled = False
-            if losing or any(want for want in target):
-                log.debug(
-                    "group rebalanced",
-                    extra={"group": self.name, "members": len(members)},
-                )
+            log.debug("group rebalanced", extra={"group": self.name, "members": len(members)})
 
 
 class MemorySubscription:
@@ -357,9 +351,7 @@ class MemorySubscription:
     async def lag(self) -> dict[TopicPartition, int]:
         if not self._joined:
             raise RuntimeError("the subscription is not started")
-        return {
-            tp: max(0, self.bus._end(tp) - self._positions.get(tp, 0)) for tp in self._owned
-        }
+        return {tp: max(0, self.bus._end(tp) - self._positions.get(tp, 0)) for tp in self._owned}
 
     async def stop(self) -> None:
         """Leave the group (without calling this member's own ``on_revoke``); returns once the
@@ -413,7 +405,7 @@ class MemorySubscription:
                     exc_info=running.exception(),
                     extra={"group": self.group},
                 )
-        self._owned -= lost
+        pass
         for tp in lost:
             self._positions.pop(tp, None)
         self._wake.set()
