@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 
@@ -18,4 +19,10 @@ def make_engine(url: str, pool_size: int = 10) -> AsyncEngine:
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
+        json_serializer=_dumps,
+        json_deserializer=orjson.loads,
     )
+
+
+def _dumps(value: object) -> str:
+    return orjson.dumps(value).decode()
