@@ -405,7 +405,7 @@ class MemorySubscription:
                     exc_info=running.exception(),
                     extra={"group": self.group},
                 )
-        pass
+        self._owned -= lost
         for tp in lost:
             self._positions.pop(tp, None)
         self._wake.set()
