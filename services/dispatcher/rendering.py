@@ -155,7 +155,7 @@ _EMAIL_SPECS: Final[Mapping[str, TemplateSpec]] = {
     "we_miss_you": _email(_FEATURES, optional=_OFFER),
     "what_you_missed": _email(_FEATURES),
     "special_offer": _email(_OFFER),
-    "last_chance": _email(_OFFER),
+    "last_chance": _email(_FEATURES, optional=_OFFER),
     "whats_new": _email(_FEATURES),
     "feature_built": _email(_FEATURES),
     "comparison": _email(_FEATURES),

@@ -4,7 +4,7 @@ and GDPR erasure. Every route needs a bearer token; errors are problem+json."""
 from __future__ import annotations
 
 import base64
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -109,7 +109,8 @@ def router(
             ladder = find_playbook(playbooks, case.playbook, case.playbook_version).ladder
         except KeyError:
             ladder = DEFAULT_LADDER
-        window = ladder.window_for(now - case.churned_at)
+        # an event time a little ahead of our clock must not break the status page
+        window = ladder.window_for(max(now - case.churned_at, timedelta(0)))
         return window.name if window is not None else None
 
     def step_out(row: Row[Any], tz: str | None) -> StepOut:
