@@ -38,6 +38,7 @@ from services.scheduler.views import (
 from shared import domain_events as de
 from shared.cloudevents import CloudEvent
 from shared.errors import InvalidEvent
+from shared.logging import correlated
 from shared.messaging.pipeline import Incoming, Tx
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,11 @@ class SchedulerHandler:
         for item in items:
             event: Event = item.payload
             handler = self._routes.get(event.type)
-            if handler is not None:
-                await handler(self, tx, event, item.event)
-            elif event.type in OUTCOME_EVENTS:
-                await self._outcome(tx, event)
+            with correlated(item.event.correlation_id):
+                if handler is not None:
+                    await handler(self, tx, event, item.event)
+                elif event.type in OUTCOME_EVENTS:
+                    await self._outcome(tx, event)
 
     # -- ingest's events ----------------------------------------------------------------------
     async def _churn(self, tx: Tx, event: Event, cause: CloudEvent) -> None:

@@ -375,3 +375,40 @@ def _no_caps(policy: Any) -> Any:
     from services.scheduler.domain.guardrails import FrequencyCap
 
     return replace(policy, caps=(FrequencyCap(1000, timedelta(days=1)),), send_window=None)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_over_random_clock_jumps_every_due_step_fires_exactly_once(
+    settings: Settings, engine: AsyncEngine, seed: int
+) -> None:
+    import random
+
+    rnd = random.Random(seed)
+    customers = [not_in_holdout(f"cus_r{seed}_{i}_", "price_discount") for i in range(6)]
+    reasons = ["too_expensive", "switched_service", "Budget cut", "customer_service", "other"]
+    async with system(settings, engine) as s:
+        await s.send(
+            *[
+                cancellation(cid, T0 - timedelta(days=rnd.randint(0, 60)), rnd.choice(reasons))
+                for cid in customers
+            ]
+        )
+        await eventually(_case_count(engine), lambda n: n >= len(customers))
+        horizon = T0 + timedelta(days=400)
+        while s.clock.now() < horizon:
+            s.clock.advance(timedelta(hours=rnd.choice([1, 5, 13, 30, 24 * 9, 24 * 40])))
+            for _ in range(rnd.randint(1, 3)):
+                await s.scheduler.firer.fire_once()
+        while (await s.scheduler.firer.fire_once()).claimed:
+            pass
+        await s.scheduler.firer.expire_cases()
+        commands = await s.dispatched()
+        steps = [st for cid in customers for st in await s.steps(cid)]
+    keys = [c["data"]["idempotency_key"] for c in commands]
+    assert len(keys) == len(set(keys)), "a step fired twice"
+    fired = {f"{st.case_id}:{st.step_key}" for st in steps if st.state == "dispatched"}
+    assert set(keys) == fired, "every dispatched step has exactly one command, and vice versa"
+    assert [st.step_key for st in steps if st.state == "pending"] == [], "a due step never fired"
+    for st in steps:
+        if st.fired_at is not None:
+            assert st.original_due_at <= st.fired_at < st.expires_at, st.step_key
