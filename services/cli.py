@@ -1,39 +1,51 @@
-"""The ``winback`` command: start a service, run migrations, publish a test event."""
+"""The ``winback`` command: start a service (or all of them), run migrations, publish a test
+event."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 import uuid
+from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from services.scheduler.domain.errors import PlaybookError
 from shared import logging as winback_logging
+from shared.clock import AcceleratedClock, Clock
 from shared.errors import ConfigError
+from shared.messaging.transport import Transport
 from shared.settings import Settings, load_settings
 
-SERVICES = ("ingest", "scheduler")
+SERVICES = ("ingest", "scheduler", "dispatcher")
 
 
-def _app_for(name: str, settings: Settings) -> Any:
+def _app_for(
+    name: str, settings: Settings, transport: Transport | None = None, clock: Clock | None = None
+) -> Any:
     if name == "ingest":
-        from services.ingest.bootstrap import bootstrap
+        from services.ingest.bootstrap import bootstrap as ingest
 
-        return bootstrap(settings).app
-    if name == "relay":
-        from services.relay import bootstrap as relay
-
-        return relay(settings)[1]
+        return ingest(settings, transport=transport, clock=clock).app
     if name == "scheduler":
         from services.scheduler.bootstrap import bootstrap as scheduler
 
-        return scheduler(settings).app
+        return scheduler(settings, transport=transport, clock=clock).app
+    if name == "dispatcher":
+        from services.dispatcher.bootstrap import bootstrap as dispatcher
+
+        return dispatcher(settings, transport=transport, clock=clock).app
+    if name == "relay":
+        from services.relay import bootstrap as relay
+
+        return relay(settings, transport=transport, clock=clock)[1]
     raise SystemExit(f"unknown service {name!r}")
 
 
@@ -42,10 +54,7 @@ def _port(name: str, settings: Settings) -> int:
     return port
 
 
-async def _serve(apps: list[tuple[str, Any, int]], host: str) -> None:
-    import contextlib
-    from collections.abc import Iterator
-
+async def _serve(apps: list[tuple[str, Any, int]], host: str, demo: Any = None) -> None:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -67,7 +76,17 @@ async def _serve(apps: list[tuple[str, Any, int]], host: str) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _exit)
-    await asyncio.gather(*(server.serve() for server in servers))
+
+    async def feed() -> None:
+        while not all(s.started for s in servers):  # noqa: ASYNC110 - uvicorn has no event
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(2)  # the consumers join their groups
+        await demo.run()
+
+    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    if demo is not None:
+        tasks.append(asyncio.create_task(feed()))
+    await asyncio.gather(*tasks)
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
@@ -75,18 +94,9 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
 
     with ExitStack() as stack:
         if not settings.database.url:
-            from shared.local.embedded import with_local_infrastructure
+            from shared.local.embedded import with_local_database
 
-            settings = with_local_infrastructure(
-                settings.model_copy(
-                    update={
-                        "kafka": settings.kafka.model_copy(
-                            update={"bootstrap_servers": "unused:9092"}
-                        )
-                    }
-                ),
-                stack,
-            )
+            settings = with_local_database(settings, stack)
         if args.down:
             migrate.downgrade(settings.database.url, args.down)
         else:
@@ -95,20 +105,53 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_service(settings: Settings, args: argparse.Namespace) -> None:
+    from shared.db import migrate
+
     names = SERVICES if args.command == "run" else (args.command,)
+    transport: Transport | None = None
+    clock: Clock | None = None
+    demo = None
     with ExitStack() as stack:
         if args.command == "run":
-            from shared.local.embedded import with_local_infrastructure
+            from shared.local.embedded import with_local_broker, with_local_database
 
-            settings = with_local_infrastructure(settings, stack)
-        from shared.db import migrate
+            settings = with_local_database(settings, stack)
+            if not settings.kafka.bootstrap_servers and args.local_kafka:
+                settings = with_local_broker(settings, stack)
+            if not settings.kafka.bootstrap_servers:
+                from shared.messaging.memory import MemoryBus
 
+                path = Path(settings.kafka.data_dir).with_name("bus.sqlite")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                bus = MemoryBus(path=path)
+                stack.callback(bus.close)
+                transport = bus
+                print(f"event bus: in-process (no Kafka configured), kept in {path}", flush=True)
+            if args.demo:
+                clock = AcceleratedClock(factor=args.speed)
         if args.command == "run" or args.migrate:
             migrate.upgrade(settings.database.url)
-        apps = [(n, _app_for(n, settings), _port(n, settings)) for n in names]
+        apps = [(n, _app_for(n, settings, transport, clock), _port(n, settings)) for n in names]
+        if args.command == "run" and args.demo:
+            from services.demo import DemoFeeder
+            from shared.messaging.kafka import KafkaTransport
+
+            feeder_transport = transport or KafkaTransport(settings.kafka.bootstrap_servers)
+            assert isinstance(clock, AcceleratedClock)
+            demo = DemoFeeder(
+                feeder_transport,
+                settings.topics.inbound[0],
+                clock,
+                settings.ingest.event_type_prefix,
+            )
+            print(
+                f"demo: clock runs {args.speed:g}x (1 s = {args.speed / 3600:.1f} h); "
+                "events are on their way",
+                flush=True,
+            )
         for name, _, port in apps:
             print(f"{name}: http://{settings.http.host}:{port}  (docs at /docs)", flush=True)
-        asyncio.run(_serve(apps, settings.http.host))
+        asyncio.run(_serve(apps, settings.http.host, demo))
 
 
 def cmd_publish(settings: Settings, args: argparse.Namespace) -> None:
@@ -159,7 +202,21 @@ def parser() -> argparse.ArgumentParser:
             else "run only the outbox relay (scale it apart from the consumers)",
         )
         s.add_argument("--migrate", action="store_true", help="apply migrations first")
-    sub.add_parser("run", help="run everything, with a local database and broker if unset")
+    run = sub.add_parser(
+        "run", help="run all services; embedded PostgreSQL and event bus when none configured"
+    )
+    run.add_argument("--demo", action="store_true", help="feed a demo stream, accelerated clock")
+    run.add_argument(
+        "--speed",
+        type=float,
+        default=43_200.0,
+        help="demo clock speed-up (default 43200: one second is twelve hours)",
+    )
+    run.add_argument(
+        "--local-kafka",
+        action="store_true",
+        help="start a local Kafka broker instead of the in-process bus",
+    )
     pub = sub.add_parser("publish-test-event", help="publish one CloudEvent to Kafka")
     pub.add_argument("--type", default="subscription.cancelled")
     pub.add_argument("--customer", default="cus_demo_1")

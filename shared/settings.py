@@ -245,7 +245,11 @@ class DispatcherHttpSettings(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    clients: int = Field(default=4, ge=1, le=64, description="httpx clients, used round robin")
+    transport: Literal["pooled", "httpx"] = Field(
+        default="pooled",
+        description="pooled: our h11 keep-alive transport; httpx: httpx's own (httpcore)",
+    )
+    clients: int = Field(default=4, ge=1, le=256, description="httpx clients, used round robin")
     max_connections: int = Field(default=128, ge=1, le=10_000, description="per client")
     connect_timeout: float = Field(default=5.0, gt=0, le=120)
     read_timeout: float = Field(default=15.0, gt=0, le=300)
@@ -330,7 +334,13 @@ class DispatcherSettings(BaseModel):
     http: DispatcherHttpSettings = Field(default_factory=DispatcherHttpSettings)
     retry: DispatcherRetrySettings = Field(default_factory=DispatcherRetrySettings)
     circuit: DispatcherCircuitSettings = Field(default_factory=DispatcherCircuitSettings)
-    max_in_flight: int = Field(default=512, ge=1, le=20_000, description="concurrent sends")
+    max_in_flight: int = Field(
+        default=512,
+        ge=1,
+        le=20_000,
+        description="concurrent sends (at most http.clients * http.max_connections go out "
+        "at once; more wait for a free connection)",
+    )
     claim_batch: int = Field(default=500, ge=1, le=10_000)
     poll_seconds: float = Field(default=0.05, gt=0, le=60)
     stale_sending_seconds: float = Field(

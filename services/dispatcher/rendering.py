@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
@@ -213,12 +212,16 @@ SAMPLE_CONTEXT: Final[MessageContext] = {
 """A complete context used by ``check_templates`` for its trial renders."""
 
 
+_SPACE: Final = re.compile(r"\s")  # the same characters as str.isspace
+# Unicode category Cc (C0 and C1 controls and DEL) except the whitespace that ``split`` folds.
+_CONTROL: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
 def _clean(value: object) -> object:
     """Collapse runs of whitespace (newlines included) to one space and drop control characters,
     so a field can neither break a text layout nor look filled while printing nothing."""
     if isinstance(value, str):
-        text = "".join(ch for ch in value if ch in " \t\n\r" or unicodedata.category(ch) != "Cc")
-        return " ".join(text.split())
+        return " ".join(_CONTROL.sub("", value).split())
     if isinstance(value, Sequence) and not isinstance(value, str):
         return [_clean(item) for item in value]
     return value
@@ -252,7 +255,7 @@ def _field_problem(name: str, value: object) -> str | None:
     if not isinstance(value, str):
         return "not a string"
     if name in _URL_FIELDS and (
-        urlsplit(value).scheme not in {"https", "http"} or any(ch.isspace() for ch in value)
+        urlsplit(value).scheme not in {"https", "http"} or _SPACE.search(value) is not None
     ):
         return "not an http(s) URL"
     if name == "currency" and not re.fullmatch(r"[A-Za-z]{3}", value):
@@ -313,6 +316,7 @@ class TemplateRenderer:
             locale: _load_offers(templates_dir / locale / OFFERS_FILE) for locale in self._locales
         }
         self._offer_codes = frozenset(code for table in self._offers.values() for code in table)
+        self._parts_present: dict[tuple[str, str, Channel], bool] = {}
 
     @property
     def locales(self) -> tuple[str, ...]:
@@ -453,7 +457,12 @@ class TemplateRenderer:
         return [f"{locale}/{_CHANNEL_DIR[channel]}/{template}.{p}" for p in _PARTS[channel]]
 
     def _has_all_parts(self, locale: str, template: str, channel: Channel) -> bool:
-        return all((self._dir / n).is_file() for n in self._names(locale, template, channel))
+        key = (locale, template, channel)
+        found = self._parts_present.get(key)
+        if found is None:  # the files do not change while we run (no auto-reload either)
+            found = all((self._dir / n).is_file() for n in self._names(locale, template, channel))
+            self._parts_present[key] = found
+        return found
 
     def _resolve_locale(
         self, template: str, channel: Channel, requested: str | None

@@ -262,7 +262,7 @@ deliveries = Table(
     Column("template", String(100), nullable=False),
     Column("variant", String(100)),
     Column("crm_owner", String(200)),
-    # sending → sent | failed | suppressed
+    # queued → sending → sent | failed | suppressed (a transient failure: back to queued)
     Column("state", String(12), nullable=False),
     Column("provider", String(30)),
     Column("provider_message_id", String(200)),
@@ -274,7 +274,9 @@ deliveries = Table(
     _tz("created_at", nullable=False, server_default=func.now()),
     _tz("sent_at"),
     _tz("updated_at", nullable=False, server_default=func.now()),
+    _tz("not_before"),  # a queued delivery waiting to retry is not claimed before this
 )
+Index("ix_deliveries_queued", deliveries.c.id, postgresql_where=deliveries.c.state == "queued")
 Index("ix_deliveries_provider_message_id", deliveries.c.provider, deliveries.c.provider_message_id)
 Index("ix_deliveries_customer_id", deliveries.c.customer_id)
 Index(

@@ -1,34 +1,43 @@
-"""Embedded defaults for ``winback run``: a local PostgreSQL and a local Kafka broker when the
-settings name none."""
+"""Embedded defaults for ``winback run``: a local PostgreSQL when the settings name no
+database, and (on request) a local Kafka broker when they name none."""
 
 from __future__ import annotations
 
 import logging
 from contextlib import ExitStack
-from typing import Any
 
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def with_local_infrastructure(settings: Settings, stack: ExitStack) -> Settings:
-    """Start what the settings leave empty; return settings that point at it."""
-    updates: dict[str, Any] = {}
-    if not settings.database.url:
-        from shared.local.postgres import start_embedded
+def with_local_database(settings: Settings, stack: ExitStack) -> Settings:
+    """Start the embedded PostgreSQL if no database is configured; data survives restarts."""
+    if settings.database.url:
+        return settings
+    from shared.local.postgres import start_embedded
 
-        url, server = start_embedded(settings.database.data_dir.resolve(), cleanup="stop")
-        stack.callback(lambda: server.cleanup() if hasattr(server, "cleanup") else None)
-        log.info("embedded PostgreSQL started", extra={"data_dir": str(settings.database.data_dir)})
-        updates["database"] = settings.database.model_copy(update={"url": url})
-    if not settings.kafka.bootstrap_servers:
-        from shared.local.kafka_broker import LocalKafka
+    url, server = start_embedded(settings.database.data_dir.resolve(), cleanup="stop")
+    stack.callback(server.cleanup)
+    print(f"database: embedded PostgreSQL, data in {settings.database.data_dir}", flush=True)
+    return settings.model_copy(
+        update={"database": settings.database.model_copy(update={"url": url})}
+    )
 
-        broker = LocalKafka(settings.kafka.data_dir.resolve()).start()
-        stack.callback(broker.stop)
-        log.info("local Kafka broker started", extra={"bootstrap": broker.bootstrap_servers})
-        updates["kafka"] = settings.kafka.model_copy(
-            update={"bootstrap_servers": broker.bootstrap_servers}
-        )
-    return settings.model_copy(update=updates) if updates else settings
+
+def with_local_broker(settings: Settings, stack: ExitStack) -> Settings:
+    """Start a local Kafka broker (KRaft) if none is configured."""
+    if settings.kafka.bootstrap_servers:
+        return settings
+    from shared.local.kafka_broker import LocalKafka
+
+    broker = LocalKafka(settings.kafka.data_dir.resolve()).start()
+    stack.callback(broker.stop)
+    print(f"kafka: local broker at {broker.bootstrap_servers}", flush=True)
+    return settings.model_copy(
+        update={
+            "kafka": settings.kafka.model_copy(
+                update={"bootstrap_servers": broker.bootstrap_servers}
+            )
+        }
+    )

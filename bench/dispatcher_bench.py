@@ -1,0 +1,441 @@
+"""Dispatcher benchmark on the real broker and the real database, against the fake provider.
+
+1. Reference: bare httpx — clients like the dispatcher's (count, pool size, concurrency), no
+   dispatcher — POSTing SendGrid-shaped requests to the fake provider (which answers after
+   ``--latency``): the request rate the HTTP layer alone reaches on this machine, over our
+   pooled transport and over httpx's default one.
+2. Burst: N customers with open cases; with the dispatcher running and idle, N dispatch
+   commands (structured CloudEvents, one step each) are produced to the dispatch topic as
+   fast as possible. Measured: sends/s from the first command produced to the last delivery
+   recorded ``sent`` (consume → delivery row → claim, re-check, render → provider call →
+   record + outcome event in the outbox, relay publishing), command→send latency
+   (``sent_at`` minus the command's ``requested_at``) p50/p99, and the peak RSS.
+3. Steady load (``--rate`` commands/s for ``--seconds``): command→send latency p50/p99 when
+   the dispatcher keeps up, and the peak RSS again (bounded: it does not grow with volume).
+4. Exactly once: the fake counts the accepted requests per idempotency key.
+
+The fake provider runs in a process of its own so its HTTP parsing does not eat the
+dispatcher's CPU.
+
+Run: .venv/bin/python -m bench.dispatcher_bench [--commands 20000] [--latency 0.05]
+     [--rate 500 --seconds 10] [--in-flight 1024 --clients 4 --connections 256]
+     [--transport pooled|httpx] [--profile FILE]
+Starts its own PostgreSQL (pgserver) and Kafka unless DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import resource
+import tempfile
+import time
+import uuid
+from collections import Counter
+from contextlib import ExitStack
+from datetime import UTC, datetime, timedelta
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from sqlalchemy import func, select, text
+
+from services.dispatcher.bootstrap import bootstrap
+from services.dispatcher.channels import make_http_clients
+from shared import domain_events as de
+from shared.db import migrate
+from shared.db.engine import make_engine, normalise_url
+from shared.db.tables import deliveries
+from shared.messaging.kafka import KafkaTransport
+from shared.settings import Settings, load_settings
+
+HEADERS = [("content-type", b"application/cloudevents+json")]
+
+
+# --- the fake provider, in a process of its own ---------------------------------------------
+
+
+def fake_provider(conn: Connection, latency: float) -> None:
+    from tests.fakes.provider_server import FakeProviderServer
+
+    async def serve() -> None:
+        async with FakeProviderServer(keep_bodies=False) as server:
+            server.set_latency("sendgrid", latency)
+            conn.send(server.port)
+            loop = asyncio.get_running_loop()
+            while (await loop.run_in_executor(None, conn.recv)) == "stats":
+                keys = Counter(r.idempotency_key for r in server.accepted("sendgrid"))
+                conn.send(
+                    {
+                        "requests": len(server.requests),
+                        "accepted": sum(keys.values()),
+                        "most_per_key": max(keys.values(), default=0),
+                    }
+                )
+                server.reset()
+                server.set_latency("sendgrid", latency)
+
+    asyncio.run(serve())
+
+
+# --- load ----------------------------------------------------------------------------------
+
+
+def command(i: int, run: str) -> bytes:
+    cid = f"cus_{run}_{i}"
+    case = f"case-{run}-{i}"
+    now = datetime.now(UTC)
+    data = {
+        "idempotency_key": f"{case}:d0_we_miss_you",
+        "case_id": case,
+        "step_id": i,
+        "step_key": "d0_we_miss_you",
+        "playbook": "price_discount",
+        "playbook_version": 1,
+        "channel": "email",
+        "template": "we_miss_you",
+        "offer": None,
+        "is_discount": False,
+        "variant": "control",
+        "valid_until": None,
+        "customer": {
+            "id": cid,
+            "email": f"{cid}@example.com",
+            "phone": None,
+            "name": "Aino",
+            "locale": "en",
+            "timezone": "Europe/Helsinki",
+            "plan": "pro",
+            "crm_owner": "owner-1",
+        },
+        "reason": "price",
+        "features": ["Dashboards"],
+        "feature_description": None,
+        "requested_at": now.isoformat(),
+    }
+    return orjson.dumps(
+        {
+            "specversion": "1.0",
+            "id": f"{run}-{i}",
+            "source": "/bench/scheduler",
+            "type": de.DISPATCH_REQUESTED,
+            "time": now.isoformat(),
+            "data": data,
+        }
+    )
+
+
+async def produce(
+    servers: str, topic: str, start: int, n: int, run: str, rate: float | None = None
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=servers, linger_ms=5, max_batch_size=512 * 1024)
+    await producer.start()
+    try:
+        futures = []
+        t0 = time.perf_counter()
+        for i in range(start, start + n):
+            if rate is not None:
+                delay = t0 + (i - start) / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            futures.append(
+                await producer.send(
+                    topic, command(i, run), key=f"cus_{run}_{i}".encode(), headers=HEADERS
+                )
+            )
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def seed(db_url: str, run: str, n: int) -> None:
+    """The rows the re-check reads: each customer in the scheduler's view, an open case."""
+    engine = make_engine(db_url, pool_size=1)
+    now = datetime.now(UTC)
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO scheduler_customers (id, email, name, locale, timezone, "
+                "mrr_minor, currency, crm_owner, updated_at) "
+                "SELECT 'cus_' || :run || '_' || i, 'cus_' || :run || '_' || i || '@example.com', "
+                "'Aino', 'en', 'Europe/Helsinki', 4900, 'EUR', 'owner-1', :now "
+                "FROM generate_series(0, :n - 1) AS i"
+            ),
+            {"run": run, "n": n, "now": now},
+        )
+        await conn.execute(
+            text(
+                "INSERT INTO cases (id, customer_id, episode_id, status, playbook, "
+                "playbook_version, segment, episode, churned_at, opened_at, expires_at) "
+                "SELECT 'case-' || :run || '-' || i, 'cus_' || :run || '_' || i, "
+                "'ep-' || :run || '-' || i, 'open', 'price_discount', 1, "
+                "'{\"labels\": [\"high_value\"]}'::jsonb, '{}'::jsonb, :now, :now, :later "
+                "FROM generate_series(0, :n - 1) AS i"
+            ),
+            {"run": run, "n": n, "now": now, "later": now + timedelta(days=365)},
+        )
+    await engine.dispose()
+
+
+async def bare_httpx(settings: Settings, port: int, n: int, transport: str) -> float:
+    """Reference: clients like the dispatcher's (same count, pool size and concurrency) over
+    ``transport``, POSTing straight to the fake."""
+    http = settings.dispatcher.http.model_copy(update={"transport": transport})
+    clients = make_http_clients(settings.dispatcher.model_copy(update={"http": http}))
+    body = {
+        "personalizations": [{"to": [{"email": "aino@example.com"}]}],
+        "from": {"email": "hello@acme.example"},
+        "subject": "We miss you",
+        "content": [
+            {"type": "text/plain", "value": "x" * 1200},
+            {"type": "text/html", "value": "<p>" + "x" * 2400 + "</p>"},
+        ],
+        "custom_args": {"idempotency_key": "bench"},
+    }
+    url = f"http://127.0.0.1:{port}/v3/mail/send"
+    gate = asyncio.Semaphore(settings.dispatcher.max_in_flight)
+
+    async def one(i: int) -> None:
+        async with gate:
+            response = await clients[i % len(clients)].post(
+                url, json=body, headers={"Authorization": "Bearer SG.bench"}
+            )
+            assert response.status_code == 202
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(min(n, 200))))  # warm the pools
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return n / (time.perf_counter() - started)
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+async def latency(engine: Any, since_id: int) -> tuple[float, float, float]:
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    "SELECT percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY s), max(s) "
+                    "FROM (SELECT EXTRACT(EPOCH FROM sent_at - "
+                    "CAST(command->>'requested_at' AS timestamptz)) * 1000 AS s "
+                    "FROM deliveries WHERE state = 'sent' AND id > :id) AS t"
+                ),
+                {"id": since_id},
+            )
+        ).one()
+    (p50, p99), worst = row[0] or (float("nan"), float("nan")), row[1]
+    return float(p50), float(p99), float(worst or float("nan"))
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+async def main(args: argparse.Namespace) -> None:
+    with ExitStack() as stack:
+        db_url = os.environ.get("DATABASE_URL")
+        if not db_url:
+            from shared.local.postgres import start_embedded
+
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-pg-"))
+            db_url, server = start_embedded(Path(tmp), cleanup="delete")
+            stack.callback(server.cleanup)
+        db_url = normalise_url(db_url)
+        servers = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        if not servers:
+            from shared.local.kafka_broker import LocalKafka
+
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-kafka-"))
+            broker = LocalKafka(Path(tmp), heap="1g").start()
+            stack.callback(broker.stop)
+            servers = broker.bootstrap_servers
+        ctx = multiprocessing.get_context("spawn")
+        ours, theirs = ctx.Pipe()
+        fake = ctx.Process(target=fake_provider, args=(theirs, args.latency), daemon=True)
+        fake.start()
+        try:
+            port = ours.recv()
+            await run(args, db_url, servers, port, ours)
+        finally:
+            ours.send("stop")
+            fake.join(10)
+
+
+async def run(
+    args: argparse.Namespace, db_url: str, servers: str, port: int, fake: Connection
+) -> None:
+    await migrate.upgrade_async(db_url)
+    runid = uuid.uuid4().hex[:6]
+    n = args.commands
+    steady = int(args.rate * args.seconds)
+    settings = load_settings(
+        database={"url": db_url, "pool_size": 10},
+        kafka={"bootstrap_servers": servers, "max_batch": args.batch},
+        topics={
+            "dispatch": f"bench-dispatch-{runid}",
+            "outcomes": f"bench-outcomes-{runid}",
+            "erasure": f"bench-erasure-{runid}",
+            "dead_letter": f"bench-dlq-{runid}",
+            "partitions": args.partitions,
+        },
+        dispatcher={
+            "email": {
+                "primary": {
+                    "kind": "sendgrid",
+                    "base_url": f"http://127.0.0.1:{port}",
+                    "api_key": "SG.bench",
+                    "from_address": "hello@acme.example",
+                }
+            },
+            "max_in_flight": args.in_flight,
+            "http": {
+                "clients": args.clients,
+                "max_connections": args.connections,
+                "transport": args.transport,
+            },
+            "claim_batch": args.batch,
+            "poll_seconds": 0.02,
+        },
+    )
+    reference = await bare_httpx(settings, port, args.reference, args.transport)
+    other = "httpx" if args.transport == "pooled" else "pooled"
+    reference_other = await bare_httpx(settings, port, args.reference // 5, other)
+    fake.send("stats")
+    fake.recv()
+
+    await seed(db_url, runid, n + steady)
+    engine = make_engine(db_url, pool_size=10)
+    service = bootstrap(settings, engine=engine)
+    transport = KafkaTransport(servers)
+    await transport.ensure_topics(service.core.runtime.topics, args.partitions)
+
+    async def sent() -> int:
+        async with engine.connect() as conn:
+            return int(
+                await conn.scalar(
+                    select(func.count()).select_from(deliveries).where(deliveries.c.state == "sent")
+                )
+                or 0
+            )
+
+    await service.core.runtime.start()
+    await service.core.runtime.wait_consuming()
+    rss_idle = rss_mb()
+    if args.profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
+    await produce(servers, settings.topics.dispatch, 0, n, runid)
+    produced = time.perf_counter() - started
+    while await sent() < n:  # noqa: ASYNC110 - polling the database is the measurement
+        await asyncio.sleep(0.05)
+    burst_seconds = time.perf_counter() - started
+    burst_cpu = cpu_seconds() - cpu_started
+    if args.profile:
+        import pstats
+
+        prof.disable()
+        prof.dump_stats(args.profile)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+    burst_p50, burst_p99, burst_max = await latency(engine, 0)
+    rss_burst = rss_mb()
+
+    async with engine.connect() as conn:
+        last_id = int(await conn.scalar(select(func.max(deliveries.c.id))) or 0)
+    if steady:
+        await produce(servers, settings.topics.dispatch, n, steady, runid, rate=args.rate)
+        while await sent() < n + steady:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    steady_p50, steady_p99, steady_max = await latency(engine, last_id)
+    rss_end = rss_mb()
+    await asyncio.sleep(1)  # let the relay publish the last outcome events
+    await service.core.runtime.stop()
+    await service.aclose()
+    async with engine.connect() as conn:
+        states: dict[str, int] = dict(
+            (
+                await conn.execute(text("SELECT state, count(*) FROM deliveries GROUP BY state"))
+            ).all()
+        )
+        unpublished = await conn.scalar(
+            text("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        )
+    await engine.dispose()
+    fake.send("stats")
+    stats = fake.recv()
+
+    rate = n / burst_seconds
+    print(f"commands (burst)              {n} (produced in {produced:.1f} s)")
+    print(f"fake provider latency         {args.latency * 1000:.0f} ms")
+    print(f"in flight / clients x conns   {args.in_flight} / {args.clients} x {args.connections}")
+    print(
+        f"bare httpx reference          {reference:,.0f} requests/s over the {args.transport} "
+        f"transport, {reference_other:,.0f} over the {other} one (same clients, same fake)"
+    )
+    print(
+        f"dispatcher burst              {rate:,.0f} sends/s ({burst_seconds:.1f} s; "
+        f"{rate / reference:.0%} of the bare httpx rate over the same transport)"
+    )
+    print(
+        f"dispatcher process CPU        {burst_cpu:.1f} s = {burst_cpu / burst_seconds:.0%} of "
+        f"one core, {burst_cpu / n * 1000:.2f} ms per send (producer included)"
+    )
+    print(
+        f"burst command→send latency    p50 {burst_p50:,.0f} ms, p99 {burst_p99:,.0f} ms, "
+        f"max {burst_max:,.0f} ms (includes waiting in the backlog)"
+    )
+    if steady:
+        print(
+            f"steady {args.rate:,.0f}/s for {args.seconds:.0f} s        "
+            f"p50 {steady_p50:,.0f} ms, p99 {steady_p99:,.0f} ms, max {steady_max:,.0f} ms"
+        )
+    print(
+        f"peak RSS                      idle {rss_idle:,.0f} MB, after burst {rss_burst:,.0f} MB, "
+        f"at end {rss_end:,.0f} MB"
+    )
+    print(f"deliveries by state           {states}")
+    print(
+        f"provider requests             {stats['requests']} accepted {stats['accepted']}, "
+        f"most per idempotency key {stats['most_per_key']}"
+    )
+    print(f"outbox rows unpublished       {unpublished}")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--commands", type=int, default=20_000)
+    p.add_argument("--latency", type=float, default=0.05, help="fake provider answer delay (s)")
+    p.add_argument("--rate", type=float, default=500, help="steady phase commands/s (0: skip)")
+    p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--partitions", type=int, default=6)
+    p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--in-flight", type=int, default=1024, help="dispatcher.max_in_flight")
+    p.add_argument("--clients", type=int, default=4, help="dispatcher.http.clients")
+    p.add_argument("--connections", type=int, default=256, help="dispatcher.http.max_connections")
+    p.add_argument("--transport", choices=["pooled", "httpx"], default="pooled")
+    p.add_argument("--reference", type=int, default=10_000, help="bare httpx requests")
+    p.add_argument("--profile", metavar="FILE", help="cProfile the burst, stats to FILE")
+    return p.parse_args(argv)
+
+
+def cli(argv: list[str] | None = None) -> Any:
+    return asyncio.run(main(parse(argv)))
+
+
+if __name__ == "__main__":
+    cli()

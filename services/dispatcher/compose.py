@@ -1,0 +1,193 @@
+"""From a delivery's dispatch command to a rendered ``OutboundMessage``: the template context,
+the recipient, the unsubscribe link (RFC 8058) and the non-PII tags. Pure apart from the
+renderer; a missing field or address is a permanent error naming it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from babel.numbers import get_currency_precision
+
+from services.dispatcher.errors import PermanentSendError
+from services.dispatcher.model import parse_time
+from services.dispatcher.providers.base import CrmTaskDetails, OutboundMessage
+from services.dispatcher.rendering import Channel, TemplateRenderer
+from services.dispatcher.signatures import UnsubscribeTokens
+
+_E164_LIKE: Final = re.compile(r"\+[0-9 ()-]{6,}")
+TAGS: Final = ("customer_id", "case_id", "step_key", "step_id", "template", "variant")
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """What the database knows beside the command (scheduler's customer view, the case)."""
+
+    name: str | None = None
+    email: str | None = None
+    phone: str | None = None
+    timezone: str | None = None
+    mrr_minor: int | None = None
+    currency: str | None = None
+    segment: Mapping[str, Any] | None = None
+
+
+class Composer:
+    def __init__(
+        self,
+        renderer: TemplateRenderer,
+        tokens: UnsubscribeTokens,
+        *,
+        public_base_url: str,
+        product: str,
+        cta_url: str,
+        highlights: Sequence[str] = (),
+        unsubscribe_mailto: str | None = None,
+        crm_default_owner: str | None = None,
+        crm_task_due: timedelta = timedelta(hours=24),
+    ) -> None:
+        self.renderer = renderer
+        self.tokens = tokens
+        self.public_base_url = public_base_url.rstrip("/")
+        self.product = product
+        self.cta_url = cta_url
+        self.highlights = list(highlights)
+        self.unsubscribe_mailto = unsubscribe_mailto
+        self.crm_default_owner = crm_default_owner
+        self.crm_task_due = crm_task_due
+
+    def unsubscribe_url(self, customer_id: str, channel: str) -> str:
+        return f"{self.public_base_url}/u/{self.tokens.issue(customer_id, channel)}"
+
+    def context(self, command: Mapping[str, Any], profile: Profile, channel: str) -> dict[str, Any]:
+        """The personalisation fields; a field with no value is left out, so the renderer
+        names it if the template needs it."""
+        customer = _customer(command)
+        ctx: dict[str, Any] = {
+            "name": customer.get("name") or profile.name,
+            "product": self.product,
+            "offer": command.get("offer"),
+            "valid_until": _local_date(
+                command.get("valid_until"), customer.get("timezone") or profile.timezone
+            ),
+            "new_features": list(command.get("features") or []) or list(self.highlights),
+            "cta_url": self._cta(command, channel),
+            "churn_reason": command.get("reason"),
+            "segment": _segment_text(profile.segment),
+        }
+        if channel in ("email", "webhook"):
+            ctx["unsubscribe_url"] = self.unsubscribe_url(str(customer["id"]), channel)
+        if profile.mrr_minor is not None and profile.currency:
+            ctx["mrr"] = _major_units(profile.mrr_minor, profile.currency)
+            ctx["currency"] = profile.currency.upper()
+        return {k: v for k, v in ctx.items() if v is not None and v != []}
+
+    def compose(
+        self, command: Mapping[str, Any], profile: Profile, now: datetime
+    ) -> OutboundMessage:
+        """Render the message; raises ``TemplateError``/``PermanentSendError`` naming the gap."""
+        channel = str(command["channel"])
+        customer = _customer(command)
+        locale = customer.get("locale")
+        context = self.context(command, profile, channel)
+        content = self.renderer.render(str(command["template"]), channel, locale, context)
+        crm_task = None
+        if channel == "email":
+            to = _required(customer.get("email") or profile.email, "email address")
+        elif channel == "sms":
+            to = _required(customer.get("phone") or profile.phone, "phone number")
+        elif channel == "crm":
+            owner = customer.get("crm_owner") or self.crm_default_owner
+            owner = _required(owner, "CRM owner (crm_owner) for the task")
+            crm_task = CrmTaskDetails(owner_id=owner, due_at=now + self.crm_task_due)
+            to = ""
+        else:
+            to = str(customer["id"])
+        return OutboundMessage(
+            idempotency_key=str(command["idempotency_key"]),
+            channel=Channel(channel),
+            to=to,
+            content=content,
+            tags=_tags(command),
+            unsubscribe_url=context.get("unsubscribe_url"),
+            unsubscribe_mailto=self.unsubscribe_mailto if channel == "email" else None,
+            crm_task=crm_task,
+        )
+
+    def _cta(self, command: Mapping[str, Any], channel: str) -> str:
+        parts = urlsplit(self.cta_url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        query += [
+            ("utm_source", "winback"),
+            ("utm_medium", channel),
+            ("utm_campaign", str(command.get("template") or "")),
+        ]
+        if command.get("variant"):
+            query.append(("utm_content", str(command["variant"])))
+        return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _customer(command: Mapping[str, Any]) -> Mapping[str, Any]:
+    customer = command.get("customer")
+    return customer if isinstance(customer, Mapping) else {}
+
+
+def _required(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise PermanentSendError(f"the customer has no {what}", error_code="no_address")
+    return value.strip()
+
+
+def _local_date(value: Any, timezone: Any) -> date | None:
+    when = parse_time(value)
+    if when is None:
+        return None
+    try:
+        zone = ZoneInfo(timezone) if isinstance(timezone, str) and timezone else None
+    except (ZoneInfoNotFoundError, ValueError):
+        zone = None
+    return when.astimezone(zone).date() if zone is not None else when.date()
+
+
+def _major_units(minor: int, currency: str) -> Decimal:
+    precision = get_currency_precision(currency.upper())
+    return Decimal(minor).scaleb(-precision)
+
+
+def _segment_text(segment: Mapping[str, Any] | None) -> str | None:
+    if not segment:
+        return None
+    labels = segment.get("labels") or []
+    if labels:
+        return ", ".join(str(label).replace("_", " ") for label in labels)
+    parts = [segment.get("lifecycle"), segment.get("reason"), segment.get("value_tier")]
+    text = ", ".join(str(p).replace("_", " ") for p in parts if p)
+    return text or None
+
+
+def _tags(command: Mapping[str, Any]) -> dict[str, str]:
+    """Identifiers for provider metadata: never an address (values with @ or like a phone
+    number are left out)."""
+    values = {
+        "customer_id": _customer(command).get("id"),
+        "case_id": command.get("case_id"),
+        "step_key": command.get("step_key"),
+        "step_id": command.get("step_id"),
+        "template": command.get("template"),
+        "variant": command.get("variant"),
+    }
+    tags = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        text = str(value)
+        if "@" in text or _E164_LIKE.fullmatch(text):
+            continue
+        tags[key] = text
+    return tags

@@ -1,0 +1,367 @@
+"""The dispatcher's rows: one delivery per (case, step) keyed by its idempotency key, and the
+suppression list of hashed contact points. Batched statements; the caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import ColumnElement, RowMapping, and_, bindparam, func, or_, select, text
+from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.dispatcher.model import DispatchCommand
+from shared.db.tables import deliveries, scheduler_customers, suppressions
+
+QUEUED = "queued"
+SENDING = "sending"
+SENT = "sent"
+FAILED = "failed"
+SUPPRESSED = "suppressed"
+
+
+async def insert_deliveries(
+    conn: AsyncConnection,
+    commands: Sequence[tuple[DispatchCommand, Mapping[str, Any]]],
+    now: datetime,
+) -> int:
+    """One queued delivery per idempotency key; a key seen before has no second effect.
+
+    ``commands`` pairs each command with a reference to its event (stored as ``_event``).
+    Returns how many deliveries are new."""
+    if not commands:
+        return 0
+    rows = [
+        {
+            "idempotency_key": c.idempotency_key,
+            "case_id": c.case_id,
+            "step_key": c.step_key,
+            "customer_id": c.customer_id,
+            "channel": c.channel,
+            "template": c.template,
+            "variant": c.variant,
+            "crm_owner": c.crm_owner,
+            "command": {**c.data, "_event": dict(ref)},
+        }
+        for c, ref in commands
+    ]
+    result = await conn.execute(
+        _INSERT_DELIVERIES,
+        {
+            "keys": [r["idempotency_key"] for r in rows],
+            "cases": [r["case_id"] for r in rows],
+            "steps": [r["step_key"] for r in rows],
+            "customers": [r["customer_id"] for r in rows],
+            "channels": [r["channel"] for r in rows],
+            "templates": [r["template"] for r in rows],
+            "variants": [r["variant"] for r in rows],
+            "owners": [r["crm_owner"] for r in rows],
+            "commands": [orjson.dumps(r["command"]).decode() for r in rows],
+            "now": now,
+        },
+    )
+    return len(result.all())
+
+
+# One statement for the whole batch, its SQL fixed (compiled once, not per batch size).
+_INSERT_DELIVERIES = text(
+    "INSERT INTO deliveries (idempotency_key, case_id, step_key, customer_id, channel, "
+    "template, variant, crm_owner, state, command, created_at, updated_at) "
+    "SELECT k, c, s, u, ch, t, v, o, 'queued', CAST(cmd AS jsonb), :now, :now "
+    "FROM unnest(CAST(:keys AS text[]), CAST(:cases AS text[]), CAST(:steps AS text[]), "
+    "CAST(:customers AS text[]), CAST(:channels AS text[]), CAST(:templates AS text[]), "
+    "CAST(:variants AS text[]), CAST(:owners AS text[]), CAST(:commands AS text[])) "
+    "WITH ORDINALITY AS r(k, c, s, u, ch, t, v, o, cmd, n) ORDER BY n "
+    "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
+)
+
+
+_CLAIM = text(
+    "SELECT d.id, d.idempotency_key, d.case_id, d.step_key, d.customer_id, d.channel, "
+    "d.template, d.variant, d.crm_owner, d.attempts, d.command, d.created_at, "
+    "c.status AS case_status, c.segment AS case_segment, "
+    "sc.id IS NOT NULL AS customer_found, sc.erased_at IS NOT NULL AS erased, "
+    "COALESCE(sc.opted_out_all, false) AS opted_out_all, sc.consent, sc.suppressed_channels, "
+    "sc.name, sc.email, sc.phone, sc.timezone, sc.mrr_minor, sc.currency "
+    "FROM deliveries AS d "
+    "LEFT JOIN cases AS c ON c.id = d.case_id "
+    "LEFT JOIN scheduler_customers AS sc ON sc.id = d.customer_id "
+    "WHERE d.state = 'queued' AND (d.not_before IS NULL OR d.not_before <= :now) "
+    "ORDER BY d.id LIMIT :n FOR UPDATE OF d SKIP LOCKED"
+).columns(command=JSONB, case_segment=JSONB, consent=JSONB, suppressed_channels=JSONB)
+
+
+async def claim_queued(conn: AsyncConnection, now: datetime, n: int) -> Sequence[RowMapping]:
+    """Lock up to ``n`` due queued deliveries (others' locked rows are skipped), with the
+    case and customer state the re-check needs."""
+    return (await conn.execute(_CLAIM, {"now": now, "n": n})).mappings().all()
+
+
+_SUPPRESSED = text(
+    "SELECT address_hash, reason FROM suppressions "
+    "WHERE address_hash = ANY(CAST(:hashes AS text[]))"
+)
+
+
+async def suppressed(conn: AsyncConnection, hashes: Sequence[str]) -> dict[str, str]:
+    """Which of these suppression keys are on the list, with the reason."""
+    if not hashes:
+        return {}
+    rows = await conn.execute(_SUPPRESSED, {"hashes": sorted(set(hashes))})
+    return {r.address_hash: r.reason for r in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class Suppression:
+    channel: str
+    address_hash: str
+    reason: str
+    customer_id: str | None
+
+
+async def add_suppressions(
+    conn: AsyncConnection, rows: Sequence[Suppression], now: datetime
+) -> None:
+    """Put keys on the suppression list (the first reason recorded stays)."""
+    unique = {(r.channel, r.address_hash): r for r in rows}
+    if not unique:
+        return
+    await conn.execute(
+        insert(suppressions)
+        .values(
+            [
+                {
+                    "channel": r.channel,
+                    "address_hash": r.address_hash,
+                    "reason": r.reason[:40],
+                    "customer_id": r.customer_id,
+                    "created_at": now,
+                }
+                for r in unique.values()
+            ]
+        )
+        .on_conflict_do_nothing(
+            index_elements=[suppressions.c.channel, suppressions.c.address_hash]
+        )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimUpdate:
+    """A claimed row's new state: ``sending`` (attempt counted) or final without a send."""
+
+    id: int
+    state: str
+    error: str | None = None
+    subject: str | None = None
+    body: str | None = None
+
+
+_MARK_CLAIMED = text(
+    "UPDATE deliveries AS d SET state = u.state, error = u.error, subject = u.subject, "
+    "body = u.body, attempts = d.attempts + u.inc, not_before = NULL, updated_at = :now "
+    "FROM unnest(CAST(:ids AS bigint[]), CAST(:states AS text[]), CAST(:errors AS text[]), "
+    "CAST(:subjects AS text[]), CAST(:bodies AS text[]), CAST(:incs AS integer[])) "
+    "AS u(id, state, error, subject, body, inc) WHERE d.id = u.id"
+)
+
+
+async def mark_claimed(
+    conn: AsyncConnection, updates: Sequence[ClaimUpdate], now: datetime
+) -> None:
+    if not updates:
+        return
+    await conn.execute(
+        _MARK_CLAIMED,
+        {
+            "now": now,
+            "ids": [u.id for u in updates],
+            "states": [u.state for u in updates],
+            "errors": [u.error for u in updates],
+            "subjects": [u.subject for u in updates],
+            "bodies": [u.body for u in updates],
+            "incs": [1 if u.state == SENDING else 0 for u in updates],
+        },
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """What happened to a send: the row moves on only if it is still ours (``attempts``)."""
+
+    id: int
+    attempts: int
+    state: str
+    provider: str | None = None
+    provider_message_id: str | None = None
+    error: str | None = None
+    sent_at: datetime | None = None
+    not_before: datetime | None = None
+
+
+_FINISH = text(
+    "UPDATE deliveries AS d SET state = u.state, provider = u.provider, "
+    "provider_message_id = u.pmid, error = u.error, sent_at = u.sent_at, "
+    "not_before = u.not_before, updated_at = :now "
+    "FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]), "
+    "CAST(:states AS text[]), CAST(:providers AS text[]), CAST(:pmids AS text[]), "
+    "CAST(:errors AS text[]), CAST(:sent AS timestamptz[]), CAST(:not_before AS timestamptz[])) "
+    "AS u(id, attempts, state, provider, pmid, error, sent_at, not_before) "
+    "WHERE d.id = u.id AND d.state = 'sending' AND d.attempts = u.attempts "
+    "RETURNING d.id"
+)
+
+
+async def finish(conn: AsyncConnection, rows: Sequence[Finish], now: datetime) -> set[int]:
+    """Record send results; returns the ids that were still ``sending`` by this attempt (a
+    row another dispatcher recovered in the meantime is left alone)."""
+    if not rows:
+        return set()
+    result = await conn.execute(
+        _FINISH,
+        {
+            "now": now,
+            "ids": [r.id for r in rows],
+            "attempts": [r.attempts for r in rows],
+            "states": [r.state for r in rows],
+            "providers": [r.provider for r in rows],
+            "pmids": [r.provider_message_id for r in rows],
+            "errors": [r.error[:2000] if r.error else None for r in rows],
+            "sent": [r.sent_at for r in rows],
+            "not_before": [r.not_before for r in rows],
+        },
+    )
+    return {r.id for r in result}
+
+
+_STALE = text(
+    "SELECT id, idempotency_key, case_id, step_key, customer_id, channel, template, variant, "
+    "crm_owner, attempts, command, provider, provider_message_id FROM deliveries "
+    "WHERE state = 'sending' AND updated_at < :cutoff "
+    "ORDER BY updated_at LIMIT :n FOR UPDATE SKIP LOCKED"
+)
+
+
+async def stale_sending(conn: AsyncConnection, cutoff: datetime, n: int) -> Sequence[RowMapping]:
+    """Deliveries left ``sending`` since before ``cutoff``: their dispatcher died mid-send."""
+    return (await conn.execute(_STALE, {"cutoff": cutoff, "n": n})).mappings().all()
+
+
+async def requeue(conn: AsyncConnection, ids: Sequence[int], now: datetime) -> None:
+    if ids:
+        await conn.execute(
+            deliveries.update()
+            .where(deliveries.c.id.in_(list(ids)))
+            .values(state=QUEUED, not_before=None, updated_at=now)
+        )
+
+
+async def fail(conn: AsyncConnection, ids: Sequence[int], reason: str, now: datetime) -> None:
+    if ids:
+        await conn.execute(
+            deliveries.update()
+            .where(deliveries.c.id.in_(list(ids)))
+            .values(state=FAILED, error=reason, updated_at=now)
+        )
+
+
+_ERASED_CUSTOMER = bindparam(
+    "erased", value={"email": None, "phone": None, "name": None}, type_=JSONB
+)
+
+
+async def erase(
+    conn: AsyncConnection, customer_ids: Sequence[str], now: datetime
+) -> Sequence[RowMapping]:
+    """GDPR erasure: queued deliveries end suppressed (returned, for their outcome events);
+    rendered messages and contact points go from every delivery of these customers."""
+    if not customer_ids:
+        return []
+    ids = sorted(set(customer_ids))
+    cancelled = (
+        (
+            await conn.execute(
+                deliveries.update()
+                .where(deliveries.c.customer_id.in_(ids), deliveries.c.state == QUEUED)
+                .values(state=SUPPRESSED, error="customer erased", updated_at=now)
+                .returning(*deliveries.c)
+            )
+        )
+        .mappings()
+        .all()
+    )
+    customer = func.coalesce(deliveries.c.command["customer"], text("'{}'::jsonb"))
+    await conn.execute(
+        deliveries.update()
+        .where(deliveries.c.customer_id.in_(ids))
+        .values(
+            subject=None,
+            body=None,
+            command=func.jsonb_set(
+                deliveries.c.command,
+                text("'{customer}'"),
+                customer.op("||")(_ERASED_CUSTOMER),
+            ),
+            updated_at=now,
+        )
+    )
+    return cancelled
+
+
+async def find_for_events(
+    conn: AsyncConnection,
+    keys: Sequence[str],
+    message_ids: Sequence[str],
+    providers: Sequence[str],
+) -> list[RowMapping]:
+    """Deliveries matching provider events: by our idempotency key (echoed in provider
+    metadata), or by the provider's message id."""
+    conditions: list[ColumnElement[bool]] = []
+    if keys:
+        conditions.append(deliveries.c.idempotency_key.in_(sorted(set(keys))))
+    if message_ids and providers:
+        conditions.append(
+            and_(
+                deliveries.c.provider.in_(sorted(set(providers))),
+                deliveries.c.provider_message_id.in_(sorted(set(message_ids))),
+            )
+        )
+    if not conditions:
+        return []
+    rows = await conn.execute(deliveries.select().where(or_(*conditions)))
+    return list(rows.mappings())
+
+
+async def contact_points(conn: AsyncConnection, customer_id: str, channel: str) -> set[str]:
+    """Every address we know for the customer on the channel (profile and past deliveries)."""
+    field = {"email": "email", "sms": "phone"}.get(channel)
+    if field is None:
+        return set()
+    found: set[str] = set()
+    profile = await conn.scalar(
+        select(scheduler_customers.c[field]).where(scheduler_customers.c.id == customer_id)
+    )
+    if profile:
+        found.add(profile)
+    rows = await conn.execute(
+        select(deliveries.c.command["customer"][field].astext)
+        .where(deliveries.c.customer_id == customer_id, deliveries.c.channel == channel)
+        .distinct()
+    )
+    found.update(value for (value,) in rows if value)
+    return found
+
+
+async def count_by_state(conn: AsyncConnection) -> dict[str, int]:
+    """Queued and sending deliveries (both have partial indexes)."""
+    queued = await conn.scalar(
+        select(func.count()).select_from(deliveries).where(deliveries.c.state == QUEUED)
+    )
+    sending = await conn.scalar(
+        select(func.count()).select_from(deliveries).where(deliveries.c.state == SENDING)
+    )
+    return {QUEUED: int(queued or 0), SENDING: int(sending or 0)}

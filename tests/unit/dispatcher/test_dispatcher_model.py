@@ -1,0 +1,141 @@
+"""Dispatch commands, the re-check before a send, and suppression keys: pure decisions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.dispatcher.model import (
+    DispatchCommand,
+    SendState,
+    address_hash,
+    cause_of,
+    customer_key_hash,
+    parse_command,
+    recheck,
+    suppression_keys,
+)
+from services.scheduler.store import address_hash as scheduler_address_hash
+from shared.errors import InvalidEvent
+
+
+def command(**changes: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "idempotency_key": "case-1:d0",
+        "case_id": "case-1",
+        "step_id": 4,
+        "step_key": "d0",
+        "channel": "email",
+        "template": "we_miss_you",
+        "variant": "control",
+        "offer": None,
+        "customer": {"id": "cus_1", "email": "a@example.com", "crm_owner": "o-1"},
+        "features": [],
+    }
+    data.update(changes)
+    return data
+
+
+def test_a_valid_command_is_read_whole() -> None:
+    parsed = parse_command(command())
+    assert parsed == DispatchCommand(
+        idempotency_key="case-1:d0",
+        case_id="case-1",
+        step_key="d0",
+        customer_id="cus_1",
+        channel="email",
+        template="we_miss_you",
+        variant="control",
+        crm_owner="o-1",
+        data=command(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"idempotency_key": ""}, "data.idempotency_key"),
+        ({"case_id": None}, "data.case_id"),
+        ({"step_key": "x" * 101}, "data.step_key"),
+        ({"channel": "pigeon"}, "data.channel"),
+        ({"template": 3}, "data.template"),
+        ({"customer": "cus_1"}, "data.customer"),
+        ({"customer": {"email": "a@example.com"}}, "data.customer.id"),
+        ({"features": "Dashboards"}, "data.features"),
+        ({"offer": 50}, "data.offer"),
+    ],
+)
+def test_a_bad_command_names_the_field(changes: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidEvent) as info:
+        parse_command(command(**changes))
+    assert info.value.code == "invalid_payload"
+    assert info.value.field == field
+
+
+def test_the_stored_event_reference_becomes_the_cause_of_outcomes() -> None:
+    cause = cause_of({"_event": {"id": "e1", "source": "/s", "correlation": "corr-9"}})
+    assert cause is not None
+    assert (cause.id, cause.source, cause.correlation_id) == ("e1", "/s", "corr-9")
+    assert cause_of({}) is None
+
+
+OPEN = SendState(case_status="open", customer_found=True, consent={})
+DEFAULTS = ("email", "crm")
+
+
+@pytest.mark.parametrize(
+    ("state", "channel", "reason"),
+    [
+        (OPEN, "email", None),
+        (OPEN, "crm", None),
+        (SendState(case_status=None, customer_found=True), "email", "case not found"),
+        (SendState(case_status="closed", customer_found=True), "email", "case closed"),
+        (SendState(case_status="paused", customer_found=True), "email", "case paused"),
+        (SendState(case_status="open", customer_found=False), "email", "customer not found"),
+        (SendState("open", True, erased=True), "email", "customer erased"),
+        (
+            SendState("open", True, opted_out_all=True),
+            "email",
+            "customer opted out of all messages",
+        ),
+        (SendState("open", True, consent={"email": False}), "email", "consent withdrawn for email"),
+        (SendState("open", True, consent={}), "sms", "no consent recorded for sms"),
+        (SendState("open", True, consent={"sms": True}), "sms", None),
+        (
+            SendState("open", True, suppressed_channels=["email"]),
+            "email",
+            "email suppressed for this customer",
+        ),
+        (
+            SendState("open", True, suppressed_reason="hard bounce"),
+            "email",
+            "suppressed: hard bounce",
+        ),
+    ],
+)
+def test_the_recheck_before_a_send(state: SendState, channel: str, reason: str | None) -> None:
+    assert recheck(channel, state, DEFAULTS) == reason
+
+
+@given(st.sampled_from(["email", "sms"]), st.text(min_size=1, max_size=60))
+def test_address_hashes_equal_the_schedulers(channel: str, address: str) -> None:
+    """An erasure's hashes (computed by the scheduler) must meet ours."""
+    assert address_hash(channel, address) == scheduler_address_hash(channel, address)
+
+
+def test_email_hashes_ignore_case_and_spaces_but_phone_hashes_keep_digits() -> None:
+    assert address_hash("email", " A@Example.COM ") == address_hash("email", "a@example.com")
+    assert address_hash("sms", "+358401") != address_hash("sms", "+358402")
+    assert address_hash("email", "x") != address_hash("sms", "x")
+
+
+def test_suppression_keys_hold_the_customer_and_the_address() -> None:
+    assert suppression_keys("email", "cus_1", "a@example.com") == [
+        customer_key_hash("email", "cus_1"),
+        address_hash("email", "a@example.com"),
+    ]
+    assert suppression_keys("crm", "cus_1", None) == [customer_key_hash("crm", "cus_1")]
+    assert customer_key_hash("email", "cus_1") != customer_key_hash("sms", "cus_1")
