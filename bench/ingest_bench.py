@@ -270,7 +270,7 @@ def cli(argv: list[str] | None = None) -> None:
     p.add_argument("--events", type=int, default=100_000)
     p.add_argument("--partitions", type=int, default=6)
     p.add_argument("--batch", type=int, default=1000)
-    p.add_argument("--workers", type=int, default=2, help="ingest consumer processes")
+    p.add_argument("--workers", type=int, default=3, help="ingest consumer processes")
     p.add_argument("--rate", type=float, default=2000, help="steady-load events/s")
     p.add_argument("--seconds", type=float, default=10, help="steady-load duration")
     asyncio.run(main(p.parse_args(argv)))
