@@ -3,9 +3,6 @@ consumers (set ``WINBACK_OUTBOX__RELAY_ENABLED=false`` on those)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -28,17 +25,9 @@ def bootstrap(
     )
     core = build_core(relay_settings, engine=engine, transport=transport, clock=clock)
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await core.runtime.start()
-        try:
-            yield
-        finally:
-            await core.runtime.stop()
-
     app = create_app(
         "winback outbox relay",
-        checks=[("database", core.runtime.check_database), ("kafka", core.runtime.check_kafka)],
-        lifespan=lifespan,
+        checks=core.runtime.readiness_checks,
+        lifespan=core.runtime.lifespan,
     )
     return core, app

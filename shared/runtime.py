@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -39,6 +40,35 @@ class Runtime:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
+    @property
+    def readiness_checks(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+        """What ``/ready`` checks: the database and the broker."""
+        return [("database", self.check_database), ("kafka", self.check_kafka)]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Any = None) -> AsyncIterator[None]:
+        """The FastAPI lifespan of a service: start every part, stop them on shutdown."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    def every(self, name: str, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+        """Run ``job`` every ``seconds`` as a supervised part (gauges and housekeeping); a
+        failing run is logged and the next one comes on time."""
+
+        async def loop() -> None:
+            while not self._stopping.is_set():
+                try:
+                    await job()
+                except Exception:
+                    log.warning("periodic job failed", extra={"part": name}, exc_info=True)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), seconds)
+
+        self.extra_parts.append((name, loop, lambda: None))
+
     async def check_database(self) -> None:
         async with self.engine.connect() as conn:
             await asyncio.wait_for(conn.execute(text("SELECT 1")), timeout=3)
@@ -54,8 +84,8 @@ class Runtime:
             await self.publisher.start()
             parts.append(("outbox-relay", self.relay.run, self.relay.stop))
         parts += [(f"consumer:{c.name}", c.run, c.stop) for c in self.consumers]
+        self.every("gauges", self.gauge_seconds, self._gauges)
         parts += self.extra_parts
-        parts.append(("gauges", self._gauges, lambda: None))
         for name, run, _ in parts:
             self._tasks.append(asyncio.create_task(self._supervise(name, run), name=name))
         self._parts = parts
@@ -78,15 +108,9 @@ class Runtime:
                 delay = min(delay * 2, 30)
 
     async def _gauges(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                await self.relay.report_backlog()
-                for consumer in self.consumers:
-                    await consumer.report_lag()
-            except Exception:
-                log.warning("could not refresh gauges", exc_info=True)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.gauge_seconds)
+        await self.relay.report_backlog()
+        for consumer in self.consumers:
+            await consumer.report_lag()
 
     async def stop(self, timeout: float = 30) -> None:
         self._stopping.set()

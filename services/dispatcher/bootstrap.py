@@ -9,8 +9,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -226,15 +225,9 @@ def bootstrap(
     stopping = asyncio.Event()
 
     async def gauges() -> None:
-        while not stopping.is_set():
-            try:
-                async with core.engine.connect() as conn:
-                    for state, count in (await store.count_by_state(conn)).items():
-                        metrics.DELIVERIES.labels(state).set(count)
-            except Exception:
-                log.warning("could not refresh dispatcher gauges", exc_info=True)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), 5)
+        async with core.engine.connect() as conn:
+            for state, count in (await store.count_by_state(conn)).items():
+                metrics.DELIVERIES.labels(state).set(count)
 
     async def close_clients() -> None:
         """Close our HTTP clients once the sender has finished what was in flight."""
@@ -247,22 +240,14 @@ def bootstrap(
     core.runtime.consumers.append(consumer)
     core.runtime.extra_parts += [
         ("delivery-sender", sender.run, sender.stop),
-        ("dispatcher-gauges", gauges, stopping.set),
         ("http-clients", close_clients, stopping.set),
     ]
+    core.runtime.every("dispatcher-gauges", 5, gauges)
     core.runtime.topics = [topics.dispatch, topics.erasure, topics.outcomes, topics.dead_letter]
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await core.runtime.start()
-        try:
-            yield
-        finally:
-            await core.runtime.stop()
 
     app = create_app(
         "winback dispatcher",
-        checks=[("database", core.runtime.check_database), ("kafka", core.runtime.check_kafka)],
+        checks=core.runtime.readiness_checks,
         routers=[
             webhooks_router(webhooks, auth, core.clock),
             unsubscribe_router(
@@ -274,7 +259,7 @@ def bootstrap(
                 postal_address=d.postal_address,
             ),
         ],
-        lifespan=lifespan,
+        lifespan=core.runtime.lifespan,
     )
     return DispatcherService(
         core=core,

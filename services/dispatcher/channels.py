@@ -10,10 +10,8 @@ Such a delivery ends as ``message.failed`` with an "outcome unknown" reason.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import ssl
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -243,7 +241,6 @@ def make_http_clients(settings: DispatcherSettings) -> list[httpx.AsyncClient]:
             pooled_client(max_connections=http.max_connections, timeout=timeout, ssl_context=tls)
             for _ in range(http.clients)
         ]
-    _skip_missing_sniffio()
     limits = httpx.Limits(
         max_connections=http.max_connections,
         max_keepalive_connections=http.max_connections,
@@ -252,15 +249,6 @@ def make_http_clients(settings: DispatcherSettings) -> list[httpx.AsyncClient]:
     return [
         httpx.AsyncClient(limits=limits, timeout=timeout, verify=tls) for _ in range(http.clients)
     ]
-
-
-def _skip_missing_sniffio() -> None:
-    """httpcore tries ``import sniffio`` on every request; without the package installed each
-    try searches the whole ``sys.path`` (about 80 ``stat`` calls — the largest single cost of
-    a request in our profile). Marking the absent module absent makes that import fail at
-    once; installing ``sniffio`` would do the same."""
-    if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
-        sys.modules["sniffio"] = None  # type: ignore[assignment]
 
 
 def _secret(provider: ProviderSettings) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI
@@ -72,17 +70,9 @@ def bootstrap(
     core.runtime.consumers += [consumer, erasure]
     core.runtime.topics = [*topics.inbound, topics.domain, topics.erasure, topics.dead_letter]
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await core.runtime.start()
-        try:
-            yield
-        finally:
-            await core.runtime.stop()
-
     app = create_app(
         "winback ingest",
-        checks=[("database", core.runtime.check_database), ("kafka", core.runtime.check_kafka)],
+        checks=core.runtime.readiness_checks,
         routers=[
             api.router(
                 pipeline,
@@ -91,6 +81,6 @@ def bootstrap(
                 settings.ingest.http_batch_limit,
             )
         ],
-        lifespan=lifespan,
+        lifespan=core.runtime.lifespan,
     )
     return IngestService(core, pipeline, consumer, app)

@@ -3,10 +3,7 @@ the status API and the gauges."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -77,22 +74,13 @@ def bootstrap(
         poll_seconds=settings.scheduler.poll_seconds,
         offer_valid=timedelta(days=settings.scheduler.offer_valid_days),
     )
-    stopping = asyncio.Event()
-
-    async def gauges() -> None:
-        while not stopping.is_set():
-            try:
-                await metrics.refresh(core.engine, core.clock.now())
-            except Exception:
-                log.warning("could not refresh scheduler gauges", exc_info=True)
-            with suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), 10)
-
     core.runtime.consumers.append(consumer)
     core.runtime.extra_parts += [
         ("step-timer", firer.run, firer.stop),
-        ("scheduler-gauges", gauges, stopping.set),
     ]
+    core.runtime.every(
+        "scheduler-gauges", 10, lambda: metrics.refresh(core.engine, core.clock.now())
+    )
     core.runtime.topics = [
         topics.domain,
         topics.outcomes,
@@ -101,17 +89,9 @@ def bootstrap(
         topics.dead_letter,
     ]
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await core.runtime.start()
-        try:
-            yield
-        finally:
-            await core.runtime.stop()
-
     app = create_app(
         "winback scheduler",
-        checks=[("database", core.runtime.check_database), ("kafka", core.runtime.check_kafka)],
+        checks=core.runtime.readiness_checks,
         routers=[
             api.router(
                 core.engine,
@@ -124,6 +104,6 @@ def bootstrap(
                 fallback_timezone=settings.scheduler.fallback_timezone,
             )
         ],
-        lifespan=lifespan,
+        lifespan=core.runtime.lifespan,
     )
     return SchedulerService(core, playbooks, pipeline, consumer, firer, app)
