@@ -17,9 +17,13 @@
 The fake provider runs in a process of its own so its HTTP parsing does not eat the
 dispatcher's CPU.
 
+With ``--processes N`` (N > 1) the dispatcher runs as N ``winback dispatcher`` processes, as
+it is deployed scaled out (one consumer group, claims with ``FOR UPDATE SKIP LOCKED``); their
+CPU time and peak RSS are read from /proc.
+
 Run: .venv/bin/python -m bench.dispatcher_bench [--commands 20000] [--latency 0.05]
-     [--rate 500 --seconds 10] [--in-flight 1024 --clients 4 --connections 256]
-     [--transport pooled|httpx] [--profile FILE]
+     [--processes 1] [--rate 500 --seconds 10] [--in-flight 1024 --clients 4
+     --connections 256] [--transport pooled|httpx] [--profile FILE]
 Starts its own PostgreSQL (pgserver) and Kafka unless DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS.
 """
 
@@ -27,9 +31,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -42,10 +49,12 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import func, select, text
 
-from services.dispatcher.bootstrap import bootstrap
+from services.dispatcher.bootstrap import CONSUMER, bootstrap
 from services.dispatcher.channels import make_http_clients
+from services.dispatcher.providers.base import post
 from shared import domain_events as de
 from shared.db import migrate
 from shared.db.engine import make_engine, normalise_url
@@ -183,7 +192,8 @@ async def seed(db_url: str, run: str, n: int) -> None:
 
 async def bare_httpx(settings: Settings, port: int, n: int, transport: str) -> float:
     """Reference: clients like the dispatcher's (same count, pool size and concurrency) over
-    ``transport``, POSTing straight to the fake."""
+    ``transport``, POSTing straight to the fake through the adapters' ``post`` (the same
+    request path, JSON encoding included, minus everything else the dispatcher does)."""
     http = settings.dispatcher.http.model_copy(update={"transport": transport})
     clients = make_http_clients(settings.dispatcher.model_copy(update={"http": http}))
     body = {
@@ -201,8 +211,12 @@ async def bare_httpx(settings: Settings, port: int, n: int, transport: str) -> f
 
     async def one(i: int) -> None:
         async with gate:
-            response = await clients[i % len(clients)].post(
-                url, json=body, headers={"Authorization": "Bearer SG.bench"}
+            response = await post(
+                clients[i % len(clients)],
+                "sendgrid",
+                url,
+                json=body,
+                headers={"Authorization": "Bearer SG.bench"},
             )
             assert response.status_code == 202
 
@@ -241,6 +255,103 @@ async def latency(engine: Any, since_id: int) -> tuple[float, float, float]:
     return float(p50), float(p99), float(worst or float("nan"))
 
 
+def settings_overrides(
+    args: argparse.Namespace, db_url: str, servers: str, port: int, runid: str
+) -> dict[str, Any]:
+    return {
+        "database": {"url": db_url, "pool_size": 10},
+        "kafka": {"bootstrap_servers": servers, "max_batch": args.batch},
+        "topics": {
+            "dispatch": f"bench-dispatch-{runid}",
+            "outcomes": f"bench-outcomes-{runid}",
+            "erasure": f"bench-erasure-{runid}",
+            "dead_letter": f"bench-dlq-{runid}",
+            "partitions": args.partitions,
+        },
+        "dispatcher": {
+            "email": {
+                "primary": {
+                    "kind": "sendgrid",
+                    "base_url": f"http://127.0.0.1:{port}",
+                    "api_key": "SG.bench",
+                    "from_address": "hello@acme.example",
+                }
+            },
+            "max_in_flight": args.in_flight,
+            "http": {
+                "clients": args.clients,
+                "max_connections": args.connections,
+                "transport": args.transport,
+            },
+            "claim_batch": args.batch,
+            "poll_seconds": 0.02,
+        },
+    }
+
+
+def as_env(overrides: dict[str, Any], prefix: str = "WINBACK_") -> dict[str, str]:
+    """The same settings as environment variables (``__`` nests), for ``winback dispatcher``."""
+    env: dict[str, str] = {}
+    for key, value in overrides.items():
+        name = f"{prefix}{key.upper()}"
+        if isinstance(value, dict):
+            env.update(as_env(value, name + "__"))
+        else:
+            env[name] = str(value)
+    return env
+
+
+# --- dispatcher processes (--processes N > 1) -----------------------------------------------
+
+
+class Workers:
+    """N ``winback dispatcher`` processes (one consumer group; claims with SKIP LOCKED; the
+    outbox relay in each, one of them leading), with their CPU time and peak RSS from /proc."""
+
+    def __init__(self, n: int, env: dict[str, str], logs: Path) -> None:
+        winback = str(Path(sys.executable).with_name("winback"))
+        self.logs = logs
+        self.procs: list[subprocess.Popen[bytes]] = []
+        for i in range(n):
+            with (logs / f"dispatcher-{i}.log").open("ab") as out:
+                self.procs.append(
+                    subprocess.Popen([winback, "dispatcher"], env=env, stdout=out, stderr=out)
+                )
+
+    def check(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is not None:
+                for log in sorted(self.logs.iterdir()):
+                    print(f"--- {log.name}\n{log.read_text()[-3000:]}", file=sys.stderr)
+                raise SystemExit(f"a dispatcher process exited with {proc.returncode}")
+
+    def cpu_seconds(self) -> float:
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for proc in self.procs:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+        return total
+
+    def rss_mb(self) -> list[float]:
+        """Peak resident memory (VmHWM) of each process."""
+        peaks = []
+        for proc in self.procs:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks.append(int(line.split()[1]) / 1024)
+        return peaks
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 # --- the run -------------------------------------------------------------------------------
 
 
@@ -274,6 +385,25 @@ async def main(args: argparse.Namespace) -> None:
             fake.join(10)
 
 
+async def group_ready(servers: str, group: str, members: int, timeout: float = 120) -> None:
+    """Wait until the consumer group is ``Stable`` with ``members`` members (so the burst is
+    not measured across the workers' joins and the rebalances they cause)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=servers)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):  # the coordinator may not exist yet
+                (response,) = await admin.describe_consumer_groups([group])
+                for described in response.groups:
+                    if described[2] == "Stable" and len(described[5]) == members:
+                        return
+            await asyncio.sleep(0.5)
+        raise SystemExit(f"consumer group {group} not stable with {members} members in time")
+    finally:
+        await admin.close()
+
+
 async def run(
     args: argparse.Namespace, db_url: str, servers: str, port: int, fake: Connection
 ) -> None:
@@ -281,35 +411,8 @@ async def run(
     runid = uuid.uuid4().hex[:6]
     n = args.commands
     steady = int(args.rate * args.seconds)
-    settings = load_settings(
-        database={"url": db_url, "pool_size": 10},
-        kafka={"bootstrap_servers": servers, "max_batch": args.batch},
-        topics={
-            "dispatch": f"bench-dispatch-{runid}",
-            "outcomes": f"bench-outcomes-{runid}",
-            "erasure": f"bench-erasure-{runid}",
-            "dead_letter": f"bench-dlq-{runid}",
-            "partitions": args.partitions,
-        },
-        dispatcher={
-            "email": {
-                "primary": {
-                    "kind": "sendgrid",
-                    "base_url": f"http://127.0.0.1:{port}",
-                    "api_key": "SG.bench",
-                    "from_address": "hello@acme.example",
-                }
-            },
-            "max_in_flight": args.in_flight,
-            "http": {
-                "clients": args.clients,
-                "max_connections": args.connections,
-                "transport": args.transport,
-            },
-            "claim_batch": args.batch,
-            "poll_seconds": 0.02,
-        },
-    )
+    overrides = settings_overrides(args, db_url, servers, port, runid)
+    settings = load_settings(**overrides)
     reference = await bare_httpx(settings, port, args.reference, args.transport)
     other = "httpx" if args.transport == "pooled" else "pooled"
     reference_other = await bare_httpx(settings, port, args.reference // 5, other)
@@ -317,10 +420,12 @@ async def run(
     fake.recv()
 
     await seed(db_url, runid, n + steady)
-    engine = make_engine(db_url, pool_size=10)
-    service = bootstrap(settings, engine=engine)
+    engine = make_engine(db_url, pool_size=2)
     transport = KafkaTransport(servers)
-    await transport.ensure_topics(service.core.runtime.topics, args.partitions)
+    topics = settings.topics
+    await transport.ensure_topics(
+        [topics.dispatch, topics.outcomes, topics.erasure, topics.dead_letter], args.partitions
+    )
 
     async def sent() -> int:
         async with engine.connect() as conn:
@@ -331,41 +436,72 @@ async def run(
                 or 0
             )
 
-    await service.core.runtime.start()
-    await service.core.runtime.wait_consuming()
-    rss_idle = rss_mb()
-    if args.profile:
-        import cProfile
+    service = None
+    workers = None
+    with ExitStack() as stack:
+        if args.processes == 1:
+            service = bootstrap(settings, engine=make_engine(db_url, pool_size=10))
+            await service.core.runtime.start()
+            await service.core.runtime.wait_consuming()
+        else:
+            logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-logs-")))
+            env = {
+                **os.environ,
+                **as_env(overrides),
+                "WINBACK_HTTP__DISPATCHER_PORT": "0",
+                "WINBACK_HTTP__RELAY_PORT": "0",
+                "WINBACK_LOG_LEVEL": "WARNING",
+            }
+            workers = Workers(args.processes, env, logs)
+            stack.callback(workers.stop)
+            await group_ready(servers, CONSUMER, args.processes)
 
-        prof = cProfile.Profile()
-        prof.enable()
-    started, cpu_started = time.perf_counter(), cpu_seconds()
-    await produce(servers, settings.topics.dispatch, 0, n, runid)
-    produced = time.perf_counter() - started
-    while await sent() < n:  # noqa: ASYNC110 - polling the database is the measurement
-        await asyncio.sleep(0.05)
-    burst_seconds = time.perf_counter() - started
-    burst_cpu = cpu_seconds() - cpu_started
-    if args.profile:
-        import pstats
+        def process_cpu() -> float:
+            return cpu_seconds() if workers is None else workers.cpu_seconds()
 
-        prof.disable()
-        prof.dump_stats(args.profile)
-        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
-    burst_p50, burst_p99, burst_max = await latency(engine, 0)
-    rss_burst = rss_mb()
+        def process_rss() -> list[float]:
+            return [rss_mb()] if workers is None else workers.rss_mb()
 
-    async with engine.connect() as conn:
-        last_id = int(await conn.scalar(select(func.max(deliveries.c.id))) or 0)
-    if steady:
-        await produce(servers, settings.topics.dispatch, n, steady, runid, rate=args.rate)
-        while await sent() < n + steady:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-    steady_p50, steady_p99, steady_max = await latency(engine, last_id)
-    rss_end = rss_mb()
-    await asyncio.sleep(1)  # let the relay publish the last outcome events
-    await service.core.runtime.stop()
-    await service.aclose()
+        async def wait_sent(total: int) -> None:
+            while await sent() < total:
+                if workers is not None:
+                    workers.check()
+                await asyncio.sleep(0.05)
+
+        rss_idle = process_rss()
+        if args.profile and service is not None:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
+        print(f"burst: {n} commands (pid {os.getpid()})", file=sys.stderr, flush=True)
+        started, cpu_started = time.perf_counter(), process_cpu()
+        await produce(servers, topics.dispatch, 0, n, runid)
+        produced = time.perf_counter() - started
+        await wait_sent(n)
+        burst_seconds = time.perf_counter() - started
+        burst_cpu = process_cpu() - cpu_started
+        if args.profile and service is not None:
+            import pstats
+
+            prof.disable()
+            prof.dump_stats(args.profile)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+        burst_p50, burst_p99, burst_max = await latency(engine, 0)
+        rss_burst = process_rss()
+
+        async with engine.connect() as conn:
+            last_id = int(await conn.scalar(select(func.max(deliveries.c.id))) or 0)
+        if steady:
+            await produce(servers, topics.dispatch, n, steady, runid, rate=args.rate)
+            await wait_sent(n + steady)
+        steady_p50, steady_p99, steady_max = await latency(engine, last_id)
+        rss_end = process_rss()
+        await asyncio.sleep(1)  # let the relay publish the last outcome events
+        if service is not None:
+            await service.core.runtime.stop()
+            await service.aclose()
+            await service.core.engine.dispose()
     async with engine.connect() as conn:
         states: dict[str, int] = dict(
             (
@@ -379,9 +515,18 @@ async def run(
     fake.send("stats")
     stats = fake.recv()
 
+    def mb(values: list[float]) -> str:
+        return " + ".join(f"{v:,.0f}" for v in values) + " MB"
+
     rate = n / burst_seconds
+    where = (
+        "in the bench process (producer included)"
+        if workers is None
+        else f"{args.processes} winback dispatcher processes"
+    )
     print(f"commands (burst)              {n} (produced in {produced:.1f} s)")
     print(f"fake provider latency         {args.latency * 1000:.0f} ms")
+    print(f"dispatcher                    {where}")
     print(f"in flight / clients x conns   {args.in_flight} / {args.clients} x {args.connections}")
     print(
         f"bare httpx reference          {reference:,.0f} requests/s over the {args.transport} "
@@ -392,8 +537,8 @@ async def run(
         f"{rate / reference:.0%} of the bare httpx rate over the same transport)"
     )
     print(
-        f"dispatcher process CPU        {burst_cpu:.1f} s = {burst_cpu / burst_seconds:.0%} of "
-        f"one core, {burst_cpu / n * 1000:.2f} ms per send (producer included)"
+        f"dispatcher CPU                {burst_cpu:.1f} s = {burst_cpu / burst_seconds:.0%} of "
+        f"one core, {burst_cpu / n * 1000:.2f} ms per send"
     )
     print(
         f"burst command→send latency    p50 {burst_p50:,.0f} ms, p99 {burst_p99:,.0f} ms, "
@@ -405,8 +550,8 @@ async def run(
             f"p50 {steady_p50:,.0f} ms, p99 {steady_p99:,.0f} ms, max {steady_max:,.0f} ms"
         )
     print(
-        f"peak RSS                      idle {rss_idle:,.0f} MB, after burst {rss_burst:,.0f} MB, "
-        f"at end {rss_end:,.0f} MB"
+        f"peak RSS per process          idle {mb(rss_idle)}, after burst {mb(rss_burst)}, "
+        f"at end {mb(rss_end)}"
     )
     print(f"deliveries by state           {states}")
     print(
@@ -429,7 +574,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=256, help="dispatcher.http.max_connections")
     p.add_argument("--transport", choices=["pooled", "httpx"], default="pooled")
     p.add_argument("--reference", type=int, default=10_000, help="bare httpx requests")
-    p.add_argument("--profile", metavar="FILE", help="cProfile the burst, stats to FILE")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="dispatcher processes: 1 runs it in the bench process, N > 1 starts N "
+        "`winback dispatcher` processes",
+    )
+    p.add_argument("--profile", metavar="FILE", help="cProfile the burst (--processes 1)")
     return p.parse_args(argv)
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,6 +225,35 @@ class PooledTransport(httpx.AsyncBaseTransport):
         return sum(len(v) for v in self._idle.values())
 
 
+class PooledClient(httpx.AsyncClient):
+    """An ``httpx.AsyncClient`` over a ``PooledTransport``, with a lean path for provider calls.
+
+    ``post_bytes`` hands one ready request straight to the transport: it skips the client
+    machinery provider calls never use (cookie jar, auth flows, redirect handling, event
+    hooks, base-URL merging), which cost about 40% of a request's CPU in ``bench/`` (≈170 of
+    ≈400 µs). Everything else — ``post``, ``send``, ``stream`` — is plain httpx.
+    """
+
+    def __init__(self, *, transport: PooledTransport, timeout: httpx.Timeout, **kwargs: Any):
+        super().__init__(transport=transport, timeout=timeout, **kwargs)
+        self.pooled = transport
+        self._timeouts = self.timeout.as_dict()
+
+    async def post_bytes(
+        self, url: httpx.URL | str, content: bytes, headers: Mapping[str, str]
+    ) -> httpx.Response:
+        """POST ``content`` with the client's default headers overridden by ``headers``;
+        returns the answer read whole. Raises httpx's exceptions, like ``post``."""
+        merged = self.headers.copy()
+        merged.update(headers)
+        request = httpx.Request(
+            "POST", url, content=content, headers=merged, extensions={"timeout": self._timeouts}
+        )
+        response = await self.pooled.handle_async_request(request)
+        await response.aread()
+        return response
+
+
 def client(
     *,
     max_connections: int,
@@ -232,11 +261,11 @@ def client(
     ssl_context: ssl.SSLContext | None = None,
     keepalive_expiry: float = 30.0,
     **kwargs: Any,
-) -> httpx.AsyncClient:
-    """An ``httpx.AsyncClient`` over a ``PooledTransport``."""
+) -> PooledClient:
+    """A ``PooledClient``: an ``httpx.AsyncClient`` over a ``PooledTransport``."""
     transport = PooledTransport(
         max_connections=max_connections,
         keepalive_expiry=keepalive_expiry,
         ssl_context=ssl_context,
     )
-    return httpx.AsyncClient(transport=transport, timeout=timeout, **kwargs)
+    return PooledClient(transport=transport, timeout=timeout, **kwargs)

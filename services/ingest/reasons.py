@@ -6,28 +6,10 @@ are matched by keyword; anything else is ``unknown`` (the raw reason is kept bes
 
 from __future__ import annotations
 
-from typing import Literal
+from shared.churn import CHURN_REASONS, ChurnReason
 
-Reason = Literal[
-    "price",
-    "missing_feature",
-    "poor_experience",
-    "budget",
-    "competitor",
-    "situational",
-    "unused",
-    "unknown",
-]
-REASONS: tuple[Reason, ...] = (
-    "price",
-    "missing_feature",
-    "poor_experience",
-    "budget",
-    "competitor",
-    "situational",
-    "unused",
-    "unknown",
-)
+Reason = ChurnReason
+REASONS = CHURN_REASONS
 
 _EXACT: dict[str, Reason] = {
     # Stripe cancellation_details.feedback

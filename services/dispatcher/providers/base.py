@@ -17,13 +17,16 @@ Adapters never retry: retries, circuit breaking, rate limiting and failover are 
 from __future__ import annotations
 
 import re
+from base64 import b64encode
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Final, Literal, Protocol, runtime_checkable
+from urllib.parse import urlencode
 
 import httpx
+import orjson
 
 from services.dispatcher.errors import (
     PermanentSendError,
@@ -32,6 +35,7 @@ from services.dispatcher.errors import (
     TransientSendError,
 )
 from services.dispatcher.rendering import Channel, RenderedMessage
+from services.dispatcher.transport import PooledClient
 from shared.clock import Clock
 
 TaskPriority = Literal["LOW", "MEDIUM", "HIGH"]
@@ -171,10 +175,35 @@ def check_e164(provider: str, number: str) -> None:
         )
 
 
-async def post(client: httpx.AsyncClient, provider: str, url: str, **kwargs: Any) -> httpx.Response:
-    """POST through ``client``, translating transport failures into ``TransientSendError``."""
+async def post(
+    client: httpx.AsyncClient,
+    provider: str,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    json: Any = None,
+    form: Mapping[str, str] | None = None,
+    content: bytes | None = None,
+) -> httpx.Response:
+    """POST a JSON body, a form or raw ``content`` through ``client``, translating transport
+    failures into ``TransientSendError``.
+
+    Bodies are encoded here (JSON with orjson: compact UTF-8, as httpx's own ``json=``), and
+    over a ``PooledClient`` the request takes its lean path (no cookies, auth flows or
+    redirects — provider calls use none of them; credentials are plain headers)."""
+    sent = dict(headers)
+    if json is not None:
+        body = orjson.dumps(json)
+        sent.setdefault("Content-Type", "application/json")
+    elif form is not None:
+        body = urlencode(form).encode()
+        sent.setdefault("Content-Type", "application/x-www-form-urlencoded")
+    else:
+        body = content or b""
     try:
-        return await client.post(url, **kwargs)
+        if isinstance(client, PooledClient):
+            return await client.post_bytes(url, body, sent)
+        return await client.post(url, content=body, headers=sent)
     except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
         raise TransientSendError(
             f"could not connect in time ({type(exc).__name__})", provider=provider
@@ -195,6 +224,11 @@ async def post(client: httpx.AsyncClient, provider: str, url: str, **kwargs: Any
             provider=provider,
             ambiguous=True,
         ) from exc
+
+
+def basic_auth(username: str, password: str) -> str:
+    """The ``Authorization`` value for HTTP Basic credentials (RFC 7617, UTF-8)."""
+    return "Basic " + b64encode(f"{username}:{password}".encode()).decode("ascii")
 
 
 def json_body(response: httpx.Response) -> Any:

@@ -30,6 +30,7 @@ from services.dispatcher.errors import (
 from services.dispatcher.providers.base import (
     OutboundMessage,
     SendResult,
+    basic_auth,
     check_e164,
     generic_error,
     json_body,
@@ -70,7 +71,7 @@ class TwilioProvider:
         if (from_number is None) == (messaging_service_sid is None):
             raise ValueError("give exactly one of from_number and messaging_service_sid")
         self._client = client
-        self._auth = httpx.BasicAuth(account_sid, auth_token)
+        self._auth = basic_auth(account_sid, auth_token)
         self._sender = (
             {"From": from_number}
             if from_number is not None
@@ -110,9 +111,8 @@ class TwilioProvider:
             self._client,
             self._name,
             self._url,
-            data=self.build_request(message),
-            auth=self._auth,
-            headers={IDEMPOTENCY_HEADER: message.idempotency_key},
+            form=self.build_request(message),
+            headers={"Authorization": self._auth, IDEMPOTENCY_HEADER: message.idempotency_key},
         )
         payload = json_body(response)
         if response.status_code in (200, 201):
@@ -149,6 +149,7 @@ class TwilioProvider:
                 status_code=status,
                 error_code=error_code,
                 suppress=True,
+                unsubscribed=code == UNSUBSCRIBED_RECIPIENT,
             )
         if code in _CONFIGURATION_CODES or status in (401, 403):
             return ProviderConfigurationError(

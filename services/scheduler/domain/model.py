@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, TypeAlias
 
+from shared.churn import CHURN_REASONS as CHURN_REASONS
+from shared.churn import ChurnReason as ChurnReason
+
 Channel: TypeAlias = Literal["email", "sms", "crm", "webhook"]
 CHANNELS: tuple[Channel, ...] = ("email", "sms", "crm", "webhook")
 
@@ -20,26 +23,6 @@ Engagement: TypeAlias = Literal["high", "medium", "low"]
 EpisodeKind: TypeAlias = Literal[
     "subscription_cancelled", "trial_expired", "user_inactive", "lead_lost"
 ]
-ChurnReason: TypeAlias = Literal[
-    "price",
-    "missing_feature",
-    "poor_experience",
-    "budget",
-    "competitor",
-    "situational",
-    "unused",
-    "unknown",
-]
-CHURN_REASONS: tuple[ChurnReason, ...] = (
-    "price",
-    "missing_feature",
-    "poor_experience",
-    "budget",
-    "competitor",
-    "situational",
-    "unused",
-    "unknown",
-)
 LifecycleType: TypeAlias = Literal["passive_user", "churned_customer", "lost_lead", "expired_trial"]
 ValueTier: TypeAlias = Literal["high", "medium", "low", "unknown"]
 EngagementLevel: TypeAlias = Literal["high", "medium", "low", "unknown"]

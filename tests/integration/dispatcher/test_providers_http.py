@@ -36,6 +36,7 @@ from services.dispatcher.resilience import (
     RetryPolicy,
 )
 from services.dispatcher.signatures import verify_winback_webhook
+from services.dispatcher.transport import client as pooled_client
 from shared.clock import FrozenClock
 from tests.fakes.provider_server import (
     FakeProviderServer,
@@ -90,9 +91,17 @@ async def server() -> AsyncIterator[FakeProviderServer]:
         yield fake
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(0.4)) as http:
+@pytest.fixture(params=["httpx", "pooled"])
+async def client(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
+    """Every adapter test runs over httpx's own transport and over the ``PooledClient``'s lean
+    path (``post_bytes``), which the dispatcher uses by default."""
+    timeout = httpx.Timeout(0.4)
+    http = (
+        httpx.AsyncClient(timeout=timeout)
+        if request.param == "httpx"
+        else pooled_client(max_connections=16, timeout=timeout)
+    )
+    async with http:
         yield http
 
 
