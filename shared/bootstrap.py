@@ -16,6 +16,7 @@ from shared.db.engine import make_engine
 from shared.errors import ConfigError
 from shared.messaging.kafka import KafkaTransport
 from shared.messaging.outbox import OutboxRelay
+from shared.messaging.retention import Retention
 from shared.messaging.transport import Transport
 from shared.runtime import Runtime
 from shared.settings import Settings
@@ -59,7 +60,6 @@ def build_core(
         clock,
         batch_size=settings.outbox.batch_size,
         idle_poll_seconds=settings.outbox.idle_poll_seconds,
-        keep_published=timedelta(hours=settings.outbox.keep_published_hours),
     )
     runtime = Runtime(
         engine=engine,
@@ -71,4 +71,14 @@ def build_core(
         replication=settings.topics.replication,
         relay_enabled=settings.outbox.relay_enabled,
     )
+    # Every service prunes the shared tables: old inbox rows, published outbox rows.
+    retention = Retention(
+        engine,
+        clock,
+        keep_inbox=timedelta(days=settings.retention.keep_inbox_days),
+        keep_published=timedelta(hours=settings.outbox.keep_published_hours),
+        batch_size=settings.retention.batch_size,
+        max_batches_per_run=settings.retention.max_batches_per_run,
+    )
+    runtime.every("retention", settings.retention.interval_seconds, retention)
     return Core(settings, engine, transport, clock, runtime)

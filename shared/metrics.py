@@ -31,3 +31,8 @@ OUTBOX_OLDEST_AGE = Gauge(
 )
 OUTBOX_PUBLISHED = Counter("winback_outbox_published_total", "Outbox rows published", ["topic"])
 HTTP_EVENTS = Counter("winback_http_events_total", "Events posted over HTTP, by result", ["result"])
+RETENTION_PRUNED = Counter(
+    "winback_retention_pruned_rows_total",
+    "Rows deleted by the retention job, by table (inbox, outbox)",
+    ["table"],
+)

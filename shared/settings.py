@@ -141,7 +141,39 @@ class OutboxSettings(BaseModel):
     )
     batch_size: int = Field(default=1000, ge=1, le=50_000)
     idle_poll_seconds: float = Field(default=0.05, gt=0, le=60)
-    keep_published_hours: float = Field(default=24, ge=0)
+    keep_published_hours: float = Field(
+        default=24, ge=0, description="published outbox rows are deleted after this long"
+    )
+
+
+class RetentionSettings(BaseModel):
+    """Housekeeping of the shared loop's tables, run by every service (``retention`` job).
+
+    ``keep_inbox_days``: how long an inbox row — the proof that a consumer already handled an
+    event ``(source, id)`` — is kept. A redelivery of an event whose row is gone is handled a
+    second time, so this must be comfortably longer than any record can be redelivered:
+    Kafka re-reads at most what a topic still retains (a consumer group whose positions are
+    lost starts at the earliest record, ``auto_offset_reset=earliest``). We create our topics
+    without ``retention.ms``, so they take the broker's default: 7 days on a stock broker
+    (``docker-compose.yml``), 24 hours on the local broker ``winback run --local-kafka``
+    starts. Kafka deletes whole segments only, so a record may outlive the retention by up to a
+    segment's age (``segment.ms``, 7 days on a stock broker): the default of 14 days covers a
+    stock broker's 7 + 7 days. Raise it above ``retention.ms`` + ``segment.ms`` if your topics
+    keep records longer. The in-process bus keeps every record and the groups' positions (in
+    its file); it redelivers what lies past a group's committed position, which is recent.
+
+    Published outbox rows are kept by ``outbox.keep_published_hours`` and pruned by the same
+    job. Each run deletes at most ``batch_size`` rows per transaction, and at most
+    ``max_batches_per_run`` batches per table; the rest waits ``interval_seconds`` for the
+    next run.
+    """
+
+    keep_inbox_days: float = Field(
+        default=14, ge=1, description="inbox (dedupe) rows are deleted after this long"
+    )
+    batch_size: int = Field(default=5000, ge=1, le=100_000, description="rows per transaction")
+    max_batches_per_run: int = Field(default=100, ge=1, le=100_000)
+    interval_seconds: float = Field(default=300, gt=0, le=86_400)
 
 
 # --- dispatcher ------------------------------------------------------------------------------
@@ -439,6 +471,7 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
 
     @model_validator(mode="after")

@@ -3,6 +3,7 @@
 One relay publishes at a time (a transaction-scoped advisory lock), so rows go out in id
 order and one customer's events keep their order; other relays wait as stand-bys. A crash
 between publish and mark yields at most a duplicate, which the consumers' inboxes absorb.
+Published rows are deleted later by the retention job (``shared.messaging.retention``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import asyncio
 import base64
 import contextlib
 import logging
-from datetime import timedelta
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -33,14 +33,12 @@ class OutboxRelay:
         clock: Clock,
         batch_size: int = 1000,
         idle_poll_seconds: float = 0.05,
-        keep_published: timedelta = timedelta(hours=24),
     ) -> None:
         self.engine = engine
         self.publisher = publisher
         self.clock = clock
         self.batch_size = batch_size
         self.idle_poll_seconds = idle_poll_seconds
-        self.keep_published = keep_published
         self._stopping = asyncio.Event()
 
     async def publish_once(self) -> int:
@@ -82,14 +80,6 @@ class OutboxRelay:
             metrics.OUTBOX_PUBLISHED.labels(r.topic).inc()
         return len(rows)
 
-    async def prune(self) -> int:
-        async with self.engine.begin() as conn:
-            result = await conn.execute(
-                text("DELETE FROM outbox WHERE published_at < :cutoff"),
-                {"cutoff": self.clock.now() - self.keep_published},
-            )
-        return int(getattr(result, "rowcount", 0) or 0)
-
     async def report_backlog(self) -> None:
         async with self.engine.connect() as conn:
             row = (
@@ -107,7 +97,7 @@ class OutboxRelay:
     async def run(self) -> None:
         await self.publisher.start()
         delay = self.idle_poll_seconds
-        pruned_at = 0.0
+        reported_at = 0.0
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             try:
@@ -117,10 +107,9 @@ class OutboxRelay:
                 log.exception("outbox relay failed; retrying")
                 sent = 0
                 delay = min(max(delay * 2, 0.1), 5.0)
-            if loop.time() - pruned_at > 60:
-                pruned_at = loop.time()
+            if loop.time() - reported_at > 60:
+                reported_at = loop.time()
                 try:
-                    await self.prune()
                     await self.report_backlog()
                 except Exception:
                     log.exception("outbox housekeeping failed")

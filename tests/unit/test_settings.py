@@ -63,3 +63,22 @@ def test_production_refuses_the_development_api_key(monkeypatch: pytest.MonkeyPa
 def test_comma_lists_are_accepted_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WINBACK_TOPICS__INBOUND", "a, b,c")
     assert load_settings().topics.inbound == ["a", "b", "c"]
+
+
+def test_inbox_retention_outlasts_a_stock_kafka_topic(monkeypatch: pytest.MonkeyPatch) -> None:
+    retention = load_settings().retention
+    # a stock broker keeps a record 7 days (retention.ms) plus up to a segment's 7 (segment.ms)
+    assert retention.keep_inbox_days >= 14
+    assert retention.batch_size >= 1
+    monkeypatch.setenv("WINBACK_RETENTION__KEEP_INBOX_DAYS", "30")
+    monkeypatch.setenv("WINBACK_RETENTION__INTERVAL_SECONDS", "60")
+    retention = load_settings().retention
+    assert (retention.keep_inbox_days, retention.interval_seconds) == (30, 60)
+
+
+def test_a_too_short_inbox_retention_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WINBACK_RETENTION__KEEP_INBOX_DAYS", "0.5")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "environment variable WINBACK_RETENTION__KEEP_INBOX_DAYS" in str(info.value)
+    assert "greater than or equal to 1" in str(info.value)
