@@ -393,11 +393,19 @@ class DispatcherSettings(BaseModel):
         return value
 
     def worst_send_seconds(self) -> float:
-        """The longest one claimed delivery may take through its whole provider chain."""
+        """The longest one claimed delivery may take through its whole provider chain,
+        including the wait in a provider's rate limiter behind every other send in flight."""
         chain = max(len(self.channel(c).providers) for c in CHANNEL_KINDS)
         wait = max(self.retry.max_delay, self.retry.max_retry_after + self.retry.base_delay)
         call = self.http.connect_timeout + self.http.read_timeout
-        return chain * self.retry.max_attempts * (call + wait)
+        rates = [
+            p.rate_per_second
+            for c in CHANNEL_KINDS
+            for p in self.channel(c).providers
+            if p.rate_per_second
+        ]
+        queue = max((self.max_in_flight / r for r in rates), default=0.0)
+        return chain * (self.retry.max_attempts * (call + wait) + queue)
 
     @model_validator(mode="after")
     def _check(self) -> DispatcherSettings:
@@ -423,7 +431,8 @@ class DispatcherSettings(BaseModel):
             raise ValueError(
                 "dispatcher.stale_sending_seconds: must be at least "
                 f"{self.worst_send_seconds():.0f} s, the longest a send may take with these "
-                "timeouts and retries; a slow send must never look like a crashed one"
+                "timeouts, retries and rate limits (max_in_flight sends queued behind the "
+                "slowest rate); a slow send must never look like a crashed one"
             )
         hooks = self.webhooks
         if (hooks.postmark_username is None) != (hooks.postmark_password is None):

@@ -53,6 +53,7 @@ from services.dispatcher.resilience import (
     CircuitState,
     FailoverSender,
     GuardedProvider,
+    Limiter,
     RetryPolicy,
     StateListener,
     rate_limiter,
@@ -251,6 +252,16 @@ def make_http_clients(settings: DispatcherSettings) -> list[httpx.AsyncClient]:
     ]
 
 
+def provider_limiter(rate: float | None) -> Limiter | None:
+    """``rate`` requests per second; below 1/s, one request per ``1 / rate`` seconds (a
+    bucket must hold at least one request)."""
+    if not rate:
+        return None
+    if rate >= 1:
+        return rate_limiter(rate)
+    return rate_limiter(1, 1 / rate)
+
+
 def _secret(provider: ProviderSettings) -> str:
     return provider.api_key.get_secret_value() if provider.api_key is not None else ""
 
@@ -377,9 +388,7 @@ def build_channels(
             guarded = GuardedProvider(
                 provider=Instrumented(adapter),
                 breaker=breaker,
-                limiter=rate_limiter(provider.rate_per_second)
-                if provider.rate_per_second
-                else None,
+                limiter=provider_limiter(provider.rate_per_second),
             )
             policy = RetryPolicy(
                 max_attempts=retry.max_attempts,

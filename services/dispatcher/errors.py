@@ -84,6 +84,9 @@ class CircuitOpenError(TransientSendError):
 class PermanentSendError(SendError):
     """The send can never succeed as it stands: do not retry; ``suppress`` the address if set.
 
+    ``unsubscribed`` says the recipient opted out at the provider (Twilio 21610: they replied
+    STOP): besides the suppression, the customer counts as unsubscribed from the channel.
+
     ``provider_fault`` is false here: the message or the recipient is the problem, so another
     provider would refuse it too and failover is pointless.
     """
@@ -98,9 +101,11 @@ class PermanentSendError(SendError):
         status_code: int | None = None,
         error_code: str | None = None,
         suppress: bool = False,
+        unsubscribed: bool = False,
     ) -> None:
         super().__init__(reason, provider=provider, status_code=status_code, error_code=error_code)
-        self.suppress = suppress
+        self.suppress = suppress or unsubscribed
+        self.unsubscribed = unsubscribed
 
 
 class ProviderConfigurationError(PermanentSendError):
@@ -149,7 +154,8 @@ class DeliveryFailedError(SendError):
     ``permanent`` is true when the last failure was a ``PermanentSendError`` about the message or
     recipient (no later retry can help); otherwise the failure was transient everywhere and the
     caller may reschedule, no sooner than ``retry_after`` seconds if that is set. ``suppress``
-    is true when any provider said the address should be suppressed.
+    is true when any provider said the address should be suppressed, ``unsubscribed`` when one
+    said the recipient opted out there.
     """
 
     def __init__(self, attempts: Sequence[FailedAttempt]) -> None:
@@ -161,6 +167,9 @@ class DeliveryFailedError(SendError):
         self.permanent = isinstance(last, PermanentSendError) and not last.provider_fault
         self.suppress = any(
             isinstance(a.error, PermanentSendError) and a.error.suppress for a in self.attempts
+        )
+        self.unsubscribed = any(
+            isinstance(a.error, PermanentSendError) and a.error.unsubscribed for a in self.attempts
         )
         hints = [
             a.error.retry_after

@@ -39,6 +39,7 @@ from babel.numbers import format_currency
 from jinja2 import (
     FileSystemLoader,
     StrictUndefined,
+    Template,
     TemplateNotFound,
     TemplateSyntaxError,
     UndefinedError,
@@ -317,6 +318,10 @@ class TemplateRenderer:
         }
         self._offer_codes = frozenset(code for table in self._offers.values() for code in table)
         self._parts_present: dict[tuple[str, str, Channel], bool] = {}
+        # per message these would otherwise parse the locale (Babel) and look the compiled
+        # template up through Jinja's locked LRU cache; neither result changes while we run
+        self._resolved: dict[tuple[str, Channel, str | None], _ResolvedLocale] = {}
+        self._templates: dict[str, Template] = {}
 
     @property
     def locales(self) -> tuple[str, ...]:
@@ -467,6 +472,24 @@ class TemplateRenderer:
     def _resolve_locale(
         self, template: str, channel: Channel, requested: str | None
     ) -> _ResolvedLocale:
+        key = (template, channel, requested)
+        resolved = self._resolved.get(key)
+        if resolved is None:
+            resolved = self._resolve_locale_uncached(template, channel, requested)
+            if len(self._resolved) >= 4096:  # requested locales come from customer data
+                self._resolved.clear()
+            self._resolved[key] = resolved
+        return resolved
+
+    def _template(self, name: str) -> Template:
+        found = self._templates.get(name)
+        if found is None:
+            found = self._templates[name] = self._env.get_template(name)
+        return found
+
+    def _resolve_locale_uncached(
+        self, template: str, channel: Channel, requested: str | None
+    ) -> _ResolvedLocale:
         parsed = _parse_locale(requested)
         candidates: list[str] = []
         if parsed is not None:
@@ -506,7 +529,7 @@ class TemplateRenderer:
             _PARTS[channel], self._names(resolved.template_locale, template, channel), strict=True
         ):
             try:
-                out = self._env.get_template(name).render(variables)
+                out = self._template(name).render(variables)
             except UndefinedError as exc:
                 raise TemplateError(
                     f"template {name!r} uses a field its spec does not provide: {exc.message}",

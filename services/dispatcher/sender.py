@@ -38,6 +38,7 @@ from services.dispatcher.channels import ChannelSender
 from services.dispatcher.compose import Composer, Profile
 from services.dispatcher.errors import DeliveryFailedError, PermanentSendError, SendError
 from services.dispatcher.model import (
+    CUSTOMER_UNSUBSCRIBED,
     MESSAGE_FAILED,
     MESSAGE_SENT,
     MESSAGE_SUPPRESSED,
@@ -46,6 +47,7 @@ from services.dispatcher.model import (
     SendState,
     address_hash,
     cause_of,
+    customer_key_hash,
     outcome_data,
     recheck,
     suppression_keys,
@@ -205,6 +207,18 @@ class DeliverySender:
                 elif finish.state == store.FAILED:
                     self._emit(tx, delivery, MESSAGE_FAILED, finish.provider, None, finish.error)
                     suppress += _suppressions(outcome)
+                    error = outcome.error
+                    if isinstance(error, DeliveryFailedError) and error.unsubscribed:
+                        # the recipient opted out at the provider (replied STOP): the same
+                        # event an unsubscribe webhook yields, so the scheduler closes the case
+                        self._emit(
+                            tx,
+                            delivery,
+                            CUSTOMER_UNSUBSCRIBED,
+                            finish.provider,
+                            None,
+                            _unsubscribe_reason(error),
+                        )
                 metrics.MESSAGES.labels(
                     delivery.channel,
                     finish.provider or "-",
@@ -474,7 +488,8 @@ def _last_provider(error: SendError) -> str | None:
 
 def _suppressions(outcome: Outcome) -> list[store.Suppression]:
     """A permanent refusal that says the address is dead (Twilio 21610, Postmark 406, an
-    invalid address) puts the address on the suppression list."""
+    invalid address) puts the address on the suppression list; an opt-out at the provider
+    (21610) suppresses the customer on that channel too, as an unsubscribe click does."""
     error = outcome.error
     if not isinstance(error, DeliveryFailedError) or not error.suppress:
         return []
@@ -482,17 +497,26 @@ def _suppressions(outcome: Outcome) -> list[store.Suppression]:
     channel = message.channel.value
     if channel not in ("email", "sms") or not message.to:
         return []
-    last = next(
+    last = _suppressing_error(error)
+    reason = f"{last.provider or 'provider'}: {last.error_code or 'refused'}"
+    customer = outcome.claimed.delivery.customer_id
+    rows = [store.Suppression(channel, address_hash(channel, message.to), reason, customer)]
+    if error.unsubscribed:
+        rows.append(
+            store.Suppression(channel, customer_key_hash(channel, customer), reason, customer)
+        )
+    return rows
+
+
+def _suppressing_error(error: DeliveryFailedError) -> PermanentSendError:
+    return next(
         a.error
         for a in reversed(error.attempts)
         if isinstance(a.error, PermanentSendError) and a.error.suppress
     )
-    reason = f"{last.provider or 'provider'}: {last.error_code or 'refused'}"
-    return [
-        store.Suppression(
-            channel,
-            address_hash(channel, message.to),
-            reason,
-            outcome.claimed.delivery.customer_id,
-        )
-    ]
+
+
+def _unsubscribe_reason(error: DeliveryFailedError) -> str:
+    last = _suppressing_error(error)
+    code = f" ({last.error_code})" if last.error_code else ""
+    return f"recipient opted out at {last.provider or 'the provider'}{code}"

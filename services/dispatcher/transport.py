@@ -238,16 +238,24 @@ class PooledClient(httpx.AsyncClient):
         super().__init__(transport=transport, timeout=timeout, **kwargs)
         self.pooled = transport
         self._timeouts = self.timeout.as_dict()
+        self._defaults = list(self.headers.items())
+        self._urls: dict[str, httpx.URL] = {}
 
     async def post_bytes(
-        self, url: httpx.URL | str, content: bytes, headers: Mapping[str, str]
+        self, url: str, content: bytes, headers: Mapping[str, str]
     ) -> httpx.Response:
         """POST ``content`` with the client's default headers overridden by ``headers``;
         returns the answer read whole. Raises httpx's exceptions, like ``post``."""
-        merged = self.headers.copy()
-        merged.update(headers)
+        parsed = self._urls.get(url)
+        if parsed is None:  # a provider posts to one or two URLs: parse each once
+            if len(self._urls) >= 64:
+                self._urls.clear()
+            parsed = self._urls[url] = httpx.URL(url)
+        given = {name.lower() for name in headers}
+        merged = [(k, v) for k, v in self._defaults if k not in given]
+        merged.extend(headers.items())
         request = httpx.Request(
-            "POST", url, content=content, headers=merged, extensions={"timeout": self._timeouts}
+            "POST", parsed, content=content, headers=merged, extensions={"timeout": self._timeouts}
         )
         response = await self.pooled.handle_async_request(request)
         await response.aread()

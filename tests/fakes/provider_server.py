@@ -29,6 +29,7 @@ import hmac
 import itertools
 import json
 import re
+import time
 import uuid
 from collections import deque
 from collections.abc import Mapping
@@ -136,7 +137,10 @@ def hubspot_rate_limit(
 
 @dataclass(slots=True)
 class RecordedRequest:
-    """One request as the fake received it, and what it did with it."""
+    """One request as the fake received it, and what it did with it.
+
+    ``received_at`` is ``time.monotonic()`` when the whole request had arrived (before any
+    injected latency or fault), for assertions on request rates."""
 
     provider: ProviderName | None
     method: str
@@ -148,6 +152,7 @@ class RecordedRequest:
     status: int | None = None
     accepted: bool = False
     replayed: bool = False
+    received_at: float = 0.0
 
     @property
     def json(self) -> Any:
@@ -341,7 +346,9 @@ class FakeProviderServer:
         path = request.target.decode()
         headers = {k.decode().lower(): v.decode() for k, v in request.headers}
         provider = self._route(request.method.decode(), path)
-        record = RecordedRequest(provider, request.method.decode(), path, headers, body)
+        record = RecordedRequest(
+            provider, request.method.decode(), path, headers, body, received_at=time.monotonic()
+        )
         self.requests.append(record)
         if provider is None:
             await self._write(conn, writer, _Answer(404, b'{"error":"not found"}'))

@@ -5,8 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
+from aiolimiter import AsyncLimiter
 
-from services.dispatcher.channels import ChannelSender, OutcomeUnknownError, Route, is_idempotent
+from services.dispatcher.channels import (
+    ChannelSender,
+    OutcomeUnknownError,
+    Route,
+    is_idempotent,
+    provider_limiter,
+)
 from services.dispatcher.errors import (
     DeliveryFailedError,
     PermanentSendError,
@@ -160,3 +167,18 @@ async def test_everything_down_lists_every_attempt() -> None:
 )
 def test_which_providers_absorb_a_resend(settings: dict[str, str], idempotent: bool) -> None:
     assert is_idempotent(ProviderSettings.model_validate(settings)) is idempotent
+
+
+@pytest.mark.parametrize(("rate", "per", "period"), [(50.0, 50, 1.0), (1.0, 1, 1.0), (0.5, 1, 2.0)])
+async def test_a_provider_rate_becomes_a_limiter_that_can_always_grant_one_request(
+    rate: float, per: float, period: float
+) -> None:
+    limiter = provider_limiter(rate)
+    assert isinstance(limiter, AsyncLimiter)
+    assert (limiter.max_rate, limiter.time_period) == (per, period)
+    await limiter.acquire()  # below 1/s the bucket still holds one request
+    assert limiter.has_capacity() is (per > 1)
+
+
+def test_no_rate_means_no_limiter() -> None:
+    assert provider_limiter(None) is None

@@ -76,6 +76,11 @@ def test_providers_come_from_nested_environment_variables(
         ({"PUBLIC_BASE_URL": "winback.example.com"}, "http(s) URL"),
         ({"STALE_SENDING_SECONDS": "10"}, "stale_sending_seconds: must be at least"),
         ({"MAX_IN_FLIGHT": "0"}, "WINBACK_DISPATCHER__MAX_IN_FLIGHT"),
+        (
+            # 512 sends queued behind 0.2/s wait 2560 s: longer than the stale limit (1800 s)
+            {"EMAIL__PRIMARY__RATE_PER_SECOND": "0.2"},
+            "timeouts, retries and rate limits",
+        ),
     ],
 )
 def test_a_bad_dispatcher_setting_is_named_with_the_reason(
