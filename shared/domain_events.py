@@ -18,8 +18,10 @@ DISPATCH_REQUESTED = f"{PREFIX}.dispatch.requested"
 CASE_WON_BACK = f"{PREFIX}.case.won_back"
 CASE_OPENED = f"{PREFIX}.case.opened"
 CASE_CLOSED = f"{PREFIX}.case.closed"
+CASE_MIGRATED = f"{PREFIX}.case.migrated"
 
 # dispatcher → everyone (topic: topics.outcomes)
 MESSAGE_SENT = f"{PREFIX}.message.sent"
 MESSAGE_FAILED = f"{PREFIX}.message.failed"
 MESSAGE_SUPPRESSED = f"{PREFIX}.message.suppressed"
+CUSTOMER_UNSUBSCRIBED = f"{PREFIX}.customer.unsubscribed"

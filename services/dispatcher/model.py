@@ -22,7 +22,7 @@ MESSAGE_OPENED: Final = f"{de.PREFIX}.message.opened"
 MESSAGE_CLICKED: Final = f"{de.PREFIX}.message.clicked"
 MESSAGE_BOUNCED: Final = f"{de.PREFIX}.message.bounced"
 MESSAGE_COMPLAINED: Final = f"{de.PREFIX}.message.complained"
-CUSTOMER_UNSUBSCRIBED: Final = f"{de.PREFIX}.customer.unsubscribed"
+CUSTOMER_UNSUBSCRIBED: Final = de.CUSTOMER_UNSUBSCRIBED
 
 CHANNELS: Final = ("email", "sms", "crm", "webhook")
 OUTCOME_UNKNOWN_AFTER_CRASH: Final = "outcome unknown after crash"

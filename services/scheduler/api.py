@@ -1,5 +1,6 @@
 """The status API other services query: a customer's win-back state, case lists and controls,
-and GDPR erasure. Every route needs a bearer token; errors are problem+json."""
+moving open cases onto a new playbook version, and GDPR erasure. Every route needs a bearer
+token; errors are problem+json."""
 
 from __future__ import annotations
 
@@ -9,12 +10,19 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, Path, Query
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Row, and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.scheduler import store
+from services.scheduler.case_migration import (
+    CaseMigrator,
+    InvalidMigration,
+    MigrationRun,
+    UnknownPlaybook,
+)
 from services.scheduler.domain import DEFAULT_LADDER, Playbook, find_playbook
+from services.scheduler.views import migration_json
 from shared import domain_events as de
 from shared.clock import Clock
 from shared.db.tables import case_steps, cases, scheduler_customers
@@ -23,6 +31,7 @@ from shared.messaging.pipeline import Tx, write_outbox
 
 CustomerId = Annotated[str, Path(min_length=1, max_length=200)]
 CaseId = Annotated[str, Path(min_length=1, max_length=36)]
+PlaybookName = Annotated[str, Path(min_length=1, max_length=100)]
 
 
 class StepOut(BaseModel):
@@ -75,6 +84,104 @@ class WinbackStatus(BaseModel):
 class CasePage(BaseModel):
     items: list[CaseOut]
     next_cursor: str | None
+
+
+class MigrationIn(BaseModel):
+    """Move open cases of a playbook from one version to another."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    from_version: Annotated[int, Field(strict=True, ge=1, description="the cases' version")]
+    to_version: Annotated[
+        int | None, Field(strict=True, ge=1, description="default: the latest loaded version")
+    ] = None
+    dry_run: Annotated[
+        bool, Field(strict=True, description="plan and show each case's changes; write nothing")
+    ] = False
+    limit: Annotated[
+        int, Field(strict=True, ge=1, le=10_000, description="at most this many cases per call")
+    ] = 1000
+
+
+class PlannedStepOut(BaseModel):
+    step_key: str
+    channel: str
+    template: str
+    offer: str | None
+    variant: str
+    window: str
+    due_at: datetime
+    original_due_at: datetime
+
+
+class CancelledStepOut(BaseModel):
+    step_key: str
+    cause: str = Field(description="removed, missed, not_planned, now_triggered or horizon")
+    due_at: datetime
+
+
+class ChangedStepOut(PlannedStepOut):
+    changed: list[str] = Field(description="the fields that changed")
+    from_due_at: datetime | None = None
+
+
+class CaseMigrationOut(BaseModel):
+    case_id: str
+    customer_id: str
+    status: str
+    expires_at: datetime
+    added: list[PlannedStepOut]
+    cancelled: list[CancelledStepOut]
+    retimed: list[ChangedStepOut]
+    updated: list[ChangedStepOut]
+    kept: list[str] = Field(description="steps left as they are: sent, in flight, skipped, …")
+    unchanged: list[str]
+
+
+class MigrationOut(BaseModel):
+    playbook: str
+    from_version: int
+    to_version: int
+    dry_run: bool
+    cases_migrated: int = Field(description="cases moved (a dry run: that would be moved)")
+    cases_skipped: int = Field(description="closed or moved meanwhile by another call")
+    steps_added: int
+    steps_cancelled: int
+    steps_retimed: int
+    steps_updated: int
+    remaining: int = Field(description="open cases still on from_version after this call")
+    cases: list[CaseMigrationOut] | None = Field(
+        default=None, description="each case's changes (dry run only)"
+    )
+
+
+def _migration_out(run: MigrationRun) -> MigrationOut:
+    return MigrationOut(
+        playbook=run.playbook,
+        from_version=run.from_version,
+        to_version=run.to_version,
+        dry_run=run.dry_run,
+        cases_migrated=len(run.cases),
+        cases_skipped=run.skipped,
+        steps_added=run.total("added"),
+        steps_cancelled=run.total("cancelled"),
+        steps_retimed=run.total("retimed"),
+        steps_updated=run.total("updated"),
+        remaining=run.remaining,
+        cases=[
+            CaseMigrationOut.model_validate(
+                {
+                    "case_id": c.case_id,
+                    "customer_id": c.customer_id,
+                    "status": c.status,
+                    **migration_json(c.migration),
+                }
+            )
+            for c in run.cases
+        ]
+        if run.dry_run
+        else None,
+    )
 
 
 def _local(when: datetime, tz: str | None, fallback: str) -> str:
@@ -368,6 +475,44 @@ def router(
             summary=f"{action.capitalize()} a case",
             name=f"{action}_case",
         )
+
+    migrator = CaseMigrator(
+        engine, clock, playbooks, outcomes_topic, source, fallback_timezone=fallback_timezone
+    )
+
+    @api.post(
+        "/playbooks/{name}/migrations",
+        response_model=MigrationOut,
+        responses=responses,
+        summary="Move open cases onto another version of their playbook",
+        description=(
+            "Moves at most `limit` open (or paused) cases running `from_version` onto "
+            "`to_version` (default: the latest loaded version), one transaction per case: "
+            "sent and in-flight steps are kept, pending steps the new version drops are "
+            "cancelled (reason `migrated`), changed ones retimed or updated, new ones planned "
+            "as for a case opened now. Publishes `case.migrated` per case. `remaining` says how "
+            "many cases are left: call again until it is 0."
+        ),
+    )
+    async def migrate_cases(name: PlaybookName, body: MigrationIn) -> MigrationOut:
+        try:
+            run = await migrator.run(
+                name,
+                body.from_version,
+                body.to_version,
+                dry_run=body.dry_run,
+                limit=body.limit,
+            )
+        except UnknownPlaybook as exc:
+            raise Problem(404, "Not found", str(exc)) from None
+        except InvalidMigration as exc:
+            raise Problem(
+                422,
+                "Invalid parameter",
+                str(exc),
+                errors=[{"field": exc.field, "reason": exc.reason}],
+            ) from None
+        return _migration_out(run)
 
     @api.delete(
         "/customers/{customer_id}",

@@ -10,7 +10,7 @@ from datetime import timedelta
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.scheduler import api, metrics
+from services.scheduler import api, metrics, reports
 from services.scheduler.domain import OFFERS, TEMPLATE_NAMES, Playbook, load_playbooks
 from services.scheduler.handler import SchedulerHandler
 from services.scheduler.timers import StepFirer
@@ -89,6 +89,7 @@ def bootstrap(
         topics.dead_letter,
     ]
 
+    auth = bearer_auth(settings.http.api_keys)
     app = create_app(
         "winback scheduler",
         checks=core.runtime.readiness_checks,
@@ -97,12 +98,13 @@ def bootstrap(
                 core.engine,
                 core.clock,
                 playbooks,
-                bearer_auth(settings.http.api_keys),
+                auth,
                 erasure_topic=topics.erasure,
                 outcomes_topic=topics.outcomes,
                 source=SOURCE,
                 fallback_timezone=settings.scheduler.fallback_timezone,
-            )
+            ),
+            reports.router(core.engine, core.clock, auth),
         ],
         lifespan=core.runtime.lifespan,
     )

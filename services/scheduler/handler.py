@@ -61,7 +61,7 @@ OUTCOME_EVENTS = {
         "complained",
     )
 }
-UNSUBSCRIBED = f"{de.PREFIX}.customer.unsubscribed"
+UNSUBSCRIBED = de.CUSTOMER_UNSUBSCRIBED
 
 
 @dataclass(frozen=True)
@@ -309,6 +309,9 @@ class SchedulerHandler:
         )
 
     async def _unsubscribed(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
+        # from a message (link, reply STOP, provider report): the step records it too, so
+        # the results report can count unsubscribes per step and variant
+        await self._outcome(tx, event)
         cid = event.data["customer_id"]
         channel = event.data.get("channel") or "all"
         await store.set_consent(tx.conn, cid, channel, False, tx.now)

@@ -11,7 +11,8 @@ from sqlalchemy import Row, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.scheduler.domain import SentStep
+from services.scheduler.domain import MIGRATED, Migration, PlannedStep, SentStep
+from services.scheduler.views import step_row
 from shared.db.tables import case_steps, cases, scheduler_customers, win_backs
 
 OPEN = ("open", "paused")
@@ -267,3 +268,135 @@ async def erase_customer(conn: AsyncConnection, customer_id: str, now: datetime)
         .where(case_steps.c.customer_id == customer_id)
         .values(context={}, updated_at=now)
     )
+
+
+# -- moving open cases onto another playbook version -----------------------------------------
+def _on_version(name: str, version: int) -> Any:
+    return (
+        (cases.c.playbook == name)
+        & (cases.c.playbook_version == version)
+        & cases.c.status.in_(OPEN)
+    )
+
+
+async def open_cases_on_version(
+    conn: AsyncConnection, name: str, version: int, limit: int
+) -> list[str]:
+    """Ids of up to ``limit`` open (or paused) cases running ``name`` at ``version``, oldest
+    first. Not locked: each is locked and checked again when it is migrated."""
+    rows = await conn.execute(
+        select(cases.c.id)
+        .where(_on_version(name, version))
+        .order_by(cases.c.opened_at, cases.c.id)
+        .limit(limit)
+    )
+    return list(rows.scalars())
+
+
+async def count_open_cases_on_version(conn: AsyncConnection, name: str, version: int) -> int:
+    found = await conn.scalar(
+        select(func.count()).select_from(cases).where(_on_version(name, version))
+    )
+    return int(found or 0)
+
+
+async def steps_of_case(conn: AsyncConnection, case_id: str, lock: bool = False) -> list[Row[Any]]:
+    """Every step row of a case; with ``lock``, locked for this transaction (waits for a
+    timer that is deciding one of them, so an in-flight step is seen as dispatched)."""
+    query = (
+        case_steps.select()
+        .where(case_steps.c.case_id == case_id)
+        .order_by(case_steps.c.due_at, case_steps.c.id)
+    )
+    if lock:
+        query = query.with_for_update()
+    return list(await conn.execute(query))
+
+
+class MigrationConflict(RuntimeError):
+    """A step was not in the state the migration was planned on (a bug: rows are locked)."""
+
+
+_PLANNED_COLUMNS = (
+    "channel",
+    "template",
+    "offer",
+    "is_discount",
+    "discount_fallback_template",
+    "variant",
+    "window",
+    "on_cap",
+    "holdout",
+    "trigger",
+    "due_at",
+    "original_due_at",
+    "expires_at",
+)
+
+
+def _planned_values(step: PlannedStep) -> dict[str, Any]:
+    row = step_row("", "", step)
+    return {name: row[name] for name in _PLANNED_COLUMNS}
+
+
+async def apply_migration(
+    conn: AsyncConnection, case_id: str, customer_id: str, migration: Migration, now: datetime
+) -> None:
+    """Write a planned migration: cancel, retime, update and add steps, and move the case to
+    the new version. Only pending steps (and steps a migration cancelled) are written; the
+    caller holds the case's row locks.
+
+    Raises:
+        MigrationConflict: a row was not in the state the plan expected (nothing is kept:
+            the caller's transaction rolls back).
+    """
+    pending = (case_steps.c.case_id == case_id) & (case_steps.c.state == "pending")
+    if migration.cancelled:
+        keys = [c.step_key for c in migration.cancelled]
+        result = await conn.execute(
+            update(case_steps)
+            .where(pending, case_steps.c.step_key.in_(keys))
+            .values(state="cancelled", state_reason=MIGRATED, updated_at=now)
+        )
+        if result.rowcount != len(keys):
+            raise MigrationConflict(f"case {case_id}: cannot cancel {keys}")
+    retimed = {c.step_key for c in migration.retimed}
+    for change in (*migration.retimed, *migration.updated):
+        values = _planned_values(change.after)
+        if change.step_key in retimed:
+            values["state_reason"] = None  # an old deferral's reason no longer applies
+        result = await conn.execute(
+            update(case_steps)
+            .where(pending, case_steps.c.step_key == change.step_key)
+            .values(**values, updated_at=now)
+        )
+        if result.rowcount != 1:
+            raise MigrationConflict(f"case {case_id}: cannot change {change.step_key}")
+    if migration.added:
+        rows = [step_row(case_id, customer_id, step) for step in migration.added]
+        stmt = insert(case_steps).values(rows)
+        revive = {name: stmt.excluded[name] for name in (*_PLANNED_COLUMNS, "state", "context")}
+        result = await conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[case_steps.c.case_id, case_steps.c.step_key],
+                set_={
+                    **revive,
+                    "state_reason": None,
+                    "fired_at": None,
+                    "defer_count": 0,
+                    "updated_at": now,
+                },
+                where=(case_steps.c.state == "cancelled") & (case_steps.c.state_reason == MIGRATED),
+            ).returning(case_steps.c.id)
+        )
+        if len(result.all()) != len(rows):
+            raise MigrationConflict(f"case {case_id}: cannot add {[r['step_key'] for r in rows]}")
+    result = await conn.execute(
+        update(cases)
+        .where(cases.c.id == case_id, cases.c.playbook_version == migration.from_version)
+        .values(
+            playbook_version=migration.to_version, expires_at=migration.expires_at, updated_at=now
+        )
+    )
+    if result.rowcount != 1:
+        raise MigrationConflict(f"case {case_id} is not on version {migration.from_version}")

@@ -7,10 +7,12 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from services.scheduler.domain import (
+    CaseStep,
     Channel,
     ChurnEpisode,
     CustomerView,
     GuardrailPolicy,
+    Migration,
     PlannedStep,
     Segment,
     SendWindow,
@@ -150,6 +152,76 @@ def planned_from_row(row: Mapping[Any, Any], playbook: str, version: int) -> Pla
         discount_fallback_template=row["discount_fallback_template"],
         trigger=row["trigger"],
     )
+
+
+def case_step_from_row(row: Mapping[Any, Any], playbook: str, version: int) -> CaseStep:
+    return CaseStep(
+        planned_from_row(row, playbook, version),
+        state=row["state"],
+        state_reason=row["state_reason"],
+    )
+
+
+_CONTENT = (
+    "channel",
+    "template",
+    "offer",
+    "is_discount",
+    "discount_fallback_template",
+    "variant",
+    "on_cap",
+    "holdout",
+    "trigger",
+    "window",
+    "due_at",
+    "original_due_at",
+    "expires_at",
+)
+
+
+def _step_json(step: PlannedStep) -> dict[str, Any]:
+    return {
+        "step_key": step.step_key,
+        "channel": step.channel,
+        "template": step.template,
+        "offer": step.offer,
+        "variant": step.variant,
+        "window": step.window,
+        "due_at": step.due_at.isoformat(),
+        "original_due_at": step.original_due_at.isoformat(),
+    }
+
+
+def migration_json(migration: Migration) -> dict[str, Any]:
+    """A case's step changes, as the ``case.migrated`` event and the dry run show them."""
+    return {
+        "playbook": migration.playbook,
+        "from_version": migration.from_version,
+        "to_version": migration.to_version,
+        "expires_at": migration.expires_at.isoformat(),
+        "added": [_step_json(step) for step in migration.added],
+        "cancelled": [
+            {"step_key": c.step_key, "cause": c.cause, "due_at": c.step.due_at.isoformat()}
+            for c in migration.cancelled
+        ],
+        "retimed": [
+            {
+                **_step_json(c.after),
+                "from_due_at": c.before.due_at.isoformat(),
+                "changed": [f for f in _CONTENT if getattr(c.before, f) != getattr(c.after, f)],
+            }
+            for c in migration.retimed
+        ],
+        "updated": [
+            {
+                **_step_json(c.after),
+                "changed": [f for f in _CONTENT if getattr(c.before, f) != getattr(c.after, f)],
+            }
+            for c in migration.updated
+        ],
+        "kept": list(migration.kept),
+        "unchanged": list(migration.unchanged),
+    }
 
 
 def policy(settings: SchedulerSettings) -> GuardrailPolicy:

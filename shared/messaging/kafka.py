@@ -63,6 +63,9 @@ class KafkaSubscription:
             max_poll_interval_ms=300_000,
             fetch_max_bytes=16 * 1024 * 1024,
             max_partition_fetch_bytes=2 * 1024 * 1024,
+            # a topic created after we subscribed (another service creates it) joins the
+            # assignment at the next metadata refresh: 30 s, not aiokafka's 5 minutes
+            metadata_max_age_ms=30_000,
         )
 
     @property
@@ -200,6 +203,7 @@ class KafkaTransport:
                             for t in missing
                         ]
                     )
+                await _until_led(admin, missing)
         finally:
             await admin.close()
 
@@ -212,3 +216,26 @@ class KafkaTransport:
             await asyncio.wait_for(admin.list_topics(), timeout=5)
         finally:
             await admin.close()
+
+
+async def _until_led(
+    admin: AIOKafkaAdminClient, topics: Sequence[str], timeout: float = 30
+) -> None:
+    """Wait until the metadata shows every partition of ``topics`` with a leader.
+
+    A consumer subscribing right after ``create_topics`` may otherwise see a topic without
+    leaders yet, leave it out of the group's assignment, and pick it up only at its next
+    metadata refresh (``metadata_max_age_ms``) — minutes of records not consumed."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        described = await admin.describe_topics(list(topics))
+        if all(
+            t["error_code"] == 0
+            and t["partitions"]
+            and all(p["error_code"] == 0 and p["leader"] >= 0 for p in t["partitions"])
+            for t in described
+        ):
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"topics {list(topics)} have no partition leaders after {timeout} s")
+        await asyncio.sleep(0.1)

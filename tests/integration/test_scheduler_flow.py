@@ -227,6 +227,57 @@ async def test_a_reactivation_cancels_pending_steps_and_credits_the_last_touch(
     assert won_back[0]["data"]["crm_owner"] == "owner-3"
 
 
+async def test_an_unsubscribe_from_a_message_closes_the_case_and_marks_the_step(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    cid = not_in_holdout("cus_u", "price_discount")
+    async with system(settings, engine) as s:
+        await s.send(cancellation(cid, T0))
+        case = await s.case(cid)
+        await s.fire_until(T0 + timedelta(hours=2))
+        (command,) = await s.dispatched()
+        clicked = T0 + timedelta(hours=3)
+        s.clock.set(clicked)
+        # what the dispatcher publishes after a one-click unsubscribe (or a Twilio STOP)
+        await produce(
+            settings.kafka.bootstrap_servers,
+            settings.topics.outcomes,
+            [
+                (
+                    cid.encode(),
+                    *structured(
+                        {
+                            "specversion": "1.0",
+                            "id": "unsub-1",
+                            "source": "/winback/dispatcher",
+                            "type": de.CUSTOMER_UNSUBSCRIBED,
+                            "time": clicked.isoformat(),
+                            "data": {
+                                "customer_id": cid,
+                                "case_id": case.id,
+                                "step_key": command["data"]["step_key"],
+                                "channel": "email",
+                                "provider": "sendgrid",
+                            },
+                        }
+                    ),
+                )
+            ],
+        )
+
+        async def closed() -> Any:
+            async with engine.connect() as conn:
+                return (await conn.execute(cases.select().where(cases.c.id == case.id))).one()
+
+        row = await eventually(closed, lambda r: r.status == "closed")
+        steps = {st.step_key: st for st in await s.steps(cid)}
+    assert row.close_reason == "unsubscribed"
+    marked = steps[command["data"]["step_key"]]
+    assert marked.outcome["unsubscribed"] == clicked.isoformat()
+    assert marked.outcome["provider"] == "sendgrid"
+    assert {st.state for key, st in steps.items() if key != marked.step_key} == {"cancelled"}
+
+
 async def test_a_feature_release_wakes_exactly_the_customers_who_asked_for_it(
     settings: Settings, engine: AsyncEngine
 ) -> None:

@@ -22,6 +22,15 @@ from services.scheduler.domain.guardrails import (
 )
 from services.scheduler.domain.loader import load_playbooks, parse_playbook
 from services.scheduler.domain.localtime import SendWindow, resolve_zone
+from services.scheduler.domain.migration import (
+    MIGRATED,
+    CancelCause,
+    Cancellation,
+    CaseStep,
+    Change,
+    Migration,
+    plan_migration,
+)
 from services.scheduler.domain.model import (
     CHANNELS,
     DEFAULT_VARIANT,
@@ -45,6 +54,7 @@ from services.scheduler.domain.planning import (
     choose_playbook,
     find_playbook,
     latest_versions,
+    plan_step,
     plan_steps,
     plan_triggered,
 )
@@ -74,8 +84,13 @@ __all__ = [
     "DEFAULT_VARIANT",
     "DEFAULT_WINDOW_CONFIG",
     "FEATURE_RELEASED",
+    "MIGRATED",
     "OFFERS",
     "TEMPLATE_NAMES",
+    "CancelCause",
+    "Cancellation",
+    "CaseStep",
+    "Change",
     "Channel",
     "ChurnEpisode",
     "ChurnReason",
@@ -87,6 +102,7 @@ __all__ = [
     "GuardrailPolicy",
     "LifecycleType",
     "MatchRule",
+    "Migration",
     "PlannedStep",
     "Playbook",
     "PlaybookError",
@@ -119,6 +135,8 @@ __all__ = [
     "load_playbooks",
     "parse_duration",
     "parse_playbook",
+    "plan_migration",
+    "plan_step",
     "plan_steps",
     "plan_triggered",
     "resolve_zone",

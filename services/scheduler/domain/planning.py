@@ -99,7 +99,7 @@ def _due_at(
     return None  # triggered steps have no planned time
 
 
-def _planned(
+def plan_step(
     playbook: Playbook,
     customer: CustomerView,
     episode: ChurnEpisode,
@@ -109,6 +109,11 @@ def _planned(
     original_due_at: datetime,
     holdout: bool,
 ) -> PlannedStep:
+    """One step of ``playbook`` as a timer row due at ``due_at``: the customer's variant, its
+    template and offer, the window ``due_at`` falls in and the case horizon.
+
+    ``due_at`` must lie inside the horizon (churn <= due_at < churn + horizon).
+    """
     variant = assign_variant(customer.customer_id, step.key, step.weights)
     template, offer = step.resolve(variant)
     window = playbook.ladder.window_for(max(due_at - episode.occurred_at, timedelta(0)))
@@ -182,7 +187,7 @@ def plan_steps(
 
     holdout = in_holdout(customer.customer_id, playbook.name, playbook.holdout)
     planned = [
-        _planned(
+        plan_step(
             playbook,
             customer,
             episode,
@@ -226,7 +231,7 @@ def plan_triggered(
     due = max(now, churn)
     holdout = in_holdout(customer.customer_id, playbook.name, playbook.holdout)
     return [
-        _planned(
+        plan_step(
             playbook, customer, episode, step, due_at=due, original_due_at=due, holdout=holdout
         )
         for step in playbook.steps

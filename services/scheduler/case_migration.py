@@ -1,0 +1,201 @@
+"""Moving open cases onto another version of their playbook, in bounded batches.
+
+The decisions are the pure :func:`~services.scheduler.domain.plan_migration`'s; this module
+loads what it needs and writes the answer. One transaction per case, as the API's
+pause / resume / cancel do: lock the case row, then its step rows (a timer deciding one of
+them is waited for, so an in-flight step is seen as dispatched and kept), check the case is
+still open and on the old version, plan, write the steps and ``cases.playbook_version``, and
+put ``case.migrated`` in the outbox — all or nothing. A dry run plans the same way and
+writes nothing (and locks nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.scheduler import store
+from services.scheduler.domain import CustomerView, Migration, Playbook, plan_migration
+from services.scheduler.views import (
+    case_step_from_row,
+    customer_view,
+    episode_from_json,
+    migration_json,
+    segment_from_json,
+)
+from shared import domain_events as de
+from shared.clock import Clock
+from shared.messaging.pipeline import Tx, write_outbox
+
+log = logging.getLogger(__name__)
+
+
+class UnknownPlaybook(LookupError):
+    """No such playbook name or version (neither loaded nor run by an open case)."""
+
+
+class InvalidMigration(ValueError):
+    """The request cannot be carried out; ``field`` names the input at fault."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclass
+class CaseResult:
+    case_id: str
+    customer_id: str
+    status: str
+    migration: Migration
+
+
+@dataclass
+class MigrationRun:
+    """What one call did (or, for a dry run, would do)."""
+
+    playbook: str
+    from_version: int
+    to_version: int
+    dry_run: bool
+    cases: list[CaseResult] = field(default_factory=list)
+    skipped: int = 0  # closed or moved by someone else between listing and locking
+    remaining: int = 0
+
+    def total(self, bucket: str) -> int:
+        return sum(len(getattr(c.migration, bucket)) for c in self.cases)
+
+
+class CaseMigrator:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        clock: Clock,
+        playbooks: Sequence[Playbook],
+        topic: str,
+        source: str,
+        fallback_timezone: str = "UTC",
+    ) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.playbooks = list(playbooks)
+        self.topic = topic
+        self.source = source
+        self.fallback_timezone = fallback_timezone
+
+    async def target(self, name: str, from_version: int, to_version: int | None) -> Playbook:
+        """The version to migrate to (default: the latest loaded), after checking the request.
+
+        Raises:
+            UnknownPlaybook: the name, ``to_version`` or ``from_version`` is unknown.
+            InvalidMigration: ``to_version`` is ``from_version``.
+        """
+        versions = {p.version: p for p in self.playbooks if p.name == name}
+        if not versions:
+            raise UnknownPlaybook(f"no playbook {name!r}")
+        version = max(versions) if to_version is None else to_version
+        if version not in versions:
+            raise UnknownPlaybook(f"no playbook {name!r} version {version}")
+        if from_version not in versions:
+            # a version no longer loaded is still known while open cases run it
+            async with self.engine.connect() as conn:
+                if not await store.count_open_cases_on_version(conn, name, from_version):
+                    raise UnknownPlaybook(f"no playbook {name!r} version {from_version}")
+        if version == from_version:
+            implied = " (the latest loaded version)" if to_version is None else ""
+            raise InvalidMigration(
+                "to_version", f"{version}{implied} is from_version: nothing to migrate"
+            )
+        return versions[version]
+
+    async def run(
+        self,
+        name: str,
+        from_version: int,
+        to_version: int | None = None,
+        *,
+        dry_run: bool = False,
+        limit: int = 1000,
+    ) -> MigrationRun:
+        """Migrate at most ``limit`` open cases of ``name`` from ``from_version``."""
+        target = await self.target(name, from_version, to_version)
+        async with self.engine.connect() as conn:
+            ids = await store.open_cases_on_version(conn, name, from_version, limit)
+            total = await store.count_open_cases_on_version(conn, name, from_version)
+        run = MigrationRun(name, from_version, target.version, dry_run)
+        for case_id in ids:
+            result = await self._one(case_id, target, from_version, dry_run)
+            if result is None:
+                run.skipped += 1
+            else:
+                run.cases.append(result)
+        if dry_run:
+            run.remaining = max(total - len(ids), 0)
+        else:
+            async with self.engine.connect() as conn:
+                run.remaining = await store.count_open_cases_on_version(conn, name, from_version)
+        log.info(
+            "playbook migration",
+            extra={
+                "playbook": name,
+                "from_version": from_version,
+                "to_version": target.version,
+                "dry_run": dry_run,
+                "cases": len(run.cases),
+                "remaining": run.remaining,
+            },
+        )
+        return run
+
+    async def _one(
+        self, case_id: str, target: Playbook, from_version: int, dry_run: bool
+    ) -> CaseResult | None:
+        async with self.engine.begin() as conn:
+            now = self.clock.now()
+            case = await store.case_by_id(conn, case_id, lock=not dry_run)
+            if (
+                case is None
+                or case.status not in store.OPEN
+                or case.playbook != target.name
+                or case.playbook_version != from_version
+            ):
+                return None
+            rows = await store.steps_of_case(conn, case_id, lock=not dry_run)
+            person = await store.customer(conn, case.customer_id)
+            view = (
+                customer_view(person._mapping)
+                if person is not None
+                else CustomerView(case.customer_id)
+            )
+            migration = plan_migration(
+                target,
+                [case_step_from_row(r._mapping, case.playbook, from_version) for r in rows],
+                view,
+                episode_from_json(case.episode),
+                now,
+                segment=segment_from_json(case.segment),
+                from_version=from_version,
+                holdout=case.holdout,
+                fallback_timezone=self.fallback_timezone,
+            )
+            if not dry_run:
+                await store.apply_migration(conn, case_id, case.customer_id, migration, now)
+                tx = Tx(conn=conn, now=now, source=self.source)
+                tx.emit(
+                    self.topic,
+                    case.customer_id,
+                    de.CASE_MIGRATED,
+                    self._event(case, migration),
+                    subject=case.customer_id,
+                )
+                await write_outbox(conn, tx.outgoing)
+        return CaseResult(case_id, case.customer_id, case.status, migration)
+
+    @staticmethod
+    def _event(case: Any, migration: Migration) -> dict[str, Any]:
+        return {"case_id": case.id, "customer_id": case.customer_id, **migration_json(migration)}

@@ -1,0 +1,578 @@
+"""The results reports over real HTTP on the migrated PostgreSQL: rows seeded directly, every
+number checked against an independent calculation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.scheduler import reports
+from shared.clock import FrozenClock
+from shared.db.tables import case_steps, cases, win_backs
+from shared.http.app import bearer_auth, create_app
+from shared.settings import DEV_SECRET
+from tests.support.http import serve
+
+pytestmark = pytest.mark.integration
+AUTH = {"authorization": f"Bearer {DEV_SECRET}"}
+AS_OF = datetime(2027, 1, 1, tzinfo=UTC)
+DAY = timedelta(days=1)
+Z = 1.959963984540054
+
+
+# -- independent arithmetic (not the code under test) ------------------------------------------
+def wilson(x: int, n: int) -> tuple[float, float]:
+    p = x / n
+    denominator = 1 + Z**2 / n
+    centre = (p + Z**2 / (2 * n)) / denominator
+    half = Z * math.sqrt(p * (1 - p) / n + Z**2 / (4 * n**2)) / denominator
+    return centre - half, centre + half
+
+
+def newcombe(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float]:
+    p1, p2 = x1 / n1, x2 / n2
+    (l1, u1), (l2, u2) = wilson(x1, n1), wilson(x2, n2)
+    d = p1 - p2
+    return d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt(
+        (u1 - p1) ** 2 + (p2 - l2) ** 2
+    )
+
+
+def percentile_cont(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    below = math.floor(position)
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
+
+
+# -- seeding -------------------------------------------------------------------------------------
+class Seed:
+    def __init__(self) -> None:
+        self.cases: list[dict[str, Any]] = []
+        self.win_backs: list[dict[str, Any]] = []
+        self.steps: list[dict[str, Any]] = []
+
+    def case(
+        self,
+        case_id: str,
+        *,
+        customer: str | None = None,
+        churned_at: datetime,
+        playbook: str = "price_discount",
+        holdout: bool = False,
+        reason: str = "price",
+        value_tier: str = "medium",
+        lifecycle: str = "churned_customer",
+        labels: Sequence[str] = (),
+        returned_after: timedelta | None = None,
+        mrr: int | None = None,
+        currency: str | None = "EUR",
+        credited_step: str | None = None,
+    ) -> str:
+        customer = customer or f"cus-{case_id}"
+        returned_at = churned_at + returned_after if returned_after is not None else None
+        self.cases.append(
+            {
+                "id": case_id,
+                "customer_id": customer,
+                "episode_id": f"ep-{case_id}",
+                "status": "closed",
+                "close_reason": "returned" if returned_at else "horizon",
+                "playbook": playbook,
+                "playbook_version": 1,
+                "segment": {
+                    "lifecycle": lifecycle,
+                    "reason": reason,
+                    "value_tier": value_tier,
+                    "engagement": "medium",
+                    "tenure": "established",
+                    "is_rechurn": False,
+                    "days_since_churn": 0,
+                    "labels": sorted(labels),
+                },
+                "episode": {
+                    "id": f"ep-{case_id}",
+                    "kind": "subscription_cancelled",
+                    "occurred_at": churned_at.isoformat(),
+                    "reason": reason,
+                    "mrr_at_churn_minor": mrr,
+                },
+                "holdout": holdout,
+                "is_rechurn": False,
+                "churned_at": churned_at,
+                "opened_at": churned_at,
+                "expires_at": churned_at + 365 * DAY,
+                "closed_at": returned_at or churned_at + 365 * DAY,
+                "returned_at": returned_at,
+            }
+        )
+        if returned_at is not None and returned_after is not None:
+            self.win_backs.append(
+                {
+                    "case_id": case_id,
+                    "customer_id": customer,
+                    "step_key": credited_step,
+                    "channel": "email" if credited_step else None,
+                    "template": credited_step,
+                    "variant": "default" if credited_step else None,
+                    "playbook": playbook,
+                    "mrr_regained_minor": mrr,
+                    "currency": currency,
+                    "days_to_return": returned_after // DAY,
+                    "holdout": holdout,
+                    "churned_at": churned_at,
+                    "returned_at": returned_at,
+                }
+            )
+        return case_id
+
+    def step(
+        self,
+        case_id: str,
+        step_key: str,
+        *,
+        variant: str = "default",
+        template: str | None = None,
+        channel: str = "email",
+        state: str = "sent",
+        holdout: bool = False,
+        outcome: Sequence[str] = (),
+    ) -> None:
+        row = next(c for c in self.cases if c["id"] == case_id)
+        at = row["churned_at"]
+        self.steps.append(
+            {
+                "case_id": case_id,
+                "customer_id": row["customer_id"],
+                "step_key": step_key,
+                "channel": channel,
+                "template": template or step_key,
+                "variant": variant,
+                "window": "immediate",
+                "on_cap": "defer",
+                "holdout": holdout,
+                "state": state,
+                "due_at": at,
+                "original_due_at": at,
+                "expires_at": at + 30 * DAY,
+                "outcome": {name: (at + DAY).isoformat() for name in outcome},
+            }
+        )
+
+    async def write(self, engine: AsyncEngine) -> None:
+        async with engine.begin() as conn:
+            if self.cases:
+                await conn.execute(cases.insert(), self.cases)
+            if self.win_backs:
+                await conn.execute(win_backs.insert(), self.win_backs)
+            if self.steps:
+                await conn.execute(case_steps.insert(), self.steps)
+
+
+@asynccontextmanager
+async def client(engine: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(
+        "winback reports test",
+        checks=[],
+        routers=[reports.router(engine, FrozenClock(AS_OF), bearer_auth([SecretStr(DEV_SECRET)]))],
+    )
+    async with (
+        serve(app, lifespan="off") as url,
+        httpx.AsyncClient(base_url=url, headers=AUTH) as http,
+    ):
+        yield http
+
+
+async def winback(http: httpx.AsyncClient, **params: Any) -> dict[str, Any]:
+    response = await http.get("/v1/reports/winback", params=params)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def by_key(body: dict[str, Any], *names: str) -> dict[Any, dict[str, Any]]:
+    found: dict[Any, dict[str, Any]] = {}
+    for group in body["groups"]:
+        key = tuple(group["key"][n] for n in names)
+        found[key[0] if len(key) == 1 else key] = group
+    return found
+
+
+# -- the tests -------------------------------------------------------------------------------------
+async def test_lift_of_1000_contacted_against_1000_held_out(engine: AsyncEngine) -> None:
+    seed = Seed()
+    start = datetime(2026, 3, 1, 9, tzinfo=UTC)
+    contacted_days = [(i * 7) % 120 + 1 for i in range(150)]
+    holdout_days = [(i * 11) % 150 + 3 for i in range(100)]
+    for i in range(1000):
+        returned = contacted_days[i] * DAY if i < 150 else None
+        seed.case(
+            f"c{i}",
+            churned_at=start + (i % 28) * DAY,
+            returned_after=returned,
+            mrr=4900 if i < 100 else (1500 if i < 150 else None),
+            currency="EUR" if i < 100 else "USD",
+            credited_step="d3_what_you_missed" if i < 140 else None,
+        )
+    for i in range(1000):
+        returned = holdout_days[i] * DAY if i < 100 else None
+        seed.case(
+            f"h{i}",
+            churned_at=start + (i % 28) * DAY,
+            holdout=True,
+            returned_after=returned,
+            mrr=4900 if i < 100 else None,
+        )
+    await seed.write(engine)
+
+    async with client(engine) as http:
+        body = await winback(http)
+        unauthorised = await http.get(
+            "/v1/reports/winback", headers={"authorization": "Bearer wrong"}
+        )
+
+    assert unauthorised.status_code == 403
+    assert body["group_by"] == "none"
+    assert body["as_of"].startswith("2027-01-01T00:00:00")
+    [group] = body["groups"]
+    assert group["key"] == {}
+    contacted, holdout, lift = group["contacted"], group["holdout"], group["lift"]
+    assert (contacted["targeted"], contacted["returned"], contacted["credited"]) == (1000, 150, 140)
+    assert (holdout["targeted"], holdout["returned"], holdout["credited"]) == (1000, 100, 0)
+    assert contacted["rate"] == pytest.approx(0.15)
+    assert holdout["rate"] == pytest.approx(0.10)
+    assert contacted["rate_ci"] == {
+        "low": pytest.approx(wilson(150, 1000)[0]),
+        "high": pytest.approx(wilson(150, 1000)[1]),
+    }
+    low, high = newcombe(150, 1000, 100, 1000)
+    assert lift["absolute"] == pytest.approx(0.05)
+    assert lift["ci"] == {"low": pytest.approx(low), "high": pytest.approx(high)}
+    assert round(low, 4) == 0.0210
+    assert round(high, 4) == 0.0790
+    pooled = 250 / 2000
+    z = 0.05 / math.sqrt(pooled * (1 - pooled) * (2 / 1000))
+    assert lift["p_value"] == pytest.approx(math.erfc(z / math.sqrt(2)))
+    assert lift["p_value"] < 0.01
+    assert lift["relative"] == pytest.approx(0.5)
+    assert lift["incremental_returns"] == pytest.approx(50.0)
+    assert lift["incremental_returns_ci"] == {
+        "low": pytest.approx(low * 1000),
+        "high": pytest.approx(high * 1000),
+    }
+    assert contacted["mrr_regained"] == [
+        {"currency": "EUR", "returns": 100, "mrr_regained_minor": 490_000},
+        {"currency": "USD", "returns": 50, "mrr_regained_minor": 75_000},
+    ]
+    assert holdout["mrr_regained"] == [
+        {"currency": "EUR", "returns": 100, "mrr_regained_minor": 490_000}
+    ]
+    assert contacted["days_to_return"] == {
+        "median": pytest.approx(percentile_cont(contacted_days, 0.5)),
+        "p90": pytest.approx(percentile_cont(contacted_days, 0.9)),
+    }
+    assert holdout["days_to_return"] == {
+        "median": pytest.approx(percentile_cont(holdout_days, 0.5)),
+        "p90": pytest.approx(percentile_cont(holdout_days, 0.9)),
+    }
+    # the database agrees with the independent percentile (and with itself)
+    async with engine.connect() as conn:
+        pg_median = await conn.scalar(
+            select(func.percentile_cont(0.5).within_group(win_backs.c.days_to_return)).where(
+                win_backs.c.holdout.is_(False)
+            )
+        )
+    assert pg_median == pytest.approx(percentile_cont(contacted_days, 0.5))
+
+
+async def test_rechurn_counts_only_matured_returns(engine: AsyncEngine) -> None:
+    seed = Seed()
+    churned = datetime(2025, 9, 1, tzinfo=UTC)
+    ago = {  # return: (days before AS_OF it came back, time from return to the next churn)
+        "a": (400, 60 * DAY),
+        "b": (200, 100 * DAY),
+        "c": (100, None),
+        "d": (30, 10 * DAY),  # re-churned, but too recent to judge at any horizon
+        "e": (400, 300 * DAY),
+        "f": (400, 90 * DAY),  # exactly 90 days after: a 90-day re-churn
+        "g": (400, 90 * DAY + timedelta(hours=1)),  # just past 90 days
+        "h": (90, None),  # returned exactly 90 days ago: matured at 90
+    }
+    for name, (days_ago, next_churn) in ago.items():
+        returned_at = AS_OF - days_ago * DAY
+        seed.case(name, churned_at=churned, returned_after=returned_at - churned)
+        if next_churn is not None:
+            seed.case(f"{name}-again", customer=f"cus-{name}", churned_at=returned_at + next_churn)
+    # the holdout's return stays in the holdout arm
+    seed.case("i", churned_at=churned, holdout=True, returned_after=AS_OF - 400 * DAY - churned)
+    # a churn of the same customer before the return is not a re-churn (nor one before the
+    # case); another customer's churn is not either
+    seed.case("c-before", customer="cus-c", churned_at=datetime(2025, 1, 1, tzinfo=UTC))
+    seed.case("c-between", customer="cus-c", churned_at=datetime(2026, 1, 1, tzinfo=UTC))
+    seed.case("stranger", churned_at=AS_OF - 95 * DAY)
+    await seed.write(engine)
+
+    async with client(engine) as http:
+        body = await winback(http, **{"from": "2025-08-01", "to": "2025-09-30"})
+        everything = await winback(http)
+
+    [group] = body["groups"]
+    assert body["filters"] == {"from": "2025-08-01", "to": "2025-09-30", "playbook": None}
+    assert group["contacted"]["targeted"] == 8
+    assert group["contacted"]["returned"] == 8
+    rechurn = {r["days"]: r for r in group["contacted"]["rechurn"]}
+    assert {d: (r["matured"], r["rechurned"]) for d, r in rechurn.items()} == {
+        90: (7, 2),  # matured a b c e f g h; re-churned a f
+        180: (5, 4),  # matured a b e f g; re-churned a b f g
+        365: (4, 4),  # matured a e f g; all re-churned within a year
+    }
+    assert rechurn[90]["rate"] == pytest.approx(2 / 7)
+    assert rechurn[90]["rate_ci"] == {
+        "low": pytest.approx(wilson(2, 7)[0]),
+        "high": pytest.approx(wilson(2, 7)[1]),
+    }
+    holdout = {r["days"]: (r["matured"], r["rechurned"]) for r in group["holdout"]["rechurn"]}
+    assert holdout == {90: (1, 0), 180: (1, 0), 365: (1, 0)}
+    # unfiltered, the later cases and the stranger are targeted too; the re-churn is the same
+    [whole] = everything["groups"]
+    assert whole["contacted"]["targeted"] == 8 + 6 + 3
+    assert whole["contacted"]["rechurn"] == group["contacted"]["rechurn"]
+
+
+async def test_group_by_splits_and_filters_select(engine: AsyncEngine) -> None:
+    seed = Seed()
+    t = datetime(2026, 5, 10, tzinfo=UTC)
+    # price_discount: 4 contacted (2 returned), 2 held out (1 returned)
+    seed.case("p1", churned_at=t, labels=["high_value"], value_tier="high", returned_after=DAY)
+    seed.case("p2", churned_at=t, labels=["high_value", "feature_gap"], returned_after=2 * DAY)
+    seed.case("p3", churned_at=t)
+    seed.case("p4", churned_at=t + 40 * DAY)
+    seed.case("p5", churned_at=t, holdout=True, returned_after=3 * DAY, labels=["high_value"])
+    seed.case("p6", churned_at=t, holdout=True)
+    # competitor_comparison: 2 contacted (1 returned), no holdout
+    for name, returned in (("k1", 5 * DAY), ("k2", None)):
+        seed.case(
+            name,
+            churned_at=t,
+            playbook="competitor_comparison",
+            reason="competitor",
+            returned_after=returned,
+        )
+    # variants of the first step (holdout cases are assigned variants too)
+    for case_id, variant in (("p1", "a"), ("p2", "b"), ("p3", "a"), ("p4", "b")):
+        seed.step(case_id, "d0_we_miss_you", variant=variant)
+    seed.step("p5", "d0_we_miss_you", variant="a", holdout=True, state="skipped")
+    seed.step("p6", "d0_we_miss_you", variant="b", holdout=True, state="skipped")
+    await seed.write(engine)
+
+    async with client(engine) as http:
+        per_playbook = await winback(http, group_by="playbook")
+        per_reason = await winback(http, group_by="reason")
+        per_label = await winback(http, group_by="label")
+        per_tier = await winback(http, group_by="value_tier")
+        per_variant = await winback(http, group_by="variant")
+        one_playbook = await winback(http, playbook="competitor_comparison")
+        june = await winback(http, **{"from": "2026-06-01", "to": "2026-06-30"})
+        day = await winback(http, **{"from": "2026-05-10", "to": "2026-05-10"})
+        nothing = await winback(http, playbook="nobody")
+
+    playbooks = by_key(per_playbook, "playbook")
+    assert list(playbooks) == ["competitor_comparison", "price_discount"]
+    price = playbooks["price_discount"]
+    assert (price["contacted"]["targeted"], price["contacted"]["returned"]) == (4, 2)
+    assert (price["holdout"]["targeted"], price["holdout"]["returned"]) == (2, 1)
+    assert price["lift"]["absolute"] == pytest.approx(0.0)
+    assert price["lift"]["ci"]["low"] < 0 < price["lift"]["ci"]["high"]
+    assert price["lift"]["p_value"] == pytest.approx(1.0)
+    competitor = playbooks["competitor_comparison"]
+    assert (competitor["contacted"]["targeted"], competitor["contacted"]["returned"]) == (2, 1)
+    assert competitor["holdout"]["targeted"] == 0
+    assert competitor["holdout"]["rate"] is None
+    assert competitor["lift"] == {
+        "absolute": None,
+        "ci": None,
+        "p_value": None,
+        "relative": None,
+        "incremental_returns": None,
+        "incremental_returns_ci": None,
+    }
+
+    reasons = by_key(per_reason, "reason")
+    assert {
+        k: (g["contacted"]["targeted"], g["holdout"]["targeted"]) for k, g in reasons.items()
+    } == {
+        "competitor": (2, 0),
+        "price": (4, 2),
+    }
+
+    labels = by_key(per_label, "label")
+    assert {
+        k: (g["contacted"]["targeted"], g["contacted"]["returned"], g["holdout"]["targeted"])
+        for k, g in labels.items()
+    } == {
+        "feature_gap": (1, 1, 0),
+        "high_value": (2, 2, 1),
+        None: (4, 1, 1),  # p3, p4, k1 (returned), k2 contacted; p6 held out
+    }
+    assert list(labels) == ["feature_gap", "high_value", None]
+
+    tiers = by_key(per_tier, "value_tier")
+    assert {k: g["contacted"]["targeted"] for k, g in tiers.items()} == {"high": 1, "medium": 5}
+
+    variants = by_key(per_variant, "playbook", "step_key", "variant")
+    a = variants[("price_discount", "d0_we_miss_you", "a")]
+    b = variants[("price_discount", "d0_we_miss_you", "b")]
+    assert len(variants) == 2
+    assert (a["contacted"]["targeted"], a["contacted"]["returned"]) == (2, 1)  # p1 p3
+    assert (a["holdout"]["targeted"], a["holdout"]["returned"]) == (1, 1)  # p5
+    assert (b["contacted"]["targeted"], b["contacted"]["returned"]) == (2, 1)  # p2 p4
+    assert (b["holdout"]["targeted"], b["holdout"]["returned"]) == (1, 0)  # p6
+    assert b["lift"]["absolute"] == pytest.approx(0.5)
+
+    [only] = one_playbook["groups"]
+    assert only["contacted"]["targeted"] == 2
+    [later] = june["groups"]
+    assert later["contacted"]["targeted"] == 1  # p4, churned 19 June
+    [same_day] = day["groups"]
+    assert same_day["contacted"]["targeted"] + same_day["holdout"]["targeted"] == 7
+    [empty] = nothing["groups"]
+    assert empty["contacted"]["targeted"] == 0
+    assert empty["contacted"]["rate"] is None
+    assert empty["contacted"]["days_to_return"] == {"median": None, "p90": None}
+    assert [(r["days"], r["matured"], r["rate"]) for r in empty["contacted"]["rechurn"]] == [
+        (90, 0, None),
+        (180, 0, None),
+        (365, 0, None),
+    ]
+
+
+async def test_message_engagement_per_step_template_variant_and_channel(
+    engine: AsyncEngine,
+) -> None:
+    seed = Seed()
+    t = datetime(2026, 5, 10, tzinfo=UTC)
+    for i in range(10):
+        seed.case(f"m{i}", churned_at=t)
+    seed.case("old", churned_at=datetime(2025, 1, 1, tzinfo=UTC))
+    seed.case("other", churned_at=t, playbook="competitor_comparison")
+    seed.case("held", churned_at=t, holdout=True)
+    # variant a of d0: 4 sent; 3 delivered, 2 opened, 1 clicked, 1 bounced, 1 complained
+    seed.step("m0", "d0", variant="a", outcome=["sent", "delivered", "opened", "clicked"])
+    seed.step("m1", "d0", variant="a", outcome=["sent", "delivered", "opened", "complained"])
+    seed.step("m2", "d0", variant="a", outcome=["sent", "delivered"])
+    seed.step("m3", "d0", variant="a", outcome=["sent", "bounced"])
+    seed.step("m4", "d0", variant="a", state="failed", outcome=["failed"])
+    seed.step("m5", "d0", variant="a", state="pending")  # not fired: not counted
+    # variant b of d0: an open with no delivery report proves delivery; one unsubscribed
+    seed.step("m6", "d0", variant="b", outcome=["sent", "opened", "unsubscribed"])
+    seed.step("m7", "d0", variant="b", state="suppressed")
+    seed.step("m8", "d0", variant="b", state="dispatched")
+    # an SMS step without delivery reports: rates over sent
+    seed.step("m0", "d3_sms", channel="sms", template="sms_nudge", outcome=["sent"])
+    seed.step("m1", "d3_sms", channel="sms", template="sms_nudge", outcome=["sent"])
+    # filtered out: another playbook, an old churn, the holdout (never sent)
+    seed.step("other", "d0", variant="a", outcome=["sent", "delivered", "opened"])
+    seed.step("old", "d0", variant="a", outcome=["sent", "delivered", "opened"])
+    seed.step("held", "d0", variant="a", holdout=True, state="skipped")
+    await seed.write(engine)
+
+    async with client(engine) as http:
+        response = await http.get(
+            "/v1/reports/messages",
+            params={"playbook": "price_discount", "from": "2026-01-01", "to": "2026-12-31"},
+        )
+        unfiltered = await http.get("/v1/reports/messages")
+    assert response.status_code == 200, response.text
+    items = {
+        (i["key"]["step_key"], i["key"]["variant"], i["key"]["channel"], i["key"]["template"]): i
+        for i in response.json()["items"]
+    }
+    assert set(items) == {
+        ("d0", "a", "email", "d0"),
+        ("d0", "b", "email", "d0"),
+        ("d3_sms", "default", "sms", "sms_nudge"),
+    }
+    a = items[("d0", "a", "email", "d0")]
+    counts = {
+        name: a[name]
+        for name in (
+            "dispatched",
+            "sent",
+            "delivered",
+            "opened",
+            "clicked",
+            "bounced",
+            "complained",
+            "unsubscribed",
+            "failed",
+            "suppressed",
+        )
+    }
+    assert counts == {
+        "dispatched": 5,
+        "sent": 4,
+        "delivered": 3,
+        "opened": 2,
+        "clicked": 1,
+        "bounced": 1,
+        "complained": 1,
+        "unsubscribed": 0,
+        "failed": 1,
+        "suppressed": 0,
+    }
+    assert a["rate_base"] == "delivered"
+    assert a["open_rate"] == pytest.approx(2 / 3)
+    assert a["click_rate"] == pytest.approx(1 / 3)
+    assert a["bounce_rate"] == pytest.approx(1 / 4)
+    assert a["open_rate_ci"] == {
+        "low": pytest.approx(wilson(2, 3)[0]),
+        "high": pytest.approx(wilson(2, 3)[1]),
+    }
+    b = items[("d0", "b", "email", "d0")]
+    assert (b["dispatched"], b["sent"], b["delivered"], b["opened"], b["suppressed"]) == (
+        3,
+        1,
+        1,
+        1,
+        1,
+    )
+    assert b["unsubscribe_rate"] == pytest.approx(1.0)
+    sms = items[("d3_sms", "default", "sms", "sms_nudge")]
+    assert (sms["sent"], sms["delivered"], sms["rate_base"], sms["open_rate"]) == (2, 0, "sent", 0)
+    everything = {
+        (i["key"]["playbook"], i["key"]["step_key"], i["key"]["variant"]): i
+        for i in unfiltered.json()["items"]
+    }
+    assert sum(i["dispatched"] for i in everything.values()) == 5 + 3 + 2 + 2  # + other, old
+    assert everything[("price_discount", "d0", "a")]["opened"] == 3  # + old
+    assert everything[("competitor_comparison", "d0", "a")]["opened"] == 1
+
+
+async def test_bad_parameters_are_named_in_problem_json(engine: AsyncEngine) -> None:
+    async with client(engine) as http:
+        answers = {
+            "group_by": await http.get("/v1/reports/winback", params={"group_by": "nonsense"}),
+            "from": await http.get("/v1/reports/winback", params={"from": "yesterday"}),
+            "to": await http.get(
+                "/v1/reports/winback", params={"from": "2026-02-01", "to": "2026-01-01"}
+            ),
+            "playbook": await http.get("/v1/reports/messages", params={"playbook": ""}),
+        }
+        messages_to = await http.get("/v1/reports/messages", params={"to": "2026-13-01"})
+        missing_token = await http.get("/v1/reports/messages", headers={"authorization": ""})
+    for field, response in {**answers, "messages to": messages_to}.items():
+        assert response.status_code == 422, field
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["errors"][0]["field"].endswith(field.split()[-1]), field
+    assert "group_by" in answers["group_by"].json()["detail"]
+    assert missing_token.status_code == 401
