@@ -375,6 +375,13 @@ class DispatcherSettings(BaseModel):
     )
     claim_batch: int = Field(default=500, ge=1, le=10_000)
     poll_seconds: float = Field(default=0.05, gt=0, le=60)
+    late_send_grace_seconds: float = Field(
+        default=900,
+        ge=0,
+        le=6 * 3600,
+        description="a delivery may still go this long after the customer's send window "
+        "closes; later, it is held until the window opens again",
+    )
     stale_sending_seconds: float = Field(
         default=1800,
         gt=0,

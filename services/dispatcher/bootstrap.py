@@ -198,6 +198,7 @@ def bootstrap(
             stale_after=timedelta(seconds=d.stale_sending_seconds),
             rounds=d.retry.rounds,
             round_delay=timedelta(seconds=d.retry.round_delay_seconds),
+            late_grace=timedelta(seconds=d.late_send_grace_seconds),
         ),
     )
     names: dict[str, list[str]] = {}

@@ -6,12 +6,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, time, timedelta
 from typing import Any, Final
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from shared import domain_events as de
 from shared.cloudevents import CORRELATION, CloudEvent
 from shared.errors import InvalidEvent
+from shared.localtime import SendWindow
 
 # --- outcome event types (topic: topics.outcomes, keyed by customer id) -----------------------
 MESSAGE_SENT: Final = de.MESSAGE_SENT
@@ -78,6 +80,7 @@ def parse_command(data: Any) -> DispatchCommand:
         not isinstance(features, list) or not all(isinstance(f, str) for f in features)
     ):
         raise InvalidEvent("invalid_payload", "must be a list of strings", "data.features")
+    _check_timing(data)
     owner = customer.get("crm_owner")
     return DispatchCommand(
         idempotency_key=data["idempotency_key"],
@@ -90,6 +93,61 @@ def parse_command(data: Any) -> DispatchCommand:
         crm_owner=owner if isinstance(owner, str) and owner else None,
         data=data,
     )
+
+
+def _check_timing(data: Mapping[str, Any]) -> None:
+    """``send_window`` (local start/end and the customer's zone) and ``expires_at`` are
+    optional; when given they must be usable at send time."""
+    window = data.get("send_window")
+    if window is not None:
+        if not isinstance(window, dict):
+            raise InvalidEvent("invalid_payload", "must be an object", "data.send_window")
+        for name in ("start", "end"):
+            try:
+                time.fromisoformat(str(window.get(name)))
+            except ValueError:
+                raise InvalidEvent(
+                    "invalid_payload", "must be a local time HH:MM", f"data.send_window.{name}"
+                ) from None
+        try:
+            SendWindow(time.fromisoformat(window["start"]), time.fromisoformat(window["end"]))
+        except ValueError as exc:
+            raise InvalidEvent("invalid_payload", str(exc), "data.send_window.end") from None
+        try:
+            ZoneInfo(str(window.get("timezone")))
+        except (ZoneInfoNotFoundError, ValueError):
+            raise InvalidEvent(
+                "invalid_payload", "unknown IANA timezone", "data.send_window.timezone"
+            ) from None
+    if data.get("expires_at") is not None and parse_time(data["expires_at"]) is None:
+        raise InvalidEvent(
+            "invalid_payload", "must be an ISO 8601 time with offset", "data.expires_at"
+        )
+
+
+def send_timing(
+    command: Mapping[str, Any], now: datetime, grace: timedelta
+) -> datetime | str | None:
+    """When a claimed delivery may go: ``None`` now; a time to hold it until (it is outside
+    the customer's send window — a backlog or retry rounds carried it into quiet hours); or
+    the reason it must never go (its step expired meanwhile).
+
+    ``grace``: a command fired just before the window closed still goes a little after it
+    (it is not held until the next morning for being seconds late)."""
+    expires = parse_time(command.get("expires_at"))
+    if expires is not None and now >= expires:
+        return "step expired before it could be sent"
+    spec = command.get("send_window")
+    if not isinstance(spec, dict):
+        return None
+    window = SendWindow(time.fromisoformat(spec["start"]), time.fromisoformat(spec["end"]))
+    zone = ZoneInfo(spec["timezone"])
+    if window.allows(now, zone) or window.allows(now - grace, zone):
+        return None
+    opens = window.next_allowed(now, zone)
+    if expires is not None and opens >= expires:
+        return "step expires before the customer's send window opens"
+    return opens
 
 
 def cause_of(command: Mapping[str, Any]) -> CloudEvent | None:

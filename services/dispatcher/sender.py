@@ -50,6 +50,7 @@ from services.dispatcher.model import (
     customer_key_hash,
     outcome_data,
     recheck,
+    send_timing,
     suppression_keys,
 )
 from services.dispatcher.providers import OutboundMessage, SendResult
@@ -89,6 +90,8 @@ class SenderConfig:
     record_batch: int = 1000
     record_linger: float = 0.02
     """Seconds the recorder waits to gather more results into one transaction."""
+    late_grace: timedelta = timedelta(minutes=15)
+    """How long after the customer's send window closes a late delivery may still go."""
 
 
 class DeliverySender:
@@ -139,6 +142,12 @@ class DeliverySender:
                     _send_state(row, reasons[0] if reasons else None),
                     cfg.consent_by_default,
                 )
+                timing = send_timing(delivery.command, now, cfg.late_grace) if why is None else None
+                if isinstance(timing, datetime):  # quiet hours: back in the queue until then
+                    updates.append(store.ClaimUpdate(row["id"], store.QUEUED, not_before=timing))
+                    metrics.MESSAGES.labels(delivery.channel, "-", "held").inc()
+                    continue
+                why = why or timing
                 if why is not None:
                     updates.append(store.ClaimUpdate(row["id"], store.SUPPRESSED, error=why))
                     self._emit(tx, delivery, MESSAGE_SUPPRESSED, None, None, reason=why)

@@ -159,14 +159,18 @@ class ClaimUpdate:
     error: str | None = None
     subject: str | None = None
     body: str | None = None
+    not_before: datetime | None = None
+    """For a row left ``queued``: held until then (quiet hours)."""
 
 
 _MARK_CLAIMED = text(
     "UPDATE deliveries AS d SET state = u.state, error = u.error, subject = u.subject, "
-    "body = u.body, attempts = d.attempts + u.inc, not_before = NULL, updated_at = :now "
+    "body = u.body, attempts = d.attempts + u.inc, not_before = u.not_before, "
+    "updated_at = :now "
     "FROM unnest(CAST(:ids AS bigint[]), CAST(:states AS text[]), CAST(:errors AS text[]), "
-    "CAST(:subjects AS text[]), CAST(:bodies AS text[]), CAST(:incs AS integer[])) "
-    "AS u(id, state, error, subject, body, inc) WHERE d.id = u.id"
+    "CAST(:subjects AS text[]), CAST(:bodies AS text[]), CAST(:incs AS integer[]), "
+    "CAST(:not_before AS timestamptz[])) "
+    "AS u(id, state, error, subject, body, inc, not_before) WHERE d.id = u.id"
 )
 
 
@@ -185,6 +189,7 @@ async def mark_claimed(
             "subjects": [u.subject for u in updates],
             "bodies": [u.body for u in updates],
             "incs": [1 if u.state == SENDING else 0 for u in updates],
+            "not_before": [u.not_before for u in updates],
         },
     )
 

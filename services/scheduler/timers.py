@@ -32,6 +32,7 @@ from services.scheduler.domain import (
 from services.scheduler.views import customer_view, planned_from_row, segment_from_json
 from shared import domain_events as de
 from shared.clock import Clock
+from shared.localtime import resolve_zone
 from shared.messaging.pipeline import Tx, write_outbox
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,21 @@ class StepFirer:
             "features": [context["feature"]] if context.get("feature") else [],
             "feature_description": context.get("feature_description"),
             "requested_at": now.isoformat(),
+            # the dispatcher holds a late send (a backlog, retry rounds after an outage) to
+            # the customer's send window and drops it once the step has expired
+            "send_window": self._send_window(step.channel, person.timezone),
+            "expires_at": row["expires_at"].isoformat(),
+        }
+
+    def _send_window(self, channel: Any, timezone: str | None) -> dict[str, str] | None:
+        window = self.policy.window_for(channel)
+        if window is None:
+            return None
+        zone = resolve_zone(timezone, self.policy.fallback_timezone)
+        return {
+            "start": window.start.isoformat("minutes"),
+            "end": window.end.isoformat("minutes"),
+            "timezone": zone.key,
         }
 
     async def run(self) -> None:

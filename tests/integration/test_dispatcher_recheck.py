@@ -8,6 +8,7 @@ from __future__ import annotations
 import email
 import email.policy
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +282,60 @@ async def test_a_crm_step_becomes_a_hubspot_task_for_the_account_owner(
     assert "high value" in properties["hs_task_body"]
     (row,) = await delivery_rows(engine)
     assert (row.state, row.provider, row.provider_message_id) == ("sent", "hubspot", "1")
+
+
+HELSINKI_DAY = {"start": "09:00", "end": "20:00", "timezone": "Europe/Helsinki"}
+
+
+async def test_a_late_delivery_waits_for_the_customers_send_window(
+    dispatcher: DispatcherService, engine: AsyncEngine, fake: FakeProviderServer
+) -> None:
+    clock = dispatcher.core.clock
+    assert isinstance(clock, FrozenClock)
+    # the scheduler fired it at 19:58 in Helsinki; the dispatcher only gets to it at 23:00
+    # (a backlog, or retry rounds through a provider outage)
+    late = datetime(2026, 5, 4, 20, 0, tzinfo=UTC)  # 23:00 EEST
+    clock.set(late)
+    case = await seed(engine, "cus_night")
+    await accept(dispatcher, command("cus_night", case, send_window=HELSINKI_DAY))
+    assert await dispatcher.sender.drain() == 0
+    (row,) = await delivery_rows(engine)
+    opens = datetime(2026, 5, 5, 6, 0, tzinfo=UTC)  # 09:00 EEST next morning
+    assert (row.state, row.not_before, row.attempts) == ("queued", opens, 0)
+    assert not fake.requests
+    clock.set(opens - timedelta(minutes=1))
+    assert await dispatcher.sender.drain() == 0  # still quiet hours: not even claimed
+    clock.set(opens)
+    assert await dispatcher.sender.drain() == 1
+    (row,) = await delivery_rows(engine)
+    assert row.state == "sent"
+    assert len(fake.accepted("sendgrid")) == 1
+
+
+async def test_a_delivery_a_little_past_the_window_still_goes(
+    dispatcher: DispatcherService, engine: AsyncEngine, fake: FakeProviderServer
+) -> None:
+    clock = dispatcher.core.clock
+    assert isinstance(clock, FrozenClock)
+    clock.set(datetime(2026, 5, 4, 17, 5, tzinfo=UTC))  # 20:05 EEST: within the 15 min grace
+    case = await seed(engine, "cus_late")
+    await accept(dispatcher, command("cus_late", case, send_window=HELSINKI_DAY))
+    assert await dispatcher.sender.drain() == 1
+    (row,) = await delivery_rows(engine)
+    assert row.state == "sent"
+
+
+async def test_an_expired_step_is_suppressed_not_sent(
+    dispatcher: DispatcherService, engine: AsyncEngine, fake: FakeProviderServer
+) -> None:
+    case = await seed(engine, "cus_old")
+    await accept(
+        dispatcher,
+        command("cus_old", case, send_window=HELSINKI_DAY, expires_at=T0 - timedelta(seconds=1)),
+    )
+    await dispatcher.sender.drain()
+    (row,) = await delivery_rows(engine)
+    assert row.state == "suppressed"
+    assert not fake.requests
+    reasons = await suppressed_reasons(dispatcher, engine)
+    assert reasons == {"cus_old": "step expired before it could be sent"}

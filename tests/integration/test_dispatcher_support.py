@@ -205,6 +205,8 @@ def command(
     phone: str | None = None,
     name: str | None = "Aino",
     offer: str | None = None,
+    send_window: dict[str, str] | None = None,
+    expires_at: datetime | None = None,
 ) -> dict[str, Any]:
     """A ``dispatch.requested`` CloudEvent as the scheduler writes it."""
     data = {
@@ -235,6 +237,10 @@ def command(
         "feature_description": None,
         "requested_at": T0.isoformat(),
     }
+    if send_window is not None:
+        data["send_window"] = send_window
+    if expires_at is not None:
+        data["expires_at"] = expires_at.isoformat()
     return {
         "specversion": "1.0",
         "id": event_id or str(uuid.uuid4()),

@@ -161,6 +161,14 @@ async def test_a_cancellation_yields_dispatch_commands_at_the_right_local_times(
         assert 9 <= sent_at.hour < 20, f"{command['data']['step_key']} in quiet hours"
         assert command["data"]["customer"]["email"] == f"{cid}@example.com"
         assert command["data"]["idempotency_key"] == f"{case.id}:{command['data']['step_key']}"
+        # what the dispatcher re-checks at send time: the window in the customer's zone and
+        # the step's expiry
+        assert command["data"]["send_window"] == {
+            "start": "09:00",
+            "end": "20:00",
+            "timezone": "Europe/Helsinki",
+        }
+        assert datetime.fromisoformat(command["data"]["expires_at"]) > sent_at
     offsets = [datetime.fromisoformat(c["data"]["requested_at"]) - T0 for c in commands]
     assert [o.days for o in offsets] == [0, 3, 7, 14]
     offer = commands[2]["data"]

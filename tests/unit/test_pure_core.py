@@ -20,6 +20,7 @@ PURE = sorted(
         ROOT / "services/ingest/reasons.py",
         ROOT / "services/ingest/events.py",
         ROOT / "shared/churn.py",
+        ROOT / "shared/localtime.py",
     ]
 )
 FORBIDDEN = (

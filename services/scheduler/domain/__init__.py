@@ -21,7 +21,6 @@ from services.scheduler.domain.guardrails import (
     earliest_send_time,
 )
 from services.scheduler.domain.loader import load_playbooks, parse_playbook
-from services.scheduler.domain.localtime import SendWindow, resolve_zone
 from services.scheduler.domain.migration import (
     MIGRATED,
     CancelCause,
@@ -74,6 +73,7 @@ from services.scheduler.domain.windows import (
     WindowLadder,
     window_for,
 )
+from shared.localtime import SendWindow, resolve_zone
 
 __all__ = [
     "CHANNELS",

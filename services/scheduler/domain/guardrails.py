@@ -26,7 +26,6 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from services.scheduler.domain.localtime import SendWindow, resolve_zone
 from services.scheduler.domain.model import (
     Channel,
     ContactHistory,
@@ -39,6 +38,7 @@ from services.scheduler.domain.model import (
     Send,
     Skip,
 )
+from shared.localtime import SendWindow, resolve_zone
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from services.scheduler.domain.localtime import first_instant_at, resolve_zone
 from services.scheduler.domain.model import ChurnEpisode, CustomerView, PlannedStep, Segment
 from services.scheduler.domain.playbook import CalendarRule, Playbook, Step
 from services.scheduler.domain.variants import assign_variant, in_holdout
+from shared.localtime import first_instant_at, resolve_zone
 
 FEATURE_RELEASED = "feature.released"
 

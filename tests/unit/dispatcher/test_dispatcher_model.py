@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given
@@ -16,10 +18,13 @@ from services.dispatcher.model import (
     customer_key_hash,
     parse_command,
     recheck,
+    send_timing,
     suppression_keys,
 )
 from services.scheduler.store import address_hash as scheduler_address_hash
 from shared.errors import InvalidEvent
+
+_HELSINKI = ZoneInfo("Europe/Helsinki")
 
 
 def command(**changes: Any) -> dict[str, Any]:
@@ -139,3 +144,79 @@ def test_suppression_keys_hold_the_customer_and_the_address() -> None:
     ]
     assert suppression_keys("crm", "cus_1", None) == [customer_key_hash("crm", "cus_1")]
     assert customer_key_hash("email", "cus_1") != customer_key_hash("sms", "cus_1")
+
+
+# --- the send window and expiry at send time --------------------------------------------------
+
+WINDOW = {"start": "09:00", "end": "20:00", "timezone": "Europe/Helsinki"}
+GRACE = timedelta(minutes=15)
+
+
+def at(hour: int, minute: int = 0, day: int = 4) -> datetime:
+    """A UTC instant in May 2026 (Helsinki is UTC+3)."""
+    return datetime(2026, 5, day, hour, minute, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [
+        (at(9), None),  # 12:00 local
+        (at(16, 59), None),  # 19:59 local
+        (at(17, 14), None),  # 20:14 local: within the grace after closing
+        (at(17, 16), at(6, day=5)),  # 20:16 local: held until 09:00 tomorrow
+        (at(23), at(6, day=5)),  # 02:00 local the next day: held until 09:00 that day
+        (at(5, 59), at(6)),  # 08:59 local: held a minute
+    ],
+)
+def test_a_delivery_outside_the_send_window_is_held_until_it_opens(
+    now: datetime, expected: datetime | None
+) -> None:
+    assert send_timing(command(send_window=WINDOW), now, GRACE) == expected
+
+
+def test_no_window_means_any_time_and_expiry_still_applies() -> None:
+    assert send_timing(command(), at(23), GRACE) is None
+    expired = command(expires_at=at(10).isoformat())
+    assert send_timing(expired, at(10), GRACE) == "step expired before it could be sent"
+    assert send_timing(expired, at(9, 59), GRACE) is None
+
+
+def test_a_step_that_expires_before_the_window_opens_is_never_held() -> None:
+    closing = command(send_window=WINDOW, expires_at=at(5, day=5).isoformat())
+    assert send_timing(closing, at(23), GRACE) == (
+        "step expires before the customer's send window opens"
+    )
+
+
+@given(st.datetimes(timezones=st.just(UTC)))
+def test_a_hold_is_always_a_later_moment_inside_the_window(now: datetime) -> None:
+    held = send_timing(command(send_window=WINDOW), now, timedelta(0))
+    if held is None:
+        assert 9 <= now.astimezone(_HELSINKI).hour < 20
+    else:
+        assert isinstance(held, datetime)
+        assert held > now
+        local = held.astimezone(_HELSINKI)  # 09:00 always exists there (DST moves at 03:00)
+        assert (local.hour, local.minute, local.second) == (9, 0, 0)
+        assert held - now <= timedelta(hours=14)
+
+
+@pytest.mark.parametrize(
+    ("window", "field"),
+    [
+        ({**WINDOW, "timezone": "Mars/Olympus"}, "data.send_window.timezone"),
+        ({**WINDOW, "start": "9am"}, "data.send_window.start"),
+        ({**WINDOW, "start": "21:00"}, "data.send_window.end"),
+        ("09-20", "data.send_window"),
+    ],
+)
+def test_a_bad_send_window_is_named(window: object, field: str) -> None:
+    with pytest.raises(InvalidEvent) as info:
+        parse_command(command(send_window=window))
+    assert info.value.field == field
+
+
+def test_a_bad_expiry_is_named() -> None:
+    with pytest.raises(InvalidEvent) as info:
+        parse_command(command(expires_at="next tuesday"))
+    assert info.value.field == "data.expires_at"

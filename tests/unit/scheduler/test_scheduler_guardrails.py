@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.scheduler.domain.guardrails import FrequencyCap, GuardrailPolicy, decide
-from services.scheduler.domain.localtime import SendWindow
 from services.scheduler.domain.model import (
     CHURN_REASONS,
     Channel,
@@ -22,6 +21,7 @@ from services.scheduler.domain.model import (
     Send,
     Skip,
 )
+from shared.localtime import SendWindow
 
 DAY = timedelta(days=1)
 # 12:00 UTC = 15:00 in Helsinki in June: inside the default 09:00-20:00 window

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.scheduler.domain.localtime import SendWindow, first_instant_at, resolve_zone
+from shared.localtime import SendWindow, first_instant_at, resolve_zone
 
 HELSINKI = ZoneInfo("Europe/Helsinki")
 NEW_YORK = ZoneInfo("America/New_York")
