@@ -366,16 +366,13 @@ def _active(effects: Effects, state: CustomerState, at: datetime) -> None:
                 },
             )
         )
-    if state.lifecycle in CHURNED:
-        effects.emit.append(
-            (
-                "customer.activity",
-                {
-                    "customer_id": state.id,
-                    "at": at.isoformat(),
-                    "status": state.status,
-                },
-            )
+    # every activity signal goes to the scheduler: a churned customer's case may exit on it,
+    # and a returned customer's re-onboarding watches for the lack of it
+    effects.emit.append(
+        (
+            "customer.activity",
+            {"customer_id": state.id, "at": at.isoformat(), "status": state.status},
         )
+    )
     effects.state = current
     effects.ended.extend(ended)

@@ -23,8 +23,8 @@ from services.scheduler.domain import CustomerView, Migration, Playbook, plan_mi
 from services.scheduler.views import (
     case_step_from_row,
     customer_view,
-    episode_from_json,
     migration_json,
+    planning_episode,
     segment_from_json,
 )
 from shared import domain_events as de
@@ -176,7 +176,7 @@ class CaseMigrator:
                 target,
                 [case_step_from_row(r._mapping, case.playbook, from_version) for r in rows],
                 view,
-                episode_from_json(case.episode),
+                planning_episode(case.episode),
                 now,
                 segment=segment_from_json(case.segment),
                 from_version=from_version,

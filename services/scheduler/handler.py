@@ -21,8 +21,10 @@ from services.scheduler.domain import (
     case_expires_at,
     choose_playbook,
     find_playbook,
+    plan_reonboarding,
     plan_steps,
     plan_triggered,
+    reonboarding_anchor,
     segment,
 )
 from services.scheduler.domain.planning import normalise_feature
@@ -42,6 +44,9 @@ from shared.logging import correlated
 from shared.messaging.pipeline import Incoming, Tx
 
 log = logging.getLogger(__name__)
+
+WINBACK = "winback"
+REONBOARDING = "reonboarding"
 
 OUTCOME_STATE = {
     de.MESSAGE_SENT: "sent",
@@ -142,6 +147,7 @@ class SchedulerHandler:
                 "churned_at": episode.occurred_at,
                 "opened_at": tx.now,
                 "expires_at": expires,
+                "purpose": WINBACK,
             },
             [step_row(case_id, cid, s) for s in steps],
         )
@@ -152,6 +158,7 @@ class SchedulerHandler:
             {
                 "case_id": case_id,
                 "customer_id": cid,
+                "purpose": WINBACK,
                 "playbook": playbook.name,
                 "playbook_version": playbook.version,
                 "segment": segment_json(seg),
@@ -171,8 +178,8 @@ class SchedulerHandler:
         cid = snapshot["id"]
         await store.upsert_customer(tx.conn, snapshot, tx.now)
         case = await store.open_case(tx.conn, cid)
-        if case is None:
-            return
+        if case is None or case.purpose == REONBOARDING:
+            return  # a return during re-onboarding changes nothing
         playbook = self._playbook(case)
         episode = episode_from_json(case.episode)
         by_activity = event.data.get("kind") == "activity"
@@ -245,9 +252,85 @@ class SchedulerHandler:
                 cause=cause,
                 subject=cid,
             )
+        await self._reonboard(tx, cid, case, returned_at, cause)
+
+    async def _reonboard(
+        self, tx: Tx, cid: str, closed: Any, returned_at: datetime, cause: CloudEvent
+    ) -> None:
+        """Open the re-onboarding case of a customer whose win-back case just closed as
+        ``returned``: the original churn's segment (what went wrong the first time) picks a
+        ``starts_on: returned`` playbook, and its steps are timed from the return."""
+        row = await store.customer(tx.conn, cid)
+        if row is None or row.erased_at is not None:
+            return
+        episode = episode_from_json(closed.episode)
+        seg = segment_from_json(closed.segment)
+        playbook = choose_playbook(self.playbooks, seg, starts_on="returned")
+        if playbook is None:
+            return
+        anchored = reonboarding_anchor(episode, returned_at)
+        expires = case_expires_at(playbook, anchored)
+        if tx.now >= expires:
+            return  # returned longer ago than the re-onboarding horizon
+        view = customer_view(row._mapping)
+        steps = plan_reonboarding(
+            playbook,
+            view,
+            episode,
+            returned_at,
+            tx.now,
+            segment=seg,
+            fallback_timezone=self.fallback_timezone,
+        )
+        case_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"winback-reonboarding|{episode.episode_id}"))
+        holdout = any(s.holdout for s in steps)
+        await store.insert_case(
+            tx.conn,
+            {
+                "id": case_id,
+                "customer_id": cid,
+                "episode_id": case_id,
+                "status": "open",
+                "purpose": REONBOARDING,
+                "playbook": playbook.name,
+                "playbook_version": playbook.version,
+                "segment": segment_json(seg),
+                "episode": {**episode_json(episode), "returned_at": returned_at.isoformat()},
+                "feature_key": None,
+                "holdout": holdout,
+                "is_rechurn": seg.is_rechurn,
+                "churned_at": episode.occurred_at,
+                "opened_at": tx.now,
+                "expires_at": expires,
+            },
+            [step_row(case_id, cid, s) for s in steps],
+        )
+        tx.emit(
+            self.topic,
+            cid,
+            de.CASE_OPENED,
+            {
+                "case_id": case_id,
+                "customer_id": cid,
+                "purpose": REONBOARDING,
+                "playbook": playbook.name,
+                "playbook_version": playbook.version,
+                "segment": segment_json(seg),
+                "holdout": holdout,
+                "is_rechurn": seg.is_rechurn,
+                "after_case_id": closed.id,
+                "churn_reason": episode.reason,
+                "returned_at": returned_at.isoformat(),
+                "steps": len(steps),
+            },
+            cause=cause,
+            subject=cid,
+        )
 
     async def _activity(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
         cid = event.data["customer_id"]
+        if event.data.get("at"):
+            await store.set_last_active(tx.conn, cid, datetime.fromisoformat(event.data["at"]))
         case = await store.open_case(tx.conn, cid)
         playbook = self._playbook(case) if case is not None else None
         if case is not None and playbook is not None and playbook.exits_on("activity"):

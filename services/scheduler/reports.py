@@ -96,8 +96,12 @@ class Filters:
     end: date | None = None
     playbook: str | None = None
 
-    def conditions(self) -> list[ColumnElement[bool]]:
+    def conditions(self, winback_only: bool = True) -> list[ColumnElement[bool]]:
+        # reactivation counts win-back cases only: a re-onboarding case (opened on a return)
+        # is not a churn to win back; the messages report counts every message
         found: list[ColumnElement[bool]] = []
+        if winback_only:
+            found.append(cases.c.purpose == "winback")
         if self.start is not None:
             found.append(cases.c.churned_at >= datetime.combine(self.start, time(), UTC))
         if self.end is not None:
@@ -213,6 +217,7 @@ async def count_winback(
         select(func.min(later.c.churned_at).label("at"))
         .where(
             later.c.customer_id == win_backs.c.customer_id,
+            later.c.purpose == "winback",
             later.c.churned_at > win_backs.c.returned_at,
         )
         .lateral("next_churn")
@@ -313,7 +318,7 @@ async def count_messages(
         .where(
             case_steps.c.holdout == false(),
             case_steps.c.state.in_(FIRED),
-            *filters.conditions(),
+            *filters.conditions(winback_only=False),
         )
         .group_by(*keys)
         .order_by(*keys)

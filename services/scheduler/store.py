@@ -236,6 +236,18 @@ async def set_last_won_back(conn: AsyncConnection, customer_id: str, at: datetim
     )
 
 
+async def set_last_active(conn: AsyncConnection, customer_id: str, at: datetime) -> None:
+    """Record activity at ``at`` (the register only moves forward: events may arrive late)."""
+    await conn.execute(
+        update(scheduler_customers)
+        .where(
+            scheduler_customers.c.id == customer_id,
+            func.coalesce(scheduler_customers.c.last_active_at, at) <= at,
+        )
+        .values(last_active_at=at)
+    )
+
+
 async def record_outcome(
     conn: AsyncConnection,
     case_id: str,
@@ -328,6 +340,7 @@ _PLANNED_COLUMNS = (
     "on_cap",
     "holdout",
     "trigger",
+    "inactive_for",
     "due_at",
     "original_due_at",
     "expires_at",

@@ -29,7 +29,12 @@ from services.scheduler.domain import (
     Send,
     decide,
 )
-from services.scheduler.views import customer_view, planned_from_row, segment_from_json
+from services.scheduler.views import (
+    customer_view,
+    planned_from_row,
+    returned_at_of,
+    segment_from_json,
+)
 from shared import domain_events as de
 from shared.clock import Clock
 from shared.localtime import resolve_zone
@@ -128,6 +133,7 @@ class StepFirer:
                     history=history.get(cid, ContactHistory()),
                     now=now,
                     policy=self.policy,
+                    watch_from=returned_at_of(row["episode"]),
                 )
                 if isinstance(decision, Send):
                     sent = decision.step

@@ -16,6 +16,7 @@ from services.scheduler.domain import (
     PlannedStep,
     Segment,
     SendWindow,
+    reonboarding_anchor,
 )
 from services.scheduler.domain.guardrails import FrequencyCap
 from shared.settings import SchedulerSettings
@@ -46,6 +47,7 @@ def customer_view(row: Mapping[Any, Any]) -> CustomerView:
         suppressed_channels=frozenset(
             cast(Channel, c) for c in (row.get("suppressed_channels") or []) if c in CHANNELS
         ),
+        last_active_at=_time(row.get("last_active_at")),
     )
 
 
@@ -80,7 +82,21 @@ def episode_json(episode: ChurnEpisode) -> dict[str, Any]:
 
 
 def episode_from_json(data: Mapping[str, Any]) -> ChurnEpisode:
+    """The case's churn episode as stored (for a re-onboarding case: the original churn)."""
     return episode_from_event(data, _time(data.get("prior_win_back_at")))
+
+
+def returned_at_of(data: Mapping[str, Any] | None) -> datetime | None:
+    """When a re-onboarding case's customer returned (its time zero); ``None`` otherwise."""
+    return _time((data or {}).get("returned_at"))
+
+
+def planning_episode(data: Mapping[str, Any]) -> ChurnEpisode:
+    """The episode a case's steps are planned from: the churn, or for a re-onboarding case
+    the original churn re-timed to the return."""
+    episode = episode_from_json(data)
+    returned_at = returned_at_of(data)
+    return reonboarding_anchor(episode, returned_at) if returned_at is not None else episode
 
 
 def segment_json(segment: Segment) -> dict[str, Any]:
@@ -125,6 +141,7 @@ def step_row(
         "on_cap": step.on_cap,
         "holdout": step.holdout,
         "trigger": step.trigger,
+        "inactive_for": step.inactive_for,
         "state": "pending",
         "due_at": step.due_at,
         "original_due_at": step.original_due_at,
@@ -151,6 +168,7 @@ def planned_from_row(row: Mapping[Any, Any], playbook: str, version: int) -> Pla
         expires_at=row["expires_at"],
         discount_fallback_template=row["discount_fallback_template"],
         trigger=row["trigger"],
+        inactive_for=row.get("inactive_for"),
     )
 
 
@@ -172,6 +190,7 @@ _CONTENT = (
     "on_cap",
     "holdout",
     "trigger",
+    "inactive_for",
     "window",
     "due_at",
     "original_due_at",

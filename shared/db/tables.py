@@ -12,6 +12,7 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    Interval,
     LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
@@ -145,6 +146,7 @@ scheduler_customers = Table(
     Column("opted_out_all", Boolean, nullable=False, server_default=text("false")),
     Column("suppressed_channels", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
     _tz("last_won_back_at"),
+    _tz("last_active_at"),  # latest customer.activity: re-onboarding watches for silence
     _tz("erased_at"),
     _tz("updated_at", nullable=False, server_default=func.now()),
 )
@@ -156,6 +158,8 @@ cases = Table(
     Column("customer_id", String(200), nullable=False),
     Column("episode_id", String(64), nullable=False, unique=True),
     Column("status", String(10), nullable=False),  # open, paused, closed
+    # winback (opened on a churn) or reonboarding (opened on a return, timed from it)
+    Column("purpose", String(20), nullable=False, server_default=text("'winback'")),
     Column("close_reason", String(30)),
     Column("playbook", String(100), nullable=False),
     Column("playbook_version", Integer, nullable=False),
@@ -207,6 +211,7 @@ case_steps = Table(
     Column("on_cap", String(10), nullable=False),
     Column("holdout", Boolean, nullable=False, server_default=text("false")),
     Column("trigger", String(50)),
+    Column("inactive_for", Interval),  # a monitoring step: goes only after this much silence
     # pending → dispatched → sent | failed | suppressed; or skipped / cancelled
     Column("state", String(12), nullable=False),
     Column("state_reason", Text),

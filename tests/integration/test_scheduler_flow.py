@@ -4,6 +4,7 @@ real broker and database, with an injected clock running months in milliseconds.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from services.scheduler.bootstrap import bootstrap as scheduler_bootstrap
 from services.scheduler.domain import in_holdout
 from shared import domain_events as de
 from shared.clock import FrozenClock
-from shared.db.tables import case_steps, cases, outbox, win_backs
+from shared.db.tables import case_steps, cases, outbox, scheduler_customers, win_backs
 from shared.settings import Settings
 from tests.support.kafka import cloudevent, event_of, produce, read_all, structured
 from tests.support.services import eventually, running
@@ -219,9 +220,15 @@ async def test_a_reactivation_cancels_pending_steps_and_credits_the_last_touch(
             s.settings.kafka.bootstrap_servers, s.settings.topics.outcomes, expect=3, timeout=10
         )
     assert row.close_reason == "returned"
-    assert [c["data"]["step_key"] for c in commands] == ["d0_we_miss_you", "d3_what_you_missed"]
+    # (the re-onboarding case the return opens has its own steps)
+    assert [c["data"]["step_key"] for c in commands if c["data"]["case_id"] == case.id] == [
+        "d0_we_miss_you",
+        "d3_what_you_missed",
+    ]
     assert {
-        st.state for st in steps if st.step_key not in ("d0_we_miss_you", "d3_what_you_missed")
+        st.state
+        for st in steps
+        if st.case_id == case.id and st.step_key not in ("d0_we_miss_you", "d3_what_you_missed")
     } == {"cancelled"}
     async with engine.connect() as conn:
         credit = (await conn.execute(win_backs.select())).one()
@@ -471,3 +478,144 @@ async def test_over_random_clock_jumps_every_due_step_fires_exactly_once(
     for st in steps:
         if st.fired_at is not None:
             assert st.original_due_at <= st.fired_at < st.expires_at, st.step_key
+
+
+def outside_both_holdouts(prefix: str) -> str:
+    for i in range(1000):
+        cid = f"{prefix}{i}"
+        if not in_holdout(cid, "price_discount", 0.05) and not in_holdout(
+            cid, "reonboarding_price", 0.05
+        ):
+            return cid
+    raise AssertionError("no customer outside the holdouts")
+
+
+async def test_a_won_back_customer_is_re_onboarded_and_watched_until_they_churn_again(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    active = outside_both_holdouts("cus_ra")
+    quiet = outside_both_holdouts("cus_rq")
+    async with system(settings, engine) as s:
+        await s.send(cancellation(active, T0), cancellation(quiet, T0))
+        first = {cid: await s.case(cid) for cid in (active, quiet)}
+        await s.fire_until(T0 + timedelta(days=4))
+        back = T0 + timedelta(days=5)
+        s.clock.set(back)
+        await s.send(
+            *(
+                cloudevent("subscription.reactivated", {"customer_id": cid}, time=back)
+                for cid in (active, quiet)
+            )
+        )
+
+        async def reonboarding(cid: str) -> Any:
+            async with engine.connect() as conn:
+                return (
+                    await conn.execute(
+                        cases.select().where(
+                            cases.c.customer_id == cid, cases.c.purpose == "reonboarding"
+                        )
+                    )
+                ).one_or_none()
+
+        opened = {
+            cid: await eventually(functools.partial(reonboarding, cid), lambda r: r is not None)
+            for cid in (active, quiet)
+        }
+        planned = {st.step_key: st for st in await s.steps(quiet) if st.case_id == opened[quiet].id}
+        # a return during re-onboarding changes nothing
+        again = back + timedelta(hours=2)
+        s.clock.set(again)
+        await s.send(cloudevent("subscription.reactivated", {"customer_id": quiet}, time=again))
+        # the active one uses the product after the return; the quiet one does not
+        used = back + timedelta(days=5)
+        await s.fire_until(used)
+        await s.send(cloudevent("user.active", {"customer_id": active}, time=used))
+
+        async def last_active() -> Any:
+            async with engine.connect() as conn:
+                return await conn.scalar(
+                    select(scheduler_customers.c.last_active_at).where(
+                        scheduler_customers.c.id == active
+                    )
+                )
+
+        await eventually(last_active, lambda v: v is not None)
+        await s.fire_until(back + timedelta(days=22), step=timedelta(hours=3))
+        at_risk = {
+            cid: next(
+                st
+                for st in await s.steps(cid)
+                if st.case_id == opened[cid].id and st.step_key == "d21_at_risk"
+            )
+            for cid in (active, quiet)
+        }
+        commands = await s.dispatched()
+        # a new churn ends re-onboarding and opens a win-back case flagged re-churn
+        rechurn_at = back + timedelta(days=30)
+        s.clock.set(rechurn_at)
+        await s.send(cancellation(quiet, rechurn_at))
+
+        async def newest() -> Any:
+            async with engine.connect() as conn:
+                return (
+                    await conn.execute(
+                        cases.select()
+                        .where(cases.c.customer_id == quiet, cases.c.status == "open")
+                        .order_by(cases.c.opened_at.desc())
+                    )
+                ).first()
+
+        second = await eventually(newest, lambda r: r is not None and r.purpose == "winback")
+        async with engine.connect() as conn:
+            ended = (await conn.execute(cases.select().where(cases.c.id == opened[quiet].id))).one()
+            count = await conn.scalar(
+                select(func.count()).select_from(cases).where(cases.c.customer_id == quiet)
+            )
+            events = [
+                orjson.loads(v)
+                for v in (
+                    await conn.execute(
+                        select(outbox.c.value)
+                        .where(outbox.c.topic == s.settings.topics.outcomes)
+                        .order_by(outbox.c.id)
+                    )
+                ).scalars()
+            ]
+
+    for cid in (active, quiet):
+        assert first[cid].purpose == "winback"
+        case = opened[cid]
+        assert case.playbook == "reonboarding_price"
+        assert case.segment["reason"] == "price"
+        assert case.episode["reason"] == "price"
+        assert case.expires_at == back + timedelta(days=90)
+    assert planned["d1_welcome_back"].due_at == back + timedelta(days=1)
+    assert planned["d14_plan_value"].due_at == back + timedelta(days=14)
+    for key in ("d1_welcome_back", "d14_plan_value"):
+        local = planned[key].due_at.astimezone(HELSINKI)
+        assert 9 <= local.hour < 20
+    sent = {(c["data"]["customer"]["id"], c["data"]["step_key"]) for c in commands}
+    assert {(active, "d1_welcome_back"), (quiet, "d1_welcome_back")} <= sent
+    assert {(active, "d14_plan_value"), (quiet, "d14_plan_value")} <= sent
+    assert (quiet, "d21_at_risk") in sent
+    assert (active, "d21_at_risk") not in sent
+    assert at_risk[quiet].state == "dispatched"
+    assert at_risk[active].state == "pending"
+    assert at_risk[active].state_reason == "not_at_risk"
+    assert at_risk[active].due_at == used + timedelta(days=21)
+    assert not any(
+        c["data"]["is_discount"] or c["data"]["offer"]
+        for c in commands
+        if c["data"]["playbook"].startswith("reonboarding")
+    )
+    assert ended.status == "closed"
+    assert ended.close_reason == "superseded"
+    assert second.is_rechurn is True
+    assert count == 3  # the first win-back, re-onboarding, the re-churn case
+    opened_events = [
+        e["data"]
+        for e in events
+        if e["type"] == de.CASE_OPENED and e["data"]["customer_id"] == quiet
+    ]
+    assert [e["purpose"] for e in opened_events] == ["winback", "reonboarding", "winback"]

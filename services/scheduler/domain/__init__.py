@@ -53,11 +53,20 @@ from services.scheduler.domain.planning import (
     choose_playbook,
     find_playbook,
     latest_versions,
+    plan_reonboarding,
     plan_step,
     plan_steps,
     plan_triggered,
+    reonboarding_anchor,
 )
-from services.scheduler.domain.playbook import MatchRule, Playbook, Step, Variant, check_playbook
+from services.scheduler.domain.playbook import (
+    MatchRule,
+    Playbook,
+    StartsOn,
+    Step,
+    Variant,
+    check_playbook,
+)
 from services.scheduler.domain.segmentation import (
     DEFAULT_THRESHOLDS,
     SegmentationThresholds,
@@ -113,6 +122,7 @@ __all__ = [
     "SendWindow",
     "SentStep",
     "Skip",
+    "StartsOn",
     "Step",
     "TimingWindow",
     "ValueTierThresholds",
@@ -136,9 +146,11 @@ __all__ = [
     "parse_duration",
     "parse_playbook",
     "plan_migration",
+    "plan_reonboarding",
     "plan_step",
     "plan_steps",
     "plan_triggered",
+    "reonboarding_anchor",
     "resolve_zone",
     "segment",
     "time_since_return",

@@ -13,6 +13,10 @@ preview). The checks, in order:
    sent offer-free with its ``discount_fallback_template``, or skipped
    (``discount_not_allowed``) when it has none;
 6. not due yet → Defer ``not_due`` to ``due_at``;
+   a monitoring step (``inactive_for``, re-onboarding) while the customer shows activity →
+   Defer ``not_at_risk`` until they would have been quiet for ``inactive_for`` (quiet since
+   the later of ``watch_from`` — the return — and their last recorded activity), or Skip
+   ``not_at_risk`` when that lands at or after the horizon;
 7. frequency caps (every cap, across all cases and channels) and the send window in the
    customer's local time: if either blocks now, the step is deferred to the earliest moment
    both allow — or skipped (``frequency_cap``) when a cap blocks and the step says
@@ -108,6 +112,13 @@ def discount_block(
     return None
 
 
+def quiet_since(last_active_at: datetime | None, watch_from: datetime | None) -> datetime | None:
+    """Since when the customer has shown no activity, as far as monitoring counts: the later
+    of their last recorded activity and ``watch_from`` (the return); ``None`` if neither."""
+    known = [t for t in (last_active_at, watch_from) if t is not None]
+    return max(known, default=None)
+
+
 def earliest_send_time(
     at: datetime,
     history: ContactHistory,
@@ -135,9 +146,12 @@ def decide(
     history: ContactHistory,
     now: datetime,
     policy: GuardrailPolicy = DEFAULT_POLICY,
+    watch_from: datetime | None = None,
 ) -> Decision:
     """Decide whether ``step`` goes out at ``now`` (see the module docstring for the rules).
 
+    ``watch_from`` is when a re-onboarding case's customer returned: activity before it does
+    not count, and a monitoring step's quiet time starts there at the earliest.
     ``history`` holds the customer's messages sent at or before ``now``, across every case
     and channel. The caller records a :class:`Send` in the history (and in the discount
     history when the sent step ``is_discount``).
@@ -166,6 +180,13 @@ def decide(
 
     if now < step.due_at:
         return Defer(step.due_at, "not_due")
+    if step.inactive_for is not None:
+        quiet = quiet_since(customer.last_active_at, watch_from)
+        if quiet is not None and now - quiet < step.inactive_for:
+            until = quiet + step.inactive_for
+            if until >= step.expires_at:
+                return Skip("not_at_risk", "active until the case horizon")
+            return Defer(until, "not_at_risk")
 
     zone = resolve_zone(customer.timezone, policy.fallback_timezone)
     window = policy.window_for(step.channel)

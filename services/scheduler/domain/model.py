@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal, TypeAlias
 
 from shared.churn import CHURN_REASONS as CHURN_REASONS
@@ -48,7 +48,8 @@ class CustomerView:
     ``consent`` maps a channel to the customer's answer: ``True`` given, ``False`` withdrawn;
     a channel missing from it has no recorded answer (see ``GuardrailPolicy.consent_by_default``).
     ``fiscal_year_start_month`` (1-12) anchors the ``budget_cycle`` calendar rule; ``None``
-    means the calendar year.
+    means the calendar year. ``last_active_at`` is the latest product activity recorded for
+    the customer (``None``: none recorded), which re-onboarding's monitoring steps watch.
     """
 
     customer_id: str
@@ -63,9 +64,11 @@ class CustomerView:
     opted_out_all: bool = False
     suppressed_channels: frozenset[Channel] = frozenset()
     fiscal_year_start_month: int | None = None
+    last_active_at: datetime | None = None
 
     def __post_init__(self) -> None:
         _require_aware("CustomerView", "customer_since", self.customer_since)
+        _require_aware("CustomerView", "last_active_at", self.last_active_at)
         month = self.fiscal_year_start_month
         if month is not None and not 1 <= month <= 12:
             raise ValueError(f"fiscal_year_start_month must be 1..12, got {month}")
@@ -143,6 +146,8 @@ class PlannedStep:
     the end of the case horizon: nothing is sent at or after it.
     ``discount_fallback_template`` is the template to send instead when the guardrails
     withhold the step's discount; ``None`` means the step is skipped then.
+    ``inactive_for`` makes the step a monitoring step: it goes only once the customer has
+    shown no activity for that long (see :func:`~.guardrails.decide`).
     """
 
     playbook: str
@@ -161,6 +166,7 @@ class PlannedStep:
     expires_at: datetime
     discount_fallback_template: str | None = None
     trigger: str | None = None
+    inactive_for: timedelta | None = None
 
     def __post_init__(self) -> None:
         for name in ("due_at", "original_due_at", "expires_at"):
@@ -232,8 +238,9 @@ SkipReason: TypeAlias = Literal[
     "no_consent",
     "discount_not_allowed",
     "frequency_cap",
+    "not_at_risk",
 ]
-DeferReason: TypeAlias = Literal["not_due", "frequency_cap", "quiet_hours"]
+DeferReason: TypeAlias = Literal["not_due", "frequency_cap", "quiet_hours", "not_at_risk"]
 DiscountBlock: TypeAlias = Literal[
     "not_price_reason", "low_engagement", "rechurn", "discount_period"
 ]

@@ -11,12 +11,12 @@ on time (its day-0 step a few seconds late) behaves as expected.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from services.scheduler.domain.model import ChurnEpisode, CustomerView, PlannedStep, Segment
-from services.scheduler.domain.playbook import CalendarRule, Playbook, Step
+from services.scheduler.domain.playbook import CalendarRule, Playbook, StartsOn, Step
 from services.scheduler.domain.variants import assign_variant, in_holdout
 from shared.localtime import first_instant_at, resolve_zone
 
@@ -33,14 +33,23 @@ def latest_versions(playbooks: Iterable[Playbook]) -> list[Playbook]:
     return list(latest.values())
 
 
-def choose_playbook(playbooks: Iterable[Playbook], segment: Segment) -> Playbook | None:
+def choose_playbook(
+    playbooks: Iterable[Playbook], segment: Segment, starts_on: StartsOn = "churned"
+) -> Playbook | None:
     """The playbook a new case in ``segment`` starts with, or ``None`` if none matches.
 
-    Only the latest version of each playbook competes (older versions keep running the cases
-    that started with them). Highest ``priority`` wins; ties go to the name first in
-    alphabetical order, so the choice never depends on file order.
+    ``starts_on`` says which kind of case opens: ``churned`` (a win-back case when a churn is
+    recorded) only ever picks win-back playbooks, ``returned`` (a re-onboarding case when a
+    won-back customer returns) only re-onboarding playbooks. Only the latest version of each
+    playbook competes (older versions keep running the cases that started with them).
+    Highest ``priority`` wins; ties go to the name first in alphabetical order, so the
+    choice never depends on file order.
     """
-    candidates = [p for p in latest_versions(playbooks) if p.match.matches(segment)]
+    candidates = [
+        p
+        for p in latest_versions(playbooks)
+        if p.starts_on == starts_on and p.match.matches(segment)
+    ]
     return min(candidates, key=lambda p: (-p.priority, p.name), default=None)
 
 
@@ -54,6 +63,39 @@ def find_playbook(playbooks: Iterable[Playbook], name: str, version: int) -> Pla
         if playbook.name == name and playbook.version == version:
             return playbook
     raise KeyError(f"no playbook {name!r} version {version}")
+
+
+def reonboarding_anchor(episode: ChurnEpisode, returned_at: datetime) -> ChurnEpisode:
+    """The episode a re-onboarding case plans with: the original churn (its reason, feature,
+    competitor, MRR — what went wrong the first time) timed from the return, so offsets,
+    windows and the horizon count from ``returned_at``."""
+    return replace(episode, occurred_at=returned_at)
+
+
+def plan_reonboarding(
+    playbook: Playbook,
+    customer: CustomerView,
+    episode: ChurnEpisode,
+    returned_at: datetime,
+    now: datetime,
+    *,
+    segment: Segment,
+    fallback_timezone: str = "UTC",
+) -> list[PlannedStep]:
+    """Plan a re-onboarding case for a customer who came back at ``returned_at`` after
+    ``episode``: exactly :func:`plan_steps` with the return as time zero (a return recorded
+    late follows the late-churn rule from the return), holdout and variants included.
+    """
+    if not playbook.is_reonboarding:
+        raise ValueError(f"playbook {playbook.name!r} is not a re-onboarding playbook")
+    return plan_steps(
+        playbook,
+        customer,
+        reonboarding_anchor(episode, returned_at),
+        now,
+        segment=segment,
+        fallback_timezone=fallback_timezone,
+    )
 
 
 def case_expires_at(playbook: Playbook, episode: ChurnEpisode) -> datetime:
@@ -135,6 +177,7 @@ def plan_step(
         expires_at=case_expires_at(playbook, episode),
         discount_fallback_template=step.without_discount,
         trigger=step.trigger,
+        inactive_for=step.inactive_for,
     )
 
 

@@ -42,6 +42,9 @@ CalendarRule: TypeAlias = Literal["budget_cycle", "quarter_start"]
 ``quarter_start``: next start of a quarter of that year."""
 Trigger: TypeAlias = Literal["feature.released"]
 ExitEvent: TypeAlias = Literal["reactivated", "activity", "unsubscribed_all"]
+StartsOn: TypeAlias = Literal["churned", "returned"]
+"""When a playbook's cases open: ``churned`` (a win-back case, timed from the churn) or
+``returned`` (a re-onboarding case for a won-back customer, timed from the return)."""
 _T = TypeVar("_T")
 
 REQUIRED_EXITS: frozenset[ExitEvent] = frozenset({"reactivated", "unsubscribed_all"})
@@ -109,6 +112,9 @@ class Step(_Frozen):
     * ``trigger`` event (``feature.released``: fires when the episode's feature ships).
 
     ``when`` narrows the step to some segments (e.g. a CRM task for high value only).
+    ``inactive_for`` (re-onboarding playbooks only) makes it a monitoring step: when due, it
+    goes only once the customer has shown no activity for that long, counted from the return
+    at the earliest; while they are active it waits, and it is skipped at the horizon.
     ``without_discount`` names the template sent when the guardrails withhold the step's
     discount; without it such a step is skipped.
     """
@@ -126,6 +132,7 @@ class Step(_Frozen):
     variants: tuple[Variant, ...] = ()
     on_cap: OnCap = "defer"
     when: MatchRule | None = None
+    inactive_for: Duration | None = None
 
     @property
     def weights(self) -> tuple[tuple[str, float], ...]:
@@ -155,12 +162,16 @@ class Playbook(_Frozen):
     ``priority``: higher wins when several playbooks match a segment. ``holdout``: share of
     matched customers who get no message at all (lift measurement). ``horizon`` and
     ``windows`` override the default window ladder. ``exit_on`` lists what closes a case;
-    it always includes ``reactivated`` and ``unsubscribed_all``.
+    it always includes ``reactivated`` and ``unsubscribed_all``. ``starts_on``: ``churned``
+    (default) for win-back playbooks, chosen when a churn is recorded and timed from it;
+    ``returned`` for re-onboarding playbooks, chosen when a win-back case closes because the
+    customer came back, timed from the return (offsets, windows and horizon count from it).
     """
 
     name: Name
     version: Annotated[int, Field(strict=True, ge=1)]
     description: Text = ""
+    starts_on: StartsOn = "churned"
     priority: Annotated[int, Field(strict=True)] = 0
     holdout: Annotated[float, Field(ge=0, lt=1, strict=True)] = 0.0
     match: MatchRule = MatchRule()
@@ -186,6 +197,11 @@ class Playbook(_Frozen):
     def attribution_window(self) -> timedelta:
         """How long after a sent step a reactivation is credited to it."""
         return timedelta(days=self.attribution_window_days)
+
+    @property
+    def is_reonboarding(self) -> bool:
+        """Whether cases of this playbook open on a return (re-onboarding)."""
+        return self.starts_on == "returned"
 
     @property
     def has_discount(self) -> bool:
@@ -229,7 +245,9 @@ def check_playbook(playbook: Playbook) -> Iterator[PlaybookProblem]:
     horizon; variant names are unique; a discount step has an offer in every variant and is
     restricted (by the playbook's ``match`` and the step's ``when``) to price churners, to
     engagement levels excluding ``low``, and to first-time churners; ``without_discount``
-    only on discount steps.
+    only on discount steps. A re-onboarding playbook (``starts_on: returned``) never
+    offers a discount, has no triggered steps and does not exit on ``activity`` (activity is
+    what it watches); ``inactive_for`` is positive and only on re-onboarding playbooks.
     """
 
     def problem(path: FieldPath, reason: str) -> PlaybookProblem:
@@ -243,6 +261,13 @@ def check_playbook(playbook: Playbook) -> Iterator[PlaybookProblem]:
     missing_exits = REQUIRED_EXITS - playbook.exit_on
     if missing_exits:
         yield problem(("exit_on",), f"must include {', '.join(sorted(missing_exits))}")
+    returned = playbook.starts_on == "returned"
+    if returned and "activity" in playbook.exit_on:
+        yield problem(
+            ("exit_on",),
+            "a re-onboarding playbook (starts_on: returned) cannot exit on activity: "
+            "activity is what it watches",
+        )
 
     seen: dict[str, int] = {}
     for index, step in enumerate(playbook.steps):
@@ -279,7 +304,26 @@ def check_playbook(playbook: Playbook) -> Iterator[PlaybookProblem]:
 
         if step.without_discount is not None and not step.is_discount:
             yield problem((*at, "without_discount"), "only applies to a step with is_discount")
-        if step.is_discount:
+        if step.inactive_for is not None:
+            if not returned:
+                yield problem(
+                    (*at, "inactive_for"),
+                    "only applies to a re-onboarding playbook (starts_on: returned)",
+                )
+            elif step.inactive_for <= timedelta(0):
+                yield problem((*at, "inactive_for"), "must be a positive duration")
+        if returned:
+            if step.is_discount:
+                yield problem(
+                    (*at, "is_discount"),
+                    "re-onboarding (starts_on: returned) never offers a discount",
+                )
+            if step.trigger is not None:
+                yield problem(
+                    (*at, "trigger"),
+                    "a re-onboarding playbook (starts_on: returned) has no triggered steps",
+                )
+        elif step.is_discount:
             yield from _discount_problems(playbook, step, at)
 
 

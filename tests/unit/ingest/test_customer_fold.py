@@ -117,7 +117,7 @@ def test_activity_after_inactivity_ends_the_passive_episode() -> None:
     back = apply(quiet.state, inbound("user.active", T0 + timedelta(days=3)), "/p", "a")
     assert back.state is not None
     assert back.state.status == "active"
-    assert [name for name, _ in back.emit] == ["customer.returned"]
+    assert [name for name, _ in back.emit] == ["customer.returned", "customer.activity"]
 
 
 def test_a_cancellation_supersedes_an_open_inactivity_episode() -> None:
