@@ -173,8 +173,12 @@ _EMAIL_SPECS: Final[Mapping[str, TemplateSpec]] = {
     "trial_extension": _email(frozenset({"offer"}), optional=frozenset({"valid_until"})),
     "demo_follow_up": _email(_FEATURES, optional=_OFFER),
     "usage_nudge": _email(_FEATURES),
+    # re-onboarding: for customers who came back after a win-back, never a discount
+    "welcome_back": _email(_FEATURES),
+    "settling_in": _email(_FEATURES, optional=_OFFER),
 }
 _SMS_BASE: Final = frozenset({"name", "product", "cta_url"})
+_CRM_BASE: Final = frozenset({"name", "product", "churn_reason", "segment", "mrr", "currency"})
 
 TEMPLATE_SPECS: Final[Mapping[tuple[str, Channel], TemplateSpec]] = {
     **{(name, Channel.EMAIL): spec for name, spec in _EMAIL_SPECS.items()},
@@ -183,9 +187,11 @@ TEMPLATE_SPECS: Final[Mapping[tuple[str, Channel], TemplateSpec]] = {
     ("special_offer", Channel.SMS): TemplateSpec(required=_SMS_BASE | _OFFER),
     ("last_chance", Channel.SMS): TemplateSpec(required=_SMS_BASE | _OFFER),
     ("crm_personal_outreach", Channel.CRM): TemplateSpec(
-        required=frozenset({"name", "product", "churn_reason", "segment", "mrr", "currency"}),
-        optional=frozenset({"offer"}),
+        required=_CRM_BASE, optional=frozenset({"offer"})
     ),
+    # re-onboarding tasks: help a won-back customer, no offer to make
+    ("crm_at_risk", Channel.CRM): TemplateSpec(required=_CRM_BASE),
+    ("crm_reonboarding_check_in", Channel.CRM): TemplateSpec(required=_CRM_BASE),
 }
 """Every (template name, channel) the dispatcher can render, with the fields it needs."""
 

@@ -27,6 +27,11 @@ TEMPLATES: Mapping[str, str] = {
     "trial_extension": "name, trial extended, getting-started help",
     "demo_follow_up": "name, follow-up after a demo or rejected offer",
     "usage_nudge": "name, what they have not tried yet, one-click way back in",
+    # re-onboarding: for customers who came back
+    "welcome_back": "name, thanks for coming back, what is new, one easy first step",
+    "settling_in": "name, two weeks back: getting the value out, optional non-discount offer",
+    "crm_at_risk": "CRM task: a won-back customer quiet since returning; a helpful call",
+    "crm_reonboarding_check_in": "CRM task: 30-day check-in call with a won-back customer",
 }
 TEMPLATE_NAMES: frozenset[str] = frozenset(TEMPLATES)
 
