@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from services.scheduler import store
 from services.scheduler.domain import (
+    PlannedStep,
     Playbook,
+    Segment,
     attribute_reactivation,
     case_expires_at,
     choose_playbook,
@@ -129,48 +131,25 @@ class SchedulerHandler:
             playbook, view, episode, tx.now, segment=seg, fallback_timezone=self.fallback_timezone
         )
         case_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"winback-case|{episode.episode_id}"))
-        holdout = any(s.holdout for s in steps)
-        await store.insert_case(
-            tx.conn,
-            {
-                "id": case_id,
-                "customer_id": cid,
-                "episode_id": episode.episode_id,
-                "status": "open",
-                "playbook": playbook.name,
-                "playbook_version": playbook.version,
-                "segment": segment_json(seg),
-                "episode": episode_json(episode),
-                "feature_key": normalise_feature(episode.feature) if episode.feature else None,
-                "holdout": holdout,
-                "is_rechurn": seg.is_rechurn,
-                "churned_at": episode.occurred_at,
-                "opened_at": tx.now,
-                "expires_at": expires,
-                "purpose": WINBACK,
-            },
-            [step_row(case_id, cid, s) for s in steps],
-        )
-        tx.emit(
-            self.topic,
-            cid,
-            de.CASE_OPENED,
-            {
-                "case_id": case_id,
-                "customer_id": cid,
-                "purpose": WINBACK,
-                "playbook": playbook.name,
-                "playbook_version": playbook.version,
-                "segment": segment_json(seg),
-                "holdout": holdout,
-                "is_rechurn": seg.is_rechurn,
+        await self._open_case(
+            tx,
+            cause,
+            case_id=case_id,
+            customer_id=cid,
+            episode_id=episode.episode_id,
+            purpose=WINBACK,
+            playbook=playbook,
+            seg=seg,
+            episode=episode_json(episode),
+            churned_at=episode.occurred_at,
+            expires=expires,
+            steps=steps,
+            feature_key=normalise_feature(episode.feature) if episode.feature else None,
+            announce={
                 "time_since_return_days": (episode.occurred_at - prior).days
                 if seg.is_rechurn and prior is not None
                 else None,
-                "steps": len(steps),
             },
-            cause=cause,
-            subject=cid,
         )
 
     async def _returned(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
@@ -283,48 +262,86 @@ class SchedulerHandler:
             fallback_timezone=self.fallback_timezone,
         )
         case_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"winback-reonboarding|{episode.episode_id}"))
+        await self._open_case(
+            tx,
+            cause,
+            case_id=case_id,
+            customer_id=cid,
+            episode_id=case_id,
+            purpose=REONBOARDING,
+            playbook=playbook,
+            seg=seg,
+            episode={**episode_json(episode), "returned_at": returned_at.isoformat()},
+            churned_at=episode.occurred_at,
+            expires=expires,
+            steps=steps,
+            announce={
+                "after_case_id": closed.id,
+                "churn_reason": episode.reason,
+                "returned_at": returned_at.isoformat(),
+            },
+        )
+
+    async def _open_case(
+        self,
+        tx: Tx,
+        cause: CloudEvent,
+        *,
+        case_id: str,
+        customer_id: str,
+        episode_id: str,
+        purpose: str,
+        playbook: Playbook,
+        seg: Segment,
+        episode: Mapping[str, Any],
+        churned_at: datetime,
+        expires: datetime,
+        steps: Sequence[PlannedStep],
+        announce: Mapping[str, Any],
+        feature_key: str | None = None,
+    ) -> None:
+        """Insert an open case with its planned steps and announce it (``case.opened``, with
+        ``announce`` added to what every opening carries)."""
         holdout = any(s.holdout for s in steps)
         await store.insert_case(
             tx.conn,
             {
                 "id": case_id,
-                "customer_id": cid,
-                "episode_id": case_id,
+                "customer_id": customer_id,
+                "episode_id": episode_id,
                 "status": "open",
-                "purpose": REONBOARDING,
+                "purpose": purpose,
                 "playbook": playbook.name,
                 "playbook_version": playbook.version,
                 "segment": segment_json(seg),
-                "episode": {**episode_json(episode), "returned_at": returned_at.isoformat()},
-                "feature_key": None,
+                "episode": dict(episode),
+                "feature_key": feature_key,
                 "holdout": holdout,
                 "is_rechurn": seg.is_rechurn,
-                "churned_at": episode.occurred_at,
+                "churned_at": churned_at,
                 "opened_at": tx.now,
                 "expires_at": expires,
             },
-            [step_row(case_id, cid, s) for s in steps],
+            [step_row(case_id, customer_id, s) for s in steps],
         )
         tx.emit(
             self.topic,
-            cid,
+            customer_id,
             de.CASE_OPENED,
             {
                 "case_id": case_id,
-                "customer_id": cid,
-                "purpose": REONBOARDING,
+                "customer_id": customer_id,
+                "purpose": purpose,
                 "playbook": playbook.name,
                 "playbook_version": playbook.version,
                 "segment": segment_json(seg),
                 "holdout": holdout,
                 "is_rechurn": seg.is_rechurn,
-                "after_case_id": closed.id,
-                "churn_reason": episode.reason,
-                "returned_at": returned_at.isoformat(),
+                **announce,
                 "steps": len(steps),
             },
             cause=cause,
-            subject=cid,
+            subject=customer_id,
         )
 
     async def _activity(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
