@@ -24,6 +24,16 @@ Definitions
   control — the comparison is by assignment, not exposure).
 * Pooling playbooks (``group_by=none``) mixes their holdout shares; when the shares differ
   read the lift per playbook.
+* **Re-onboarding** (``reonboarding``): the cases with ``purpose = 'reonboarding'``, opened
+  when a win-back case closed as returned, split by their own ``cases.holdout``. Their time is
+  the **return** (the episode's ``returned_at``, else the case's ``opened_at``): ``from``/``to``
+  select the returns on those dates, and ``playbook`` the re-onboarding playbook. A case
+  re-churned at N days (90, 180) if the same customer has a later win-back case with
+  ``churned_at`` in ``(return, return + N days]``; only cases returned at least N days before
+  ``as_of`` count (``matured``), as for the re-churn above. ``prevented`` is the holdout's
+  re-churn rate minus the contacted arm's (re-churns prevented per case: positive is good),
+  with Newcombe's interval, the z-test and times the contacted matured cases. Grouped by
+  playbook when ``group_by=playbook``; for every other ``group_by``, one ungrouped entry.
 """
 
 from __future__ import annotations
@@ -48,11 +58,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import array
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.types import DateTime, Text
 from sqlalchemy.types import Interval as IntervalType
-from sqlalchemy.types import Text
 
 from services.scheduler.domain.results import (
     RECHURN_HORIZONS,
+    REONBOARDING_HORIZONS,
     Z95,
     ArmCounts,
     ArmResult,
@@ -61,10 +72,14 @@ from services.scheduler.domain.results import (
     GroupResult,
     Interval,
     RechurnCounts,
+    RechurnPrevented,
+    RechurnResult,
     Revenue,
     engagement,
     group_result,
     maturity_cutoff,
+    rechurn_prevented,
+    rechurn_result,
 )
 from shared.clock import Clock
 from shared.db.tables import case_steps, cases, win_backs
@@ -107,6 +122,17 @@ class Filters:
         if self.end is not None:
             after = datetime.combine(self.end, time(), UTC) + timedelta(days=1)
             found.append(cases.c.churned_at < after)
+        if self.playbook is not None:
+            found.append(cases.c.playbook == self.playbook)
+        return found
+
+    def reonboarding_conditions(self, returned_at: ColumnElement[Any]) -> list[ColumnElement[bool]]:
+        """Re-onboarding cases whose return (``returned_at``) falls on ``start``..``end``."""
+        found: list[ColumnElement[bool]] = [cases.c.purpose == "reonboarding"]
+        if self.start is not None:
+            found.append(returned_at >= datetime.combine(self.start, time(), UTC))
+        if self.end is not None:
+            found.append(returned_at < datetime.combine(self.end, time(), UTC) + timedelta(days=1))
         if self.playbook is not None:
             found.append(cases.c.playbook == self.playbook)
         return found
@@ -159,6 +185,11 @@ def _units(group_by: GroupBy, filters: Filters) -> FromClause:
 
 
 Key = tuple[Any, ...]
+
+
+def _within(days: int) -> ColumnElement[Any]:
+    # whole hours, not days: "+ 90 days" would follow the session time zone's DST
+    return func.make_interval(0, 0, 0, 0, days * 24, type_=IntervalType)
 
 
 @dataclass
@@ -237,9 +268,7 @@ async def count_winback(
     rechurn_columns: list[ColumnElement[Any]] = []
     for days in RECHURN_HORIZONS:
         matured = returns.c.returned_at <= maturity_cutoff(as_of, days)
-        # whole hours, not days: "+ 90 days" would follow the session time zone's DST
-        within = func.make_interval(0, 0, 0, 0, days * 24, type_=IntervalType)
-        rechurned = and_(matured, returns.c.next_churn_at <= returns.c.returned_at + within)
+        rechurned = and_(matured, returns.c.next_churn_at <= returns.c.returned_at + _within(days))
         rechurn_columns += [
             func.count().filter(matured).label(f"matured_{days}"),
             func.count().filter(rechurned).label(f"rechurned_{days}"),
@@ -279,6 +308,70 @@ async def count_winback(
     )
     for row in revenue.mappings():
         arm(row).revenue.append(Revenue(row["currency"], int(row["returns"]), int(row["mrr"])))
+    return found
+
+
+@dataclass
+class _Reonboarding:
+    cases: int = 0
+    rechurn: list[RechurnCounts] = field(
+        default_factory=lambda: [RechurnCounts(days, 0, 0) for days in REONBOARDING_HORIZONS]
+    )
+
+
+async def count_reonboarding(
+    conn: AsyncConnection, by_playbook: bool, filters: Filters, as_of: datetime
+) -> dict[Key, dict[bool, _Reonboarding]]:
+    """Per playbook (or one group) and arm: re-onboarding cases and their re-churn counts at
+    each horizon. One grouped query."""
+    returned_at = func.coalesce(
+        cases.c.episode["returned_at"].astext.cast(DateTime(timezone=True)), cases.c.opened_at
+    )
+    reonboarding = (
+        select(
+            cases.c.customer_id,
+            cases.c.holdout,
+            cases.c.playbook,
+            returned_at.label("returned_at"),
+        )
+        .where(*filters.reonboarding_conditions(returned_at))
+        .subquery("reonboarding")
+    )
+    # the customer's next churn after the return: the same lateral join as for win-backs
+    later = cases.alias("later")
+    next_churn = (
+        select(func.min(later.c.churned_at).label("at"))
+        .where(
+            later.c.customer_id == reonboarding.c.customer_id,
+            later.c.purpose == "winback",
+            later.c.churned_at > reonboarding.c.returned_at,
+        )
+        .lateral("next_churn")
+    )
+    keys = [reonboarding.c.playbook] if by_playbook else []
+    columns: list[ColumnElement[Any]] = []
+    for days in REONBOARDING_HORIZONS:
+        matured = reonboarding.c.returned_at <= maturity_cutoff(as_of, days)
+        rechurned = and_(matured, next_churn.c.at <= reonboarding.c.returned_at + _within(days))
+        columns += [
+            func.count().filter(matured).label(f"matured_{days}"),
+            func.count().filter(rechurned).label(f"rechurned_{days}"),
+        ]
+    rows = await conn.execute(
+        select(*keys, reonboarding.c.holdout, func.count().label("cases"), *columns)
+        .select_from(reonboarding.join(next_churn, true()))
+        .group_by(*keys, reonboarding.c.holdout)
+    )
+    found: dict[Key, dict[bool, _Reonboarding]] = {}
+    for row in rows.mappings():
+        key = (row["playbook"],) if by_playbook else ()
+        found.setdefault(key, {})[bool(row["holdout"])] = _Reonboarding(
+            cases=int(row["cases"]),
+            rechurn=[
+                RechurnCounts(days, int(row[f"matured_{days}"]), int(row[f"rechurned_{days}"]))
+                for days in REONBOARDING_HORIZONS
+            ],
+        )
     return found
 
 
@@ -392,12 +485,39 @@ class FiltersOut(BaseModel):
     playbook: str | None
 
 
+class ReonboardingArmOut(BaseModel):
+    cases: int = Field(description="re-onboarding cases whose return falls in from/to")
+    rechurn: list[RechurnOut]
+
+
+class RechurnPreventedOut(BaseModel):
+    days: int
+    difference: float | None = Field(
+        description="holdout re-churn rate - contacted re-churn rate: re-churns prevented per "
+        "case (positive: re-onboarding helped)"
+    )
+    ci: IntervalOut | None = Field(description="Newcombe hybrid score interval")
+    p_value: float | None = Field(description="two-sided pooled two-proportion z-test")
+    rechurns_prevented: float | None = Field(description="difference times contacted matured")
+    rechurns_prevented_ci: IntervalOut | None
+
+
+class ReonboardingOut(BaseModel):
+    key: dict[str, Any] = Field(description="{playbook} with group_by=playbook, else {}")
+    contacted: ReonboardingArmOut
+    holdout: ReonboardingArmOut
+    prevented: list[RechurnPreventedOut]
+
+
 class WinbackReport(BaseModel):
     as_of: datetime
     confidence: float
     group_by: str
     filters: FiltersOut
     groups: list[GroupOut]
+    reonboarding: list[ReonboardingOut] = Field(
+        description="re-churn of re-onboarded customers, contacted vs holdout, by return date"
+    )
 
 
 class EngagementOut(BaseModel):
@@ -448,16 +568,7 @@ def _arm_out(arm: ArmResult) -> ArmOut:
             )
             for r in arm.revenue
         ],
-        rechurn=[
-            RechurnOut(
-                days=r.days,
-                matured=r.matured,
-                rechurned=r.rechurned,
-                rate=r.rate,
-                rate_ci=_interval(r.rate_ci),
-            )
-            for r in arm.rechurn
-        ],
+        rechurn=[_rechurn_out(r) for r in arm.rechurn],
     )
 
 
@@ -475,6 +586,27 @@ def _group_out(key: dict[str, Any], result: GroupResult) -> GroupOut:
             incremental_returns=lift.incremental_returns,
             incremental_returns_ci=_interval(lift.incremental_returns_ci),
         ),
+    )
+
+
+def _rechurn_out(r: RechurnResult) -> RechurnOut:
+    return RechurnOut(
+        days=r.days,
+        matured=r.matured,
+        rechurned=r.rechurned,
+        rate=r.rate,
+        rate_ci=_interval(r.rate_ci),
+    )
+
+
+def _prevented_out(p: RechurnPrevented) -> RechurnPreventedOut:
+    return RechurnPreventedOut(
+        days=p.days,
+        difference=p.difference,
+        ci=_interval(p.ci),
+        p_value=p.p_value,
+        rechurns_prevented=p.prevented,
+        rechurns_prevented_ci=_interval(p.prevented_ci),
     )
 
 
@@ -521,6 +653,38 @@ async def winback_report(
             arms.get(False, _Arm()).counts(), arms.get(True, _Arm()).counts(), Z95
         )
         groups.append(_group_out(dict(zip(names, key, strict=True)), result))
+    return groups
+
+
+async def reonboarding_report(
+    conn: AsyncConnection, group_by: GroupBy, filters: Filters, as_of: datetime
+) -> list[ReonboardingOut]:
+    by_playbook = group_by == "playbook"
+    found = await count_reonboarding(conn, by_playbook, filters, as_of)
+    if not found and not by_playbook:
+        found[()] = {}
+    groups = []
+    for key in sorted(found, key=_sort_key):
+        contacted = found[key].get(False, _Reonboarding())
+        holdout = found[key].get(True, _Reonboarding())
+
+        def arm(counts: _Reonboarding) -> ReonboardingArmOut:
+            return ReonboardingArmOut(
+                cases=counts.cases,
+                rechurn=[_rechurn_out(rechurn_result(c, Z95)) for c in counts.rechurn],
+            )
+
+        groups.append(
+            ReonboardingOut(
+                key={"playbook": key[0]} if by_playbook else {},
+                contacted=arm(contacted),
+                holdout=arm(holdout),
+                prevented=[
+                    _prevented_out(rechurn_prevented(c, h, Z95))
+                    for c, h in zip(contacted.rechurn, holdout.rechurn, strict=True)
+                ],
+            )
+        )
     return groups
 
 
@@ -586,7 +750,11 @@ def router(engine: EngineSource, clock: Clock, auth: Any) -> APIRouter:
             "returned customers at 90/180/365 days, counting only returns old enough "
             "(`matured`). `group_by`: none, playbook, reason, lifecycle, value_tier, label "
             "(groups overlap: a case has several labels), variant (per playbook step and "
-            "variant, by assignment)."
+            "variant, by assignment). `reonboarding`: re-onboarding cases by return date (and "
+            "re-onboarding playbook), contacted vs holdout: re-churn within 90/180 days of the "
+            "return over matured cases (Wilson 95%), and the re-churns prevented (holdout - "
+            "contacted; positive is good) with Newcombe's interval, the z-test p-value and "
+            "times contacted matured; per playbook with group_by=playbook, else ungrouped."
         ),
     )
     async def winback(
@@ -597,13 +765,21 @@ def router(engine: EngineSource, clock: Clock, auth: Any) -> APIRouter:
     ) -> WinbackReport:
         filters = _filters(start, to, playbook)
         as_of = clock.now()
-        groups = await snapshot(lambda conn: winback_report(conn, group_by, filters, as_of))
+
+        async def both(conn: AsyncConnection) -> tuple[list[GroupOut], list[ReonboardingOut]]:
+            return (
+                await winback_report(conn, group_by, filters, as_of),
+                await reonboarding_report(conn, group_by, filters, as_of),
+            )
+
+        groups, reonboarding = await snapshot(both)
         return WinbackReport(
             as_of=as_of,
             confidence=0.95,
             group_by=group_by,
             filters=FiltersOut.model_validate({"from": start, "to": to, "playbook": playbook}),
             groups=groups,
+            reonboarding=reonboarding,
         )
 
     @api.get(

@@ -87,6 +87,7 @@ class Seed:
                 "customer_id": customer,
                 "episode_id": f"ep-{case_id}",
                 "status": "closed",
+                "purpose": "winback",
                 "close_reason": "returned" if returned_at else "horizon",
                 "playbook": playbook,
                 "playbook_version": 1,
@@ -134,6 +135,56 @@ class Seed:
                     "returned_at": returned_at,
                 }
             )
+        return case_id
+
+    def reonboarding(
+        self,
+        case_id: str,
+        *,
+        returned_at: datetime,
+        holdout: bool = False,
+        playbook: str = "welcome_back",
+        opened_after: timedelta = timedelta(0),
+        rechurn_after: timedelta | None = None,
+    ) -> str:
+        """A win-back case that returned at ``returned_at`` (churned 60 days before), the
+        re-onboarding case opened on it (``opened_after`` the return) and, with
+        ``rechurn_after``, the customer's next churn that long after the return."""
+        customer = f"cus-{case_id}"
+        churned_at = returned_at - 60 * DAY
+        self.case(
+            f"{case_id}-wb", customer=customer, churned_at=churned_at, returned_after=60 * DAY
+        )
+        opened_at = returned_at + opened_after
+        self.cases.append(
+            {
+                "id": case_id,
+                "customer_id": customer,
+                "episode_id": f"ep-{case_id}",
+                "status": "closed",
+                "purpose": "reonboarding",
+                "close_reason": "horizon",
+                "playbook": playbook,
+                "playbook_version": 1,
+                "segment": {"lifecycle": "churned_customer", "reason": "price", "labels": []},
+                "episode": {
+                    "id": f"ep-{case_id}-wb",
+                    "kind": "subscription_cancelled",
+                    "occurred_at": churned_at.isoformat(),
+                    "reason": "price",
+                    "returned_at": returned_at.isoformat(),
+                },
+                "holdout": holdout,
+                "is_rechurn": False,
+                "churned_at": churned_at,  # the original churn, as the scheduler sets it
+                "opened_at": opened_at,
+                "expires_at": opened_at + 180 * DAY,
+                "closed_at": opened_at + 180 * DAY,
+                "returned_at": None,
+            }
+        )
+        if rechurn_after is not None:
+            self.case(f"{case_id}-again", customer=customer, churned_at=returned_at + rechurn_after)
         return case_id
 
     def step(
@@ -347,6 +398,133 @@ async def test_rechurn_counts_only_matured_returns(engine: AsyncEngine) -> None:
     [whole] = everything["groups"]
     assert whole["contacted"]["targeted"] == 8 + 6 + 3
     assert whole["contacted"]["rechurn"] == group["contacted"]["rechurn"]
+
+
+async def test_reonboarding_rechurn_contacted_against_holdout(engine: AsyncEngine) -> None:
+    seed = Seed()
+    contacted = {  # name: (days before AS_OF it returned, time from return to the next churn)
+        "r1": (400, 60 * DAY),
+        "r2": (300, 120 * DAY),  # re-churned after 90 days, within 180
+        "r3": (200, None),
+        "r4": (100, 30 * DAY),  # matured at 90 only
+        "r5": (50, 10 * DAY),  # re-churned, but too recent to judge at any horizon
+        "r6": (400, 90 * DAY),  # exactly 90 days after: a 90-day re-churn
+    }
+    holdout = {
+        "h1": (400, 30 * DAY),
+        "h2": (300, 45 * DAY),
+        "h3": (250, 90 * DAY + timedelta(hours=1)),  # just past 90 days
+        "h4": (200, 100 * DAY),
+        "h5": (120, 20 * DAY),  # matured at 90 only
+        "h6": (10, None),  # immature
+        "h7": (150, 50 * DAY),  # matured at 90 only
+    }
+    for arm, rows in ((False, contacted), (True, holdout)):
+        for name, (days, rechurn) in rows.items():
+            seed.reonboarding(
+                name, returned_at=AS_OF - days * DAY, holdout=arm, rechurn_after=rechurn
+            )
+    # timed by the return, not by when the case was opened: 95 days since the return (matured
+    # at 90) though opened 10 days later (85 days before AS_OF); not re-churned
+    seed.reonboarding("r7", returned_at=AS_OF - 95 * DAY, opened_after=10 * DAY)
+    # another customer's churn soon after r3's return is not r3's re-churn
+    seed.case("stranger", churned_at=AS_OF - 180 * DAY)
+    # another re-onboarding playbook: counted only unfiltered or in its own group
+    seed.reonboarding("o1", returned_at=AS_OF - 200 * DAY, playbook="other_reonboarding")
+    await seed.write(engine)
+
+    async with client(engine) as http:
+        body = await winback(http, playbook="welcome_back")
+        everything = await winback(http)
+        per_playbook = await winback(http, group_by="playbook")
+        per_reason = await winback(http, group_by="reason")
+        by_return = await winback(http, **{"from": "2026-03-01", "to": "2026-06-15"})
+        nobody = await winback(http, playbook="nobody")
+
+    [group] = body["reonboarding"]
+    assert group["key"] == {}
+    c, h = group["contacted"], group["holdout"]
+    assert (c["cases"], h["cases"]) == (7, 7)
+    counts = {
+        arm: {r["days"]: (r["matured"], r["rechurned"]) for r in side["rechurn"]}
+        for arm, side in (("contacted", c), ("holdout", h))
+    }
+    assert counts == {
+        # 90: matured r1 r2 r3 r4 r6 r7, re-churned r1 r4 r6; 180: matured r1 r2 r3 r6,
+        # re-churned r1 r2 r6 (r5 never matured)
+        "contacted": {90: (6, 3), 180: (4, 3)},
+        # 90: matured h1 h2 h3 h4 h5 h7, re-churned h1 h2 h5 h7; 180: matured h1 h2 h3 h4, all
+        # re-churned (h6 never matured)
+        "holdout": {90: (6, 4), 180: (4, 4)},
+    }
+    c90, h90 = c["rechurn"][0], h["rechurn"][0]
+    assert (c90["days"], h90["days"]) == (90, 90)
+    assert c90["rate"] == pytest.approx(0.5)
+    assert h90["rate"] == pytest.approx(4 / 6)
+    assert c90["rate_ci"] == {
+        "low": pytest.approx(wilson(3, 6)[0]),
+        "high": pytest.approx(wilson(3, 6)[1]),
+    }
+    assert h["rechurn"][1]["rate_ci"] == {"low": pytest.approx(wilson(4, 4)[0]), "high": 1.0}
+    prevented = {p["days"]: p for p in group["prevented"]}
+    assert list(prevented) == [90, 180]
+    # holdout - contacted: 4/6 - 3/6 = 1/6 fewer re-churns per contacted case, times 6
+    low, high = newcombe(4, 6, 3, 6)
+    pooled = 7 / 12
+    z = (1 / 6) / math.sqrt(pooled * (1 - pooled) * (1 / 6 + 1 / 6))
+    assert prevented[90]["difference"] == pytest.approx(1 / 6)
+    assert prevented[90]["ci"] == {"low": pytest.approx(low), "high": pytest.approx(high)}
+    assert prevented[90]["p_value"] == pytest.approx(math.erfc(z / math.sqrt(2)))
+    assert prevented[90]["rechurns_prevented"] == pytest.approx(1.0)
+    assert prevented[90]["rechurns_prevented_ci"] == {
+        "low": pytest.approx(low * 6),
+        "high": pytest.approx(high * 6),
+    }
+    # 4/4 - 3/4 = 0.25 per case, times the 4 contacted matured cases
+    assert prevented[180]["difference"] == pytest.approx(0.25)
+    assert prevented[180]["rechurns_prevented"] == pytest.approx(1.0)
+    low, high = newcombe(4, 4, 3, 4)
+    assert prevented[180]["ci"] == {"low": pytest.approx(low), "high": pytest.approx(high)}
+    assert prevented[180]["p_value"] == pytest.approx(
+        math.erfc(0.25 / math.sqrt(7 / 8 * 1 / 8 * (2 / 4)) / math.sqrt(2))
+    )
+
+    # the win-back report still counts win-back cases only: 16 returned ones (one per
+    # re-onboarding case), 10 re-churns and the stranger; no re-onboarding case
+    [whole] = everything["groups"]
+    assert whole["contacted"]["targeted"] + whole["holdout"]["targeted"] == 16 + 10 + 1
+    [unfiltered] = everything["reonboarding"]
+    assert (unfiltered["contacted"]["cases"], unfiltered["holdout"]["cases"]) == (8, 7)
+    assert [(r["matured"], r["rechurned"]) for r in unfiltered["contacted"]["rechurn"]] == [
+        (7, 3),  # + o1, matured at 90 and 180, not re-churned
+        (5, 3),
+    ]
+    assert per_reason["reonboarding"] == everything["reonboarding"]  # only ungrouped
+    playbooks = {g["key"]["playbook"]: g for g in per_playbook["reonboarding"]}
+    assert list(playbooks) == ["other_reonboarding", "welcome_back"]
+    assert playbooks["welcome_back"]["contacted"] == c
+    assert playbooks["welcome_back"]["prevented"] == group["prevented"]
+    other = playbooks["other_reonboarding"]
+    assert (other["contacted"]["cases"], other["holdout"]["cases"]) == (1, 0)
+    assert other["prevented"][0] == {
+        "days": 90,
+        "difference": None,
+        "ci": None,
+        "p_value": None,
+        "rechurns_prevented": None,
+        "rechurns_prevented_ci": None,
+    }
+    # from/to select re-onboarding cases by return date: r2 (7 March), r3 and o1 (15 June),
+    # h2, h3 (26 April), h4; by churn date (60 days earlier) it would be r3, o1, h4 and h7
+    [dated] = by_return["reonboarding"]
+    assert (dated["contacted"]["cases"], dated["holdout"]["cases"]) == (3, 3)
+    [empty] = nobody["reonboarding"]
+    assert (empty["contacted"]["cases"], empty["holdout"]["cases"]) == (0, 0)
+    assert [(r["days"], r["matured"], r["rate"]) for r in empty["contacted"]["rechurn"]] == [
+        (90, 0, None),
+        (180, 0, None),
+    ]
+    assert empty["prevented"][1]["difference"] is None
 
 
 async def test_group_by_splits_and_filters_select(engine: AsyncEngine) -> None:

@@ -19,6 +19,10 @@ Statistical choices
 * Incremental returns are the lift times the contacted arm's size, with the lift's interval
   scaled the same way: the returns the messages caused beyond what the holdout says would
   have happened anyway.
+* Re-onboarding (a case opened on a return, with its own random holdout) is measured by
+  re-churn, a rate where lower is better: the **re-churns prevented** are the holdout's
+  re-churn rate minus the contacted arm's (positive: re-onboarding helped), with Newcombe's
+  interval of that difference and the same z-test, times the contacted arm's matured cases.
 * The comparison is intent to treat: every case the programme targeted counts in its arm,
   whatever happened later (superseded, unsubscribed, erased), because holdout membership is
   random and what happens after it is not.
@@ -37,6 +41,9 @@ Z95 = 1.959963984540054
 
 RECHURN_HORIZONS: tuple[int, ...] = (90, 180, 365)
 """Days after a return within which a new churn counts as a re-churn."""
+
+REONBOARDING_HORIZONS: tuple[int, ...] = (90, 180)
+"""The re-churn horizons re-onboarding is judged at."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +258,45 @@ def group_result(contacted: ArmCounts, holdout: ArmCounts, z: float = Z95) -> Gr
         contacted=arm_result(contacted, z),
         holdout=arm_result(holdout, z),
         lift=lift(contacted, holdout, z),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RechurnPrevented:
+    """Holdout re-churn rate - contacted re-churn rate at ``days``: the re-churns that
+    contacting prevented per contacted case (positive: fewer re-churns when contacted), and
+    ``prevented`` = that difference times the contacted arm's matured cases. Every field but
+    ``days`` is ``None`` when an arm has no matured case."""
+
+    days: int
+    difference: float | None = None
+    ci: Interval | None = None
+    p_value: float | None = None
+    prevented: float | None = None
+    prevented_ci: Interval | None = None
+
+
+def rechurn_prevented(
+    contacted: RechurnCounts, holdout: RechurnCounts, z: float = Z95
+) -> RechurnPrevented:
+    """Re-churns prevented by contacting (holdout rate - contacted rate) at one horizon, with
+    Newcombe's interval of the difference and the pooled z-test's p-value."""
+    if contacted.days != holdout.days:
+        raise ValueError(f"horizons differ: {contacted.days} and {holdout.days} days")
+    if contacted.matured == 0 or holdout.matured == 0:
+        return RechurnPrevented(contacted.days)
+    difference = holdout.rechurned / holdout.matured - contacted.rechurned / contacted.matured
+    ci = newcombe(holdout.rechurned, holdout.matured, contacted.rechurned, contacted.matured, z)
+    assert ci is not None
+    return RechurnPrevented(
+        days=contacted.days,
+        difference=difference,
+        ci=ci,
+        p_value=two_proportion_p_value(
+            holdout.rechurned, holdout.matured, contacted.rechurned, contacted.matured
+        ),
+        prevented=difference * contacted.matured,
+        prevented_ci=ci.scaled(contacted.matured),
     )
 
 

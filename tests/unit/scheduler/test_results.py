@@ -16,6 +16,7 @@ from services.scheduler.domain.results import (
     EngagementCounts,
     Interval,
     RechurnCounts,
+    RechurnPrevented,
     Revenue,
     arm_result,
     engagement,
@@ -24,6 +25,7 @@ from services.scheduler.domain.results import (
     maturity_cutoff,
     newcombe,
     rate,
+    rechurn_prevented,
     rechurn_result,
     two_proportion_p_value,
     wilson,
@@ -188,6 +190,48 @@ def test_rechurn_rate_and_interval() -> None:
     assert result.rate == pytest.approx(13 / 16)
     assert result.rate_ci is not None
     assert (round(result.rate_ci.low, 4), round(result.rate_ci.high, 4)) == (0.5699, 0.9341)
+
+
+def test_rechurns_prevented_by_hand() -> None:
+    # holdout 20/100 re-churned, contacted 10/100: 0.10 re-churns prevented per case
+    result = rechurn_prevented(RechurnCounts(90, 100, 10), RechurnCounts(90, 100, 20))
+    assert result.days == 90
+    assert result.difference == pytest.approx(0.10)
+    # Wilson 20/100 = 0.133367..0.288829, 10/100 = 0.055229..0.174366 (worked by hand);
+    # hybrid score: 0.10 -/+ the root of the summed squared distances to the Wilson ends
+    low = 0.10 - math.sqrt((0.20 - 0.133367) ** 2 + (0.174366 - 0.10) ** 2)
+    high = 0.10 + math.sqrt((0.288829 - 0.20) ** 2 + (0.10 - 0.055229) ** 2)
+    assert result.ci is not None
+    assert result.ci.low == pytest.approx(low, abs=1e-5)
+    assert result.ci.high == pytest.approx(high, abs=1e-5)
+    assert (round(result.ci.low, 4), round(result.ci.high, 4)) == (0.0001, 0.1995)
+    # pooled 30/200 = 0.15; se = sqrt(0.15 * 0.85 * 2/100) = 0.050498; z = 1.98030
+    assert result.p_value == pytest.approx(math.erfc(1.98030 / math.sqrt(2)), abs=1e-5)
+    assert round(result.p_value or 0, 4) == 0.0477
+    # 0.10 per case times the 100 contacted matured cases
+    assert result.prevented == pytest.approx(10.0)
+    assert result.prevented_ci == Interval(result.ci.low * 100, result.ci.high * 100)
+
+
+def test_more_rechurn_when_contacted_is_a_negative_difference() -> None:
+    # contacted 3/20, holdout 3/40: contacting "caused" 0.075 re-churns per case
+    result = rechurn_prevented(RechurnCounts(180, 20, 3), RechurnCounts(180, 40, 3))
+    assert result.difference == pytest.approx(3 / 40 - 3 / 20)
+    assert result.prevented == pytest.approx(-0.075 * 20)
+    assert result.ci is not None
+    assert result.ci.low < -0.075 < result.ci.high
+    assert result.ci.low < 0 < result.ci.high
+    assert result.ci == newcombe(3, 40, 3, 20)
+    assert result.p_value == two_proportion_p_value(3, 40, 3, 20)
+
+
+def test_no_matured_case_in_an_arm_prevents_nothing_measurable() -> None:
+    assert rechurn_prevented(RechurnCounts(90, 0, 0), RechurnCounts(90, 5, 1)) == (
+        RechurnPrevented(90)
+    )
+    assert rechurn_prevented(RechurnCounts(90, 5, 1), RechurnCounts(90, 0, 0)).difference is None
+    with pytest.raises(ValueError, match="horizons differ"):
+        rechurn_prevented(RechurnCounts(90, 5, 1), RechurnCounts(180, 5, 1))
 
 
 def test_maturity_cutoff() -> None:
