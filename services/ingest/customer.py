@@ -18,13 +18,21 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from services.ingest import events as ev
 from services.ingest.reasons import normalise_reason
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ACTIVITY_BUCKET = timedelta(hours=1)
+"""At most one ``customer.activity`` per clock hour for a customer who is not churned."""
+
+
+def _hour(at: datetime) -> int:
+    return int((at - EPOCH) // ACTIVITY_BUCKET)
+
+
 Lifecycle = Literal["unknown", "active", "churned", "trial_expired", "lead_lost"]
 Activity = Literal["unknown", "active", "inactive"]
 CHURNED: frozenset[str] = frozenset({"churned", "trial_expired", "lead_lost"})
@@ -366,13 +374,15 @@ def _active(effects: Effects, state: CustomerState, at: datetime) -> None:
                 },
             )
         )
-    # every activity signal goes to the scheduler: a churned customer's case may exit on it,
-    # and a returned customer's re-onboarding watches for the lack of it
-    effects.emit.append(
-        (
-            "customer.activity",
-            {"customer_id": state.id, "at": at.isoformat(), "status": state.status},
+    # a churned customer's case may exit on any activity; for everyone else (a returned
+    # customer's re-onboarding watches for the lack of it) the first signal of each hour is
+    # enough — a product that reports every page view must not become a stream of events
+    if state.lifecycle in CHURNED or _hour(at) > _hour(state.activity_at):
+        effects.emit.append(
+            (
+                "customer.activity",
+                {"customer_id": state.id, "at": at.isoformat(), "status": state.status},
+            )
         )
-    )
     effects.state = current
     effects.ended.extend(ended)

@@ -120,6 +120,20 @@ def test_activity_after_inactivity_ends_the_passive_episode() -> None:
     assert [name for name, _ in back.emit] == ["customer.returned", "customer.activity"]
 
 
+def test_activity_of_a_customer_who_is_not_churned_is_forwarded_once_an_hour() -> None:
+    # T0 is on the hour; activity every 20 minutes for 3 hours
+    state = None
+    forwarded = []
+    for i in range(10):
+        at = T0 + timedelta(minutes=20 * i)
+        effects = apply(state, inbound("user.active", at), "/p", f"e{i}")
+        assert effects.state is not None
+        state = effects.state
+        assert state.activity_at == at  # the register always moves
+        forwarded += [d["at"] for name, d in effects.emit if name == "customer.activity"]
+    assert forwarded == [(T0 + timedelta(hours=h)).isoformat() for h in range(4)]
+
+
 def test_a_cancellation_supersedes_an_open_inactivity_episode() -> None:
     quiet = apply(None, inbound("user.inactive", T0), "/p", "i")
     gone = apply(quiet.state, inbound("subscription.cancelled", T0 + timedelta(days=5)), "/b", "c")
