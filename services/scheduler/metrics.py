@@ -25,7 +25,8 @@ OVERDUE_SECONDS = Gauge(
 )
 REACTIVATION_RATE = Gauge(
     "winback_reactivation_rate",
-    "Returned ÷ targeted, over closed and open cases (holdout = cases that got no message)",
+    "Returned ÷ targeted over win-back cases, closed and open (holdout = cases that got no "
+    "message); re-onboarding cases are not targets",
     ["group"],
 )
 WINBACK_MRR = Gauge(
@@ -67,7 +68,8 @@ async def refresh(engine: AsyncEngine, now: datetime) -> None:
         for r in await conn.execute(
             text(
                 "SELECT c.holdout, count(*) AS targeted, count(w.case_id) AS returned "
-                "FROM cases c LEFT JOIN win_backs w ON w.case_id = c.id GROUP BY c.holdout"
+                "FROM cases c LEFT JOIN win_backs w ON w.case_id = c.id "
+                "WHERE c.purpose = 'winback' GROUP BY c.holdout"
             )
         ):
             REACTIVATION_RATE.labels("holdout" if r.holdout else "contacted").set(
@@ -99,7 +101,7 @@ async def refresh(engine: AsyncEngine, now: datetime) -> None:
                 text(
                     "SELECT count(*) AS won, count(*) FILTER (WHERE EXISTS (SELECT 1 "
                     "FROM cases c2 WHERE c2.customer_id = w.customer_id "
-                    "AND c2.churned_at > w.returned_at)) AS again "
+                    "AND c2.purpose = 'winback' AND c2.churned_at > w.returned_at)) AS again "
                     "FROM win_backs w WHERE w.step_key IS NOT NULL"
                 )
             )
