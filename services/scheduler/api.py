@@ -52,6 +52,9 @@ class StepOut(BaseModel):
 class CaseOut(BaseModel):
     id: str
     customer_id: str
+    purpose: Literal["winback", "reonboarding"] = Field(
+        description="winback: the customer left; reonboarding: they came back after one"
+    )
     status: str
     close_reason: str | None
     playbook: str
@@ -242,6 +245,7 @@ def router(
         return CaseOut(
             id=case.id,
             customer_id=case.customer_id,
+            purpose=case.purpose,
             status=case.status,
             close_reason=case.close_reason,
             playbook=case.playbook,
@@ -310,6 +314,7 @@ def router(
     )
     async def list_cases(
         status: Annotated[Literal["open", "paused", "closed"] | None, Query()] = None,
+        purpose: Annotated[Literal["winback", "reonboarding"] | None, Query()] = None,
         segment: Annotated[
             str | None, Query(description="lifecycle type, churn reason or segment label")
         ] = None,
@@ -326,6 +331,8 @@ def router(
         query = select(cases)
         if status:
             query = query.where(cases.c.status == status)
+        if purpose:
+            query = query.where(cases.c.purpose == purpose)
         if segment:
             query = query.where(
                 or_(

@@ -16,7 +16,8 @@ from shared import domain_events as de
 from shared.settings import DEV_SECRET, Settings
 from tests.integration.test_scheduler_flow import T0, cancellation, not_in_holdout, system
 from tests.support.http import serve
-from tests.support.kafka import event_of, read_all
+from tests.support.kafka import cloudevent, event_of, read_all
+from tests.support.services import eventually
 
 pytestmark = pytest.mark.integration
 AUTH = {"authorization": f"Bearer {DEV_SECRET}"}
@@ -174,7 +175,6 @@ async def test_ingest_forgets_contact_points_and_comments_of_an_erased_customer(
     from sqlalchemy import select
 
     from shared.db.tables import churn_episodes, customers
-    from tests.support.services import eventually
 
     cid = not_in_holdout("cus_g", "price_discount")
     async with system(settings, engine) as s:
@@ -207,3 +207,39 @@ async def test_ingest_forgets_contact_points_and_comments_of_an_erased_customer(
     assert erased.comment is None
     assert erased.status == "churned"  # anonymised facts stay
     assert erased.reason == "price"
+
+
+async def test_a_returned_customer_shows_a_reonboarding_case_after_the_win_back(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    cid = not_in_holdout("cus_ro", "price_discount")
+    async with system(settings, engine) as s:
+        await s.send(cancellation(cid, T0))
+        winback = await s.case(cid)
+        await s.fire_until(T0 + timedelta(days=4))
+        back = T0 + timedelta(days=5)
+        s.clock.set(back)
+        await s.send(
+            cloudevent(
+                "subscription.reactivated", {"customer_id": cid, "mrr_minor": 3900}, time=back
+            )
+        )
+        reonboarding = await eventually(
+            lambda: s.case(cid), lambda row: row is not None and row.id != winback.id
+        )
+        async with (
+            serve(s.scheduler.app, lifespan="off") as url,
+            httpx.AsyncClient(base_url=url, headers=AUTH) as http,
+        ):
+            status = (await http.get(f"/v1/customers/{cid}/winback")).json()
+            listed = (await http.get("/v1/cases", params={"purpose": "reonboarding"})).json()
+            wrong = await http.get("/v1/cases", params={"purpose": "both"})
+    assert status["open_case"]["id"] == reonboarding.id
+    assert status["open_case"]["purpose"] == "reonboarding"
+    assert status["open_case"]["playbook"] == "reonboarding_price"
+    assert [(c["id"], c["purpose"], c["close_reason"]) for c in status["past_cases"]] == [
+        (winback.id, "winback", "returned")
+    ]
+    assert [c["id"] for c in listed["items"]] == [reonboarding.id]
+    assert wrong.status_code == 422
+    assert "purpose" in wrong.text
