@@ -125,6 +125,10 @@ def command(i: int, run: str) -> bytes:
         "features": ["Dashboards"],
         "feature_description": None,
         "requested_at": now.isoformat(),
+        # as the scheduler sends them: the re-check at send time parses both (the window
+        # spans the whole day, with the grace covering its last minute, so nothing is held)
+        "send_window": {"start": "00:00", "end": "23:59", "timezone": "Europe/Helsinki"},
+        "expires_at": (now + timedelta(days=30)).isoformat(),
     }
     return orjson.dumps(
         {
