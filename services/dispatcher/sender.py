@@ -3,7 +3,9 @@
 1. **Claim** (one transaction): lock a batch of due ``queued`` rows with ``FOR UPDATE SKIP
    LOCKED`` (several dispatchers never take the same row), re-check each right before the
    send — case still open, consent not withdrawn, customer and address not suppressed —
-   (``message.suppressed`` with the reason), render it (a missing template or field is a
+   (``message.suppressed`` with the reason; so is a step that expired meanwhile), put one
+   that a backlog carried into the customer's quiet hours back in the queue until their send
+   window opens (``model.send_timing``), render it (a missing template or field is a
    permanent ``message.failed`` naming it), and mark the rest ``sending`` with the attempt
    counted. This commits *before* any provider is called.
 2. **Send** concurrently, at most ``max_in_flight`` at a time, through the channel's provider
