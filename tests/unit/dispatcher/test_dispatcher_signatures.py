@@ -79,7 +79,10 @@ def test_sendgrid_signature_verifies_with_base64_der_and_pem_keys(signer: SendGr
     signature = signer.sign(timestamp, PAYLOAD)
 
     for key in (signer.public_key_b64_der, signer.public_key_pem):
-        SendGridWebhookVerifier(key, FrozenClock(NOW)).verify(PAYLOAD, signature, timestamp)
+        verifier = SendGridWebhookVerifier(key, FrozenClock(NOW))
+        verifier.verify(PAYLOAD, signature, timestamp)  # raises if it does not verify
+        with pytest.raises(SignatureError):  # and the same key tells a changed payload apart
+            verifier.verify(PAYLOAD.replace(b"delivered", b"bounce"), signature, timestamp)
 
 
 def test_sendgrid_published_test_vector_verifies() -> None:
@@ -135,11 +138,12 @@ def test_sendgrid_stale_or_future_timestamp_is_rejected(
 
 
 def test_sendgrid_timestamp_inside_tolerance_is_accepted(signer: SendGridSigner) -> None:
-    timestamp = str(int((NOW - timedelta(minutes=4)).timestamp()))
-    signature = signer.sign(timestamp, PAYLOAD)
-    SendGridWebhookVerifier(signer.public_key_b64_der, FrozenClock(NOW)).verify(
-        PAYLOAD, signature, timestamp
-    )
+    verifier = SendGridWebhookVerifier(signer.public_key_b64_der, FrozenClock(NOW))
+    inside = str(int((NOW - timedelta(minutes=4)).timestamp()))
+    verifier.verify(PAYLOAD, signer.sign(inside, PAYLOAD), inside)  # raises if refused
+    outside = str(int((NOW - timedelta(minutes=6)).timestamp()))
+    with pytest.raises(StaleSignatureError):
+        verifier.verify(PAYLOAD, signer.sign(outside, PAYLOAD), outside)
 
 
 def test_sendgrid_signature_from_another_key_is_rejected(signer: SendGridSigner) -> None:
@@ -239,8 +243,10 @@ def test_twilio_url_with_or_without_default_port_both_verify() -> None:
     signed_with = independent_twilio_signature(token, "https://h.example:443/cb", {"A": "1"})
     validator = TwilioRequestValidator(token)
 
-    validator.verify("https://h.example:443/cb", {"A": "1"}, signed_without)
+    validator.verify("https://h.example:443/cb", {"A": "1"}, signed_without)  # raises if not
     validator.verify("https://h.example/cb", {"A": "1"}, signed_with)
+    with pytest.raises(SignatureError):  # another port is another URL
+        validator.verify("https://h.example:8443/cb", {"A": "1"}, signed_without)
 
 
 def test_twilio_repeated_parameters_are_all_signed() -> None:
