@@ -98,31 +98,37 @@ def parse_command(data: Any) -> DispatchCommand:
 def _check_timing(data: Mapping[str, Any]) -> None:
     """``send_window`` (local start/end and the customer's zone) and ``expires_at`` are
     optional; when given they must be usable at send time."""
-    window = data.get("send_window")
-    if window is not None:
-        if not isinstance(window, dict):
-            raise InvalidEvent("invalid_payload", "must be an object", "data.send_window")
-        for name in ("start", "end"):
-            try:
-                time.fromisoformat(str(window.get(name)))
-            except ValueError:
-                raise InvalidEvent(
-                    "invalid_payload", "must be a local time HH:MM", f"data.send_window.{name}"
-                ) from None
-        try:
-            SendWindow(time.fromisoformat(window["start"]), time.fromisoformat(window["end"]))
-        except ValueError as exc:
-            raise InvalidEvent("invalid_payload", str(exc), "data.send_window.end") from None
-        try:
-            ZoneInfo(str(window.get("timezone")))
-        except (ZoneInfoNotFoundError, ValueError):
-            raise InvalidEvent(
-                "invalid_payload", "unknown IANA timezone", "data.send_window.timezone"
-            ) from None
+    if data.get("send_window") is not None:
+        _send_window(data["send_window"])
     if data.get("expires_at") is not None and parse_time(data["expires_at"]) is None:
         raise InvalidEvent(
             "invalid_payload", "must be an ISO 8601 time with offset", "data.expires_at"
         )
+
+
+def _send_window(spec: Any) -> tuple[SendWindow, ZoneInfo]:
+    """A command's ``send_window``; ``InvalidEvent`` names the field at fault."""
+    if not isinstance(spec, dict):
+        raise InvalidEvent("invalid_payload", "must be an object", "data.send_window")
+    bounds = []
+    for name in ("start", "end"):
+        try:
+            bounds.append(time.fromisoformat(str(spec.get(name))))
+        except ValueError:
+            raise InvalidEvent(
+                "invalid_payload", "must be a local time HH:MM", f"data.send_window.{name}"
+            ) from None
+    try:
+        window = SendWindow(*bounds)
+    except ValueError as exc:
+        raise InvalidEvent("invalid_payload", str(exc), "data.send_window.end") from None
+    try:
+        zone = ZoneInfo(str(spec.get("timezone")))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise InvalidEvent(
+            "invalid_payload", "unknown IANA timezone", "data.send_window.timezone"
+        ) from None
+    return window, zone
 
 
 def send_timing(
@@ -137,11 +143,9 @@ def send_timing(
     expires = parse_time(command.get("expires_at"))
     if expires is not None and now >= expires:
         return "step expired before it could be sent"
-    spec = command.get("send_window")
-    if not isinstance(spec, dict):
+    if command.get("send_window") is None:
         return None
-    window = SendWindow(time.fromisoformat(spec["start"]), time.fromisoformat(spec["end"]))
-    zone = ZoneInfo(spec["timezone"])
+    window, zone = _send_window(command["send_window"])  # checked when the command came in
     if window.allows(now, zone) or window.allows(now - grace, zone):
         return None
     opens = window.next_allowed(now, zone)

@@ -16,7 +16,7 @@ from shared import domain_events as de
 from shared.settings import DEV_SECRET, Settings
 from tests.integration.test_scheduler_flow import T0, cancellation, not_in_holdout, system
 from tests.support.http import serve
-from tests.support.kafka import cloudevent, event_of, read_all
+from tests.support.kafka import event_of, read_all
 from tests.support.services import eventually
 
 pytestmark = pytest.mark.integration
@@ -217,13 +217,7 @@ async def test_a_returned_customer_shows_a_reonboarding_case_after_the_win_back(
         await s.send(cancellation(cid, T0))
         winback = await s.case(cid)
         await s.fire_until(T0 + timedelta(days=4))
-        back = T0 + timedelta(days=5)
-        s.clock.set(back)
-        await s.send(
-            cloudevent(
-                "subscription.reactivated", {"customer_id": cid, "mrr_minor": 3900}, time=back
-            )
-        )
+        await s.reactivate(cid, at=T0 + timedelta(days=5), mrr_minor=3900)
         reonboarding = await eventually(
             lambda: s.case(cid), lambda row: row is not None and row.id != winback.id
         )

@@ -49,6 +49,16 @@ class System:
             [(e["data"].get("customer_id", "k").encode(), *structured(e)) for e in events],
         )
 
+    async def reactivate(self, *customers: str, at: datetime, **data: Any) -> None:
+        """The billing system reports these customers back at ``at``; the clock moves there."""
+        self.clock.set(at)
+        await self.send(
+            *(
+                cloudevent("subscription.reactivated", {"customer_id": c, **data}, time=at)
+                for c in customers
+            )
+        )
+
     async def case(self, customer: str) -> Any:
         async def probe() -> Any:
             async with self.engine.connect() as conn:
@@ -201,12 +211,7 @@ async def test_a_reactivation_cancels_pending_steps_and_credits_the_last_touch(
         case = await s.case(cid)
         await s.fire_until(T0 + timedelta(days=4))
         back = T0 + timedelta(days=5)
-        s.clock.set(back)
-        await s.send(
-            cloudevent(
-                "subscription.reactivated", {"customer_id": cid, "mrr_minor": 3900}, time=back
-            )
-        )
+        await s.reactivate(cid, at=back, mrr_minor=3900)
 
         async def closed() -> Any:
             async with engine.connect() as conn:
@@ -500,13 +505,7 @@ async def test_a_won_back_customer_is_re_onboarded_and_watched_until_they_churn_
         first = {cid: await s.case(cid) for cid in (active, quiet)}
         await s.fire_until(T0 + timedelta(days=4))
         back = T0 + timedelta(days=5)
-        s.clock.set(back)
-        await s.send(
-            *(
-                cloudevent("subscription.reactivated", {"customer_id": cid}, time=back)
-                for cid in (active, quiet)
-            )
-        )
+        await s.reactivate(active, quiet, at=back)
 
         async def reonboarding(cid: str) -> Any:
             async with engine.connect() as conn:
@@ -524,9 +523,7 @@ async def test_a_won_back_customer_is_re_onboarded_and_watched_until_they_churn_
         }
         planned = {st.step_key: st for st in await s.steps(quiet) if st.case_id == opened[quiet].id}
         # a return during re-onboarding changes nothing
-        again = back + timedelta(hours=2)
-        s.clock.set(again)
-        await s.send(cloudevent("subscription.reactivated", {"customer_id": quiet}, time=again))
+        await s.reactivate(quiet, at=back + timedelta(hours=2))
         # the active one uses the product after the return; the quiet one does not
         used = back + timedelta(days=5)
         await s.fire_until(used)

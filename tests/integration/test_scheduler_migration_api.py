@@ -26,7 +26,6 @@ from shared.db.tables import case_steps, cases, outbox
 from shared.settings import DEV_SECRET, Settings
 from tests.integration.test_scheduler_flow import T0, System, cancellation, system
 from tests.support.http import serve
-from tests.support.kafka import cloudevent
 from tests.support.services import eventually
 
 pytestmark = pytest.mark.integration
@@ -132,9 +131,7 @@ async def test_open_cases_move_to_the_new_version_and_their_steps_fire(
         assert {c.playbook_version for c in (case_a, case_b, case_gone)} == {1}
         await s.fire_until(T0 + timedelta(hours=1))  # s0 goes out for all three
         await sent(s, case_a.id, "s0")  # a's s0 is sent; b's is still in flight
-        back = T0 + timedelta(hours=20)
-        s.clock.set(back)
-        await s.send(cloudevent("subscription.reactivated", {"customer_id": gone}, time=back))
+        await s.reactivate(gone, at=T0 + timedelta(hours=20))
         await eventually(lambda: case_row(s, case_gone.id), lambda r: r.status == "closed")
         s.clock.set(T0 + DAY)
         before_a = await steps_by_key(s, case_a.id)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -330,20 +330,9 @@ class EngagementCounts:
     suppressed: int = 0
 
     def __post_init__(self) -> None:
-        for name in (
-            "dispatched",
-            "sent",
-            "delivered",
-            "opened",
-            "clicked",
-            "bounced",
-            "complained",
-            "unsubscribed",
-            "failed",
-            "suppressed",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
+        for count in fields(self):
+            if getattr(self, count.name) < 0:
+                raise ValueError(f"{count.name} must not be negative")
         if self.opened > self.delivered or self.clicked > self.delivered:
             raise ValueError("opened and clicked count delivered messages only")
         if self.delivered > self.sent or self.bounced > self.sent:
