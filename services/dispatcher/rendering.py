@@ -13,7 +13,16 @@ Every template name and channel has a ``TemplateSpec`` in ``TEMPLATE_SPECS`` nam
 it needs (``required``) and may use (``optional``). A message is rendered only when every
 required field is present and non-blank, so no customer ever gets "Hi ," or an empty offer: a
 missing template or field is a ``TemplateError`` (a ``PermanentSendError``). ``check_templates``
-runs the same checks, plus a trial render, for every locale at start-up.
+runs the same checks, plus trial renders, for every locale at start-up.
+
+What we know about the customer (``OPTIONAL_PROFILE_FIELDS``: name, churn reason, segment, MRR)
+is never required: a profile may lack any of it, and the message must still go. Templates use
+those fields only under ``{% if name is defined %}`` with a wording that reads naturally without
+them ("Hi there," instead of "Hi Aino,"; a CRM task leaves out the MRR line). ``TemplateSpec``
+refuses to require them, and the start-up check renders each template without each optional
+field. Only what a message cannot do without is required: the product, the links, and the
+content a template is about (the features of ``feature_built``, the offer of
+``special_offer``); the recipient's address is checked by the composer.
 
 Locale fallback: ``fi-FI`` → ``fi`` → ``en``; all parts of one message come from one locale.
 Dates and money are formatted with babel in the customer's locale when its language is the
@@ -134,21 +143,38 @@ class MessageContext(TypedDict, total=False):
     currency: str
 
 
+OPTIONAL_PROFILE_FIELDS: Final = frozenset({"name", "churn_reason", "segment", "mrr", "currency"})
+"""What we know about the customer, which a profile may lack: templates may use these fields
+(guarded, with a wording that reads well without them) but never require them."""
+
+
 @dataclass(frozen=True, slots=True)
 class TemplateSpec:
-    """The fields one template needs on one channel (``required``) and may use (``optional``)."""
+    """The fields one template needs on one channel (``required``) and may use (``optional``).
+
+    A field of ``OPTIONAL_PROFILE_FIELDS`` cannot be required: a customer without a name still
+    gets the message, greeted without one."""
 
     required: frozenset[str]
     optional: frozenset[str] = field(default_factory=frozenset)
 
+    def __post_init__(self) -> None:
+        profile = sorted(self.required & OPTIONAL_PROFILE_FIELDS)
+        if profile:
+            raise ValueError(
+                f"optional profile field(s) {', '.join(profile)} cannot be required: "
+                "list them in optional and guard them in the template"
+            )
 
-_EMAIL_BASE: Final = frozenset({"name", "product", "cta_url", "unsubscribe_url"})
+
+_EMAIL_BASE: Final = frozenset({"product", "cta_url", "unsubscribe_url"})
+_NAME: Final = frozenset({"name"})
 _FEATURES: Final = frozenset({"new_features"})
 _OFFER: Final = frozenset({"offer", "valid_until"})
 
 
 def _email(extra: frozenset[str], optional: frozenset[str] = frozenset()) -> TemplateSpec:
-    return TemplateSpec(required=_EMAIL_BASE | extra, optional=optional)
+    return TemplateSpec(required=_EMAIL_BASE | extra, optional=_NAME | optional)
 
 
 _EMAIL_SPECS: Final[Mapping[str, TemplateSpec]] = {
@@ -177,21 +203,27 @@ _EMAIL_SPECS: Final[Mapping[str, TemplateSpec]] = {
     "welcome_back": _email(_FEATURES),
     "settling_in": _email(_FEATURES, optional=_OFFER),
 }
-_SMS_BASE: Final = frozenset({"name", "product", "cta_url"})
-_CRM_BASE: Final = frozenset({"name", "product", "churn_reason", "segment", "mrr", "currency"})
+_SMS_BASE: Final = frozenset({"product", "cta_url"})
+_CRM_BASE: Final = frozenset({"product"})
 
 TEMPLATE_SPECS: Final[Mapping[tuple[str, Channel], TemplateSpec]] = {
     **{(name, Channel.EMAIL): spec for name, spec in _EMAIL_SPECS.items()},
     **{(name, Channel.WEBHOOK): spec for name, spec in _EMAIL_SPECS.items()},
-    ("we_miss_you", Channel.SMS): TemplateSpec(required=_SMS_BASE, optional=frozenset({"offer"})),
-    ("special_offer", Channel.SMS): TemplateSpec(required=_SMS_BASE | _OFFER),
-    ("last_chance", Channel.SMS): TemplateSpec(required=_SMS_BASE | _OFFER),
+    ("we_miss_you", Channel.SMS): TemplateSpec(
+        required=_SMS_BASE, optional=_NAME | frozenset({"offer"})
+    ),
+    ("special_offer", Channel.SMS): TemplateSpec(required=_SMS_BASE | _OFFER, optional=_NAME),
+    ("last_chance", Channel.SMS): TemplateSpec(required=_SMS_BASE | _OFFER, optional=_NAME),
     ("crm_personal_outreach", Channel.CRM): TemplateSpec(
-        required=_CRM_BASE, optional=frozenset({"offer"})
+        required=_CRM_BASE, optional=OPTIONAL_PROFILE_FIELDS | frozenset({"offer"})
     ),
     # re-onboarding tasks: help a won-back customer, no offer to make
-    ("crm_at_risk", Channel.CRM): TemplateSpec(required=_CRM_BASE),
-    ("crm_reonboarding_check_in", Channel.CRM): TemplateSpec(required=_CRM_BASE),
+    ("crm_at_risk", Channel.CRM): TemplateSpec(
+        required=_CRM_BASE, optional=OPTIONAL_PROFILE_FIELDS
+    ),
+    ("crm_reonboarding_check_in", Channel.CRM): TemplateSpec(
+        required=_CRM_BASE, optional=OPTIONAL_PROFILE_FIELDS
+    ),
 }
 """Every (template name, channel) the dispatcher can render, with the fields it needs."""
 
@@ -360,7 +392,8 @@ class TemplateRenderer:
 
         For each name: a spec exists; the default locale has every part; no locale has only
         some of the parts; every file parses; the templates use no field outside their spec;
-        and a trial render with complete and with required-only sample contexts succeeds.
+        and trial renders succeed with a complete sample context, with the required fields
+        only, and with each optional field left out in turn.
         Raises one ``TemplateError`` listing every problem found.
         """
         problems = self._check_offers()
@@ -613,7 +646,10 @@ class TemplateRenderer:
                 )
                 continue
             resolved = _ResolvedLocale(locale, locale.replace("-", "_"))
-            for sample in (_sample(spec.required | spec.optional), _sample(spec.required)):
+            complete = spec.required | spec.optional
+            samples = [_sample(complete), _sample(spec.required)]
+            samples += [_sample(complete - {f}) for f in sorted(spec.optional)]
+            for sample in samples:
                 try:
                     values = self._values(name, channel, spec, sample)
                     self._render(name, channel, spec, resolved, values)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from services.dispatcher.compose import Composer, Profile
-from services.dispatcher.errors import PermanentSendError, TemplateError
+from services.dispatcher.errors import PermanentSendError
 from services.dispatcher.rendering import Brand, Channel, TemplateRenderer
 from services.dispatcher.signatures import UnsubscribeTokens
 from shared.clock import FrozenClock
@@ -105,11 +105,12 @@ def test_the_context_fills_in_product_highlights_and_the_local_offer_date(
     assert named["new_features"] == ["SSO login"]
 
 
-def test_a_missing_name_is_a_permanent_error_naming_the_field(composer: Composer) -> None:
+def test_a_missing_name_degrades_to_a_greeting_without_one(composer: Composer) -> None:
     customer = {**command()["customer"], "name": None}
-    with pytest.raises(TemplateError) as info:
-        composer.compose(command(customer=customer), Profile(), NOW)
-    assert info.value.missing_fields == ("name",)
+    nameless = composer.compose(command(customer=customer), Profile(), NOW)
+    assert nameless.content.subject == "Erikoistarjous sinulle"
+    assert nameless.content.text.startswith("Hei,\n")
+    assert nameless.to == "aino@example.com"
     # the scheduler's profile can fill the gap
     message = composer.compose(command(customer=customer), Profile(name="Aino P."), NOW)
     assert "Aino P." in message.content.text

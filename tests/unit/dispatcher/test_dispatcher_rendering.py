@@ -16,6 +16,7 @@ from markupsafe import escape
 
 from services.dispatcher.errors import PermanentSendError, TemplateError
 from services.dispatcher.rendering import (
+    OPTIONAL_PROFILE_FIELDS,
     SAMPLE_CONTEXT,
     SHIPPED_LOCALES,
     TEMPLATE_SPECS,
@@ -91,8 +92,18 @@ def context_for(name: str, channel: str, *, optional: bool = True) -> dict[str, 
     return {f: FULL[f] for f in fields}
 
 
+NAMELESS_GREETING = {"en": "Hi there,", "fi": "Hei,", "da": "Hej,", "ms": "Hai,"}
+OPTIONAL_CASES = sorted(
+    (name, chan.value, f) for (name, chan), spec in TEMPLATE_SPECS.items() for f in spec.optional
+)
+REQUIRED_CASES = sorted(
+    (name, chan.value, f) for (name, chan), spec in TEMPLATE_SPECS.items() for f in spec.required
+)
+
+
 def assert_no_holes(text: str) -> None:
-    for marker in ("None", "{{", "}}", "{%", "%}", "Undefined", " ,", " .", "()", ": \n"):
+    markers = ("None", "{{", "}}", "{%", "%}", "Undefined", " ,", " .", " ?", " :", "()", ": \n")
+    for marker in (*markers, "  ", ", ,", ",,", "\n,", "<p>,", "<p> "):
         assert marker not in text, f"{marker!r} in rendered output"
 
 
@@ -163,11 +174,94 @@ def test_templates_render_without_their_optional_fields(
         assert FULL["offer"] not in message.text
 
 
+@pytest.mark.parametrize("locale", SHIPPED_LOCALES)
+@pytest.mark.parametrize(("name", "channel", "missing"), OPTIONAL_CASES)
+def test_templates_render_without_each_optional_field(
+    name: str, channel: str, missing: str, locale: str
+) -> None:
+    context = context_for(name, channel)
+    del context[missing]
+
+    message = RENDERER.render(name, channel, locale, context)
+
+    for part in (message.subject or "", message.text, message.html or ""):
+        assert_no_holes(part)
+    if missing == "currency":  # the money needs both: without a currency there is no MRR line
+        assert "249" not in message.text
+
+
+@pytest.mark.parametrize("locale", SHIPPED_LOCALES)
+@pytest.mark.parametrize(("name", "channel"), CASES)
+def test_a_customer_without_a_name_gets_the_message_greeted_without_one(
+    name: str, channel: str, locale: str
+) -> None:
+    context = context_for(name, channel)
+    del context["name"]
+
+    message = RENDERER.render(name, channel, locale, context)
+
+    for part in (message.subject or "", message.text, message.html or ""):
+        assert_no_holes(part)
+    for part in (message.subject or "X", message.text):
+        assert part[0].isupper(), f"starts in lower case: {part[:30]!r}"
+    greeting = NAMELESS_GREETING[locale]
+    if channel in ("email", "webhook"):
+        assert message.text.startswith(greeting + "\n")
+        assert message.html is not None
+        assert f"<p>{greeting}</p>" in message.html
+    if channel == "sms":
+        assert message.text.startswith(greeting + " ")
+
+
+@pytest.mark.parametrize("name", ["", "   ", "\x07\x1b", None])
+def test_a_blank_name_is_left_out_like_a_missing_one(name: str | None) -> None:
+    context = context_for("check_in", "email") | {"name": name}
+
+    message = RENDERER.render("check_in", "email", "en", context)
+
+    assert message.subject == "How are things?"
+    assert message.text.startswith("Hi there,\n")
+
+
+def test_the_optional_profile_fields_are_never_required() -> None:
+    assert {"name", "churn_reason", "segment", "mrr", "currency"} == OPTIONAL_PROFILE_FIELDS
+    for (name, channel), spec in TEMPLATE_SPECS.items():
+        assert not spec.required & OPTIONAL_PROFILE_FIELDS, (name, channel)
+    with pytest.raises(ValueError, match="name cannot be required"):
+        TemplateSpec(required=frozenset({"name", "product"}))
+
+
+@pytest.mark.parametrize("locale", SHIPPED_LOCALES)
+@pytest.mark.parametrize(("name", "channel", "missing"), REQUIRED_CASES)
+def test_without_a_required_field_the_message_fails_naming_it(
+    name: str, channel: str, missing: str, locale: str
+) -> None:
+    context = context_for(name, channel)
+    del context[missing]
+
+    with pytest.raises(TemplateError) as caught:
+        RENDERER.render(name, channel, locale, context)
+
+    assert caught.value.missing_fields == (missing,)
+    assert f"missing field(s): {missing}" in caught.value.reason
+    assert isinstance(caught.value, PermanentSendError)
+
+
+def test_feature_built_cannot_go_without_the_feature() -> None:
+    context = context_for("feature_built", "email")
+    del context["name"]
+    del context["new_features"]
+
+    with pytest.raises(TemplateError, match=r"missing field\(s\): new_features "):
+        RENDERER.render("feature_built", "email", "fi", context)
+
+
 @pytest.mark.parametrize("name", EMAIL_NAMES)
 def test_every_email_offers_something_new_and_an_easy_next_step(name: str) -> None:
     spec = TEMPLATE_SPECS[(name, Channel.EMAIL)]
     assert spec.required & {"new_features", "offer"}, "nothing new to offer"
-    assert {"cta_url", "unsubscribe_url", "name", "product"} <= spec.required
+    assert {"cta_url", "unsubscribe_url", "product"} <= spec.required
+    assert "name" in spec.optional
 
 
 def test_the_scheduler_playbooks_templates_and_offers_are_all_shipped() -> None:
@@ -235,9 +329,6 @@ def test_a_missing_field_is_a_named_permanent_template_error() -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("name", ""),
-        ("name", "   "),
-        ("name", None),
         ("product", "\n"),
         ("new_features", []),
         ("new_features", ["ok", " "]),
@@ -388,8 +479,9 @@ def test_whitespace_and_control_characters_in_fields_are_normalised() -> None:
 
     assert message.subject == "Mitä kuuluu, Aino Virtanen?"
     assert message.text.startswith("Hei Aino Virtanen,\n")
-    with pytest.raises(TemplateError, match="name"):
-        RENDERER.render("check_in", "email", "fi", context | {"name": "\x07\x1b"})
+    nameless = RENDERER.render("check_in", "email", "fi", context | {"name": "\x07\x1b"})
+    assert nameless.subject == "Mitä kuuluu?"
+    assert nameless.text.startswith("Hei,\n")
 
 
 # --- start-up check against broken template directories ----------------------------------
@@ -470,6 +562,27 @@ def test_check_templates_reports_syntax_errors(broken_dir: Path) -> None:
         renderer.check_templates(["whats_new"])
 
 
+@pytest.mark.parametrize(
+    ("path", "source"),
+    [
+        ("fi/email/_base.txt", "Hei {{ name }},\n\n{{ cta_url }} {{ unsubscribe_url }}\n"),
+        (
+            "da/crm/crm_at_risk.body.txt",
+            "{{ product }}{% if mrr is defined %} {{ mrr | format_money(currency) }}{% endif %}",
+        ),
+    ],
+    ids=["name", "currency"],
+)
+def test_check_templates_catches_a_profile_field_used_without_a_guard(
+    broken_dir: Path, path: str, source: str
+) -> None:
+    (broken_dir / path).write_text(source, encoding="utf-8")
+    renderer = TemplateRenderer(BRAND, broken_dir)
+
+    with pytest.raises(TemplateError, match="uses a field its spec does not provide"):
+        renderer.check_templates(["check_in", "crm_at_risk"])
+
+
 def test_check_templates_catches_an_optional_field_used_without_a_guard(broken_dir: Path) -> None:
     (broken_dir / "en" / "sms" / "we_miss_you.txt").write_text(
         "Hi {{ name }}, {{ offer }} at {{ product }}: {{ cta_url }}\n", encoding="utf-8"
@@ -484,18 +597,18 @@ def _custom_renderer(tmp_path: Path, source: str) -> TemplateRenderer:
     (tmp_path / "en" / "sms").mkdir(parents=True)
     (tmp_path / "en" / "sms" / "custom.txt").write_text(source, encoding="utf-8")
     (tmp_path / "en" / "sms" / "custom.html").write_text(source, encoding="utf-8")
-    specs = {("custom", Channel.SMS): TemplateSpec(required=frozenset({"name", "new_features"}))}
+    specs = {("custom", Channel.SMS): TemplateSpec(required=frozenset({"product", "new_features"}))}
     return TemplateRenderer(BRAND, tmp_path, specs=specs)
 
 
 def test_the_sandbox_refuses_unsafe_attribute_access(tmp_path: Path) -> None:
-    renderer = _custom_renderer(tmp_path, "{{ name.__class__.__mro__[1].__subclasses__() }}")
+    renderer = _custom_renderer(tmp_path, "{{ product.__class__.__mro__[1].__subclasses__() }}")
     with pytest.raises(TemplateError, match="cannot be rendered"):
         renderer.render("custom", "sms", "en", SAMPLE_CONTEXT)
 
 
 def test_the_sandbox_is_immutable(tmp_path: Path) -> None:
-    renderer = _custom_renderer(tmp_path, "{{ new_features.append('x') }}{{ name }}")
+    renderer = _custom_renderer(tmp_path, "{{ new_features.append('x') }}{{ product }}")
     with pytest.raises(TemplateError, match="cannot be rendered"):
         renderer.render("custom", "sms", "en", SAMPLE_CONTEXT)
 
@@ -503,16 +616,16 @@ def test_the_sandbox_is_immutable(tmp_path: Path) -> None:
 def test_an_empty_html_element_is_a_blank_hole(tmp_path: Path) -> None:
     (tmp_path / "en" / "email").mkdir(parents=True)
     for part, source in {
-        "subject.txt": "Hi {{ name }}",
-        "txt": "Hi {{ name }}",
-        "html": "<p>Hi {{ name }}</p><p>{% if false %}x{% endif %}</p>",
+        "subject.txt": "Hi from {{ product }}",
+        "txt": "Hi from {{ product }}",
+        "html": "<p>Hi from {{ product }}</p><p>{% if false %}x{% endif %}</p>",
     }.items():
         (tmp_path / "en" / "email" / f"hole.{part}").write_text(source, encoding="utf-8")
-    specs = {("hole", Channel.EMAIL): TemplateSpec(required=frozenset({"name"}))}
+    specs = {("hole", Channel.EMAIL): TemplateSpec(required=frozenset({"product"}))}
     renderer = TemplateRenderer(BRAND, tmp_path, specs=specs)
 
     with pytest.raises(TemplateError, match="empty <p>"):
-        renderer.render("hole", "email", "en", {"name": "Aino"})
+        renderer.render("hole", "email", "en", {"product": "Ledgerly"})
 
 
 def test_brand_needs_an_address() -> None:
