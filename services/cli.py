@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"winback: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    winback_logging.configure(settings.log_level, f"winback-{args.command}")
+    winback_logging.configure(
+        settings.log_level, f"winback-{args.command}", settings.log_repeat_interval_seconds
+    )
     try:
         if args.command == "migrate":
             cmd_migrate(settings, args)

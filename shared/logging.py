@@ -1,14 +1,23 @@
 """Structured JSON logs with a correlation id carried from the incoming event to every
-outgoing one. Email addresses, phone numbers and free text never reach the log."""
+outgoing one. Email addresses, phone numbers and free text never reach the log.
+
+Repeats are throttled: while the broker is down, aiokafka logs every reconnect attempt of
+every client, thousands of lines a minute. ``RepeatThrottle`` lets the first record of a
+kind through (same logger, level and message template), counts the repeats for an interval
+and then writes one summary line with the count. Our own retry loops opt in per call with
+``throttled(log)`` (or ``extra={"throttle": True}``)."""
 
 from __future__ import annotations
 
 import logging
 import re
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
@@ -19,6 +28,12 @@ _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")
 _PHONE = re.compile(r"\+\d[\d\s().-]{6,}\d")
 # keys whose values are never logged, whatever they hold
 _REDACT_KEYS = {"email", "phone", "comment", "body", "html", "text", "to", "address"}
+
+# loggers whose repeats are always throttled: the Kafka clients' connection chatter
+THROTTLED_LOGGERS = ("aiokafka", "kafka")
+REPEAT_INTERVAL_SECONDS = 10.0
+THROTTLE = "throttle"  # a record with this attribute set is throttled whatever its logger
+_SUMMARY = "throttle_summary"
 
 
 def scrub(value: Any) -> Any:
@@ -48,8 +63,164 @@ class _PiiFilter(logging.Filter):
 
 _STD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
+Schedule = Callable[[float, Callable[[], None]], None]
 
-def configure(level: str = "INFO", service: str = "winback") -> None:
+
+def _timer(delay: float, fn: Callable[[], None]) -> None:
+    timer = threading.Timer(delay, fn)
+    timer.daemon = True
+    timer.name = "log-throttle"
+    timer.start()
+
+
+@dataclass
+class _Window:
+    start: float
+    first: str
+    name: str
+    levelno: int
+    kind: str
+    repeats: int = 0
+    armed: bool = False
+
+
+class RepeatThrottle(logging.Filter):
+    """A handler filter: the first record of a kind (logger + level + message template
+    ``record.msg``, not its arguments) passes; repeats within ``interval`` seconds are
+    counted and dropped; when the interval ends, one summary record
+    ``"N similar aiokafka errors in the last 10 s: <first message>"`` goes out through the
+    logger that made them, and counting goes on for another interval while repeats come.
+    A kind that stays quiet for a whole interval is forgotten: its next record passes.
+
+    Throttled are records of ``loggers`` (and their children) and any record carrying a
+    true ``throttle`` attribute. ``clock`` and ``schedule`` (run a callback after a delay;
+    a daemon timer thread by default) are injectable for tests."""
+
+    def __init__(
+        self,
+        interval: float = REPEAT_INTERVAL_SECONDS,
+        loggers: tuple[str, ...] = THROTTLED_LOGGERS,
+        clock: Callable[[], float] = time.monotonic,
+        schedule: Schedule = _timer,
+    ) -> None:
+        super().__init__()
+        if interval <= 0:
+            raise ValueError("interval must be positive")
+        self.interval = interval
+        self.loggers = loggers
+        self.clock = clock
+        self.schedule = schedule
+        self._windows: dict[tuple[str, int, str], _Window] = {}
+        self._lock = threading.Lock()
+
+    def _kind(self, record: logging.LogRecord) -> str | None:
+        for prefix in self.loggers:
+            if record.name == prefix or record.name.startswith(prefix + "."):
+                return prefix
+        if getattr(record, THROTTLE, False):
+            return record.name
+        return None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, _SUMMARY, False):
+            return True
+        kind = self._kind(record)
+        if kind is None:
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        now = self.clock()
+        stale: _Window | None = None
+        delay: float | None = None
+        with self._lock:
+            window = self._windows.get(key)
+            passes = window is None or now - window.start >= self.interval + self._slack(window)
+            if passes:
+                # the first of its kind, or one whose window no timer closed
+                if window is not None and window.repeats:
+                    stale = window
+                self._windows[key] = _Window(now, _first(record), record.name, record.levelno, kind)
+            elif window is not None:
+                window.repeats += 1
+                if not window.armed:
+                    window.armed = True
+                    delay = max(0.0, window.start + self.interval - now)
+        if stale is not None:
+            self._emit(stale)
+        if delay is not None:
+            self.schedule(delay, self.flush)
+        return passes
+
+    def _slack(self, window: _Window) -> float:
+        # while a timer is armed, the timer closes the window, not a late record
+        return self.interval if window.armed else 0.0
+
+    def flush(self, force: bool = False) -> None:
+        """Write the summary of every window whose interval has ended (every window with
+        repeats if ``force``). A window with repeats starts a new interval; one without is
+        forgotten."""
+        now = self.clock()
+        due: list[_Window] = []
+        with self._lock:
+            for key, window in list(self._windows.items()):
+                if not force and now - window.start < self.interval:
+                    continue
+                if window.repeats:
+                    due.append(replace(window))
+                    window.start, window.repeats, window.armed = now, 0, False
+                else:
+                    del self._windows[key]
+        for window in due:
+            self._emit(window)
+
+    def _emit(self, window: _Window) -> None:
+        what = "errors" if window.levelno >= logging.ERROR else "warnings"
+        if window.levelno < logging.WARNING:
+            what = "messages"
+        record = logging.getLogger(window.name).makeRecord(
+            window.name,
+            window.levelno,
+            __file__,
+            0,
+            "%d similar %s %s in the last %s s: %s",
+            (window.repeats, window.kind, what, f"{self.interval:g}", window.first),
+            None,
+            extra={_SUMMARY: True, "repeats": window.repeats},
+        )
+        logging.getLogger(window.name).handle(record)
+
+
+def _first(record: logging.LogRecord) -> str:
+    try:
+        text = record.getMessage()
+    except Exception:
+        text = str(record.msg)
+    return text if len(text) <= 500 else text[:500] + "…"
+
+
+class _Throttled(logging.LoggerAdapter[logging.Logger]):
+    """``LoggerAdapter`` that marks every record for throttling and keeps the call's own
+    ``extra`` (3.11's adapter would replace it)."""
+
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
+        extra: Mapping[str, Any] = kwargs.get("extra") or {}
+        kwargs["extra"] = {**extra, THROTTLE: True}
+        return msg, kwargs
+
+
+def throttled(logger: logging.Logger) -> logging.LoggerAdapter[logging.Logger]:
+    """``logger`` with repeats throttled: for a retry loop's "failed; retrying" line. The
+    first failure is logged in full (traceback and all); repeats within the interval become
+    one summary line with the count."""
+    return _Throttled(logger, {})
+
+
+def configure(
+    level: str = "INFO",
+    service: str = "winback",
+    repeat_interval: float = REPEAT_INTERVAL_SECONDS,
+) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter(
@@ -58,6 +229,8 @@ def configure(level: str = "INFO", service: str = "winback") -> None:
             static_fields={"service": service},
         )
     )
+    # the throttle first: it groups by the message template, which the PII filter replaces
+    handler.addFilter(RepeatThrottle(repeat_interval))
     handler.addFilter(_PiiFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -479,6 +479,12 @@ class Settings(BaseSettings):
 
     environment: Literal["development", "test", "production"] = "development"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_repeat_interval_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="repeats of a Kafka client log line (and of a retry loop's) within this "
+        "interval become one summary line with the count",
+    )
     service_name: str = "winback"
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)

@@ -50,3 +50,206 @@ def test_emails_phones_and_comments_never_reach_the_log() -> None:
     assert "a@b.fi" not in text
     assert "127.0.0.1:8081" in str(line["message"])  # addresses of servers are not phones
     assert line["comment"] == "[redacted]"
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Timers:
+    """Stands in for the timer thread: records what the throttle asked to run, and when."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[float, object]] = []
+
+    def __call__(self, delay: float, fn: object) -> None:
+        self.pending.append((delay, fn))
+
+    def fire(self) -> None:
+        pending, self.pending = self.pending, []
+        for _, fn in pending:
+            fn()  # type: ignore[operator]
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    @property
+    def messages(self) -> list[str]:
+        return [r.getMessage() for r in self.records]
+
+
+def throttled_handler(
+    interval: float = 10.0,
+) -> tuple[_Lines, _Clock, _Timers, winback_logging.RepeatThrottle]:
+    clock, timers, lines = _Clock(), _Timers(), _Lines()
+    throttle = winback_logging.RepeatThrottle(interval, clock=clock, schedule=timers)
+    lines.addFilter(throttle)
+    return lines, clock, timers, throttle
+
+
+def attached(handler: logging.Handler, name: str) -> logging.Logger:
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    logger.propagate = False
+    return logger
+
+
+def detach(handler: logging.Handler, *names: str) -> None:
+    for name in names:
+        logging.getLogger(name).removeHandler(handler)
+        logging.getLogger(name).propagate = True
+
+
+def test_repeats_of_a_kafka_error_are_counted_and_summarised_once_per_interval() -> None:
+    lines, clock, timers, _ = throttled_handler(10.0)
+    kafka = attached(lines, "aiokafka.client")
+    try:
+        for attempt in range(500):
+            clock.now += 0.01
+            kafka.error("Unable connect to node with id %s: %s", 1, f"attempt {attempt}")
+        # the first passes at once, with its arguments; the other 499 are held
+        assert lines.messages == ["Unable connect to node with id 1: attempt 0"]
+        assert len(timers.pending) == 1
+        delay, _ = timers.pending[0]
+        assert 0 < delay <= 10.0
+
+        clock.now += 10.0
+        timers.fire()
+        assert len(lines.records) == 2
+        summary = lines.records[1]
+        assert summary.getMessage() == (
+            "499 similar aiokafka errors in the last 10 s: "
+            "Unable connect to node with id 1: attempt 0"
+        )
+        assert summary.levelno == logging.ERROR
+        assert summary.name == "aiokafka.client"
+        assert summary.__dict__["repeats"] == 499
+
+        # the outage goes on: one more summary for the next interval, not 300 lines
+        for _ in range(300):
+            clock.now += 0.01
+            kafka.error("Unable connect to node with id %s: %s", 1, "again")
+        assert len(lines.records) == 2
+        clock.now += 10.0
+        timers.fire()
+        assert len(lines.records) == 3
+        assert lines.messages[2].startswith("300 similar aiokafka errors in the last 10 s: ")
+
+        # quiet for an interval: forgotten, so the next one passes in full
+        clock.now += 10.0
+        timers.fire()
+        assert timers.pending == []
+        kafka.error("Unable connect to node with id %s: %s", 1, "back again")
+        assert lines.messages[-1] == "Unable connect to node with id 1: back again"
+        assert len(lines.records) == 4
+    finally:
+        detach(lines, "aiokafka.client")
+
+
+def test_a_single_record_leaves_no_summary_behind() -> None:
+    lines, clock, timers, throttle = throttled_handler(10.0)
+    kafka = attached(lines, "aiokafka.conn")
+    try:
+        kafka.error("Unexpected exception in AIOKafkaConnection")
+        clock.now += 30
+        throttle.flush()
+        assert lines.messages == ["Unexpected exception in AIOKafkaConnection"]
+        assert timers.pending == []
+    finally:
+        detach(lines, "aiokafka.conn")
+
+
+def test_different_templates_levels_and_loggers_are_not_merged() -> None:
+    lines, clock, timers, _ = throttled_handler(10.0)
+    client = attached(lines, "aiokafka.client")
+    coordinator = attached(lines, "aiokafka.consumer.group_coordinator")
+    legacy = attached(lines, "kafka.conn")
+    try:
+        for _ in range(3):
+            clock.now += 0.1
+            client.error("Unable connect to node with id %s: %s", 1, "refused")
+            client.error("Unable to update metadata from %s", [1])
+            client.warning("Unable to update metadata from %s", [1])
+            coordinator.error("Unable to update metadata from %s", [1])
+            legacy.error("Unable to update metadata from %s", [1])
+        assert sorted(lines.messages) == sorted(
+            [
+                "Unable connect to node with id 1: refused",
+                "Unable to update metadata from [1]",
+                "Unable to update metadata from [1]",
+                "Unable to update metadata from [1]",
+                "Unable to update metadata from [1]",
+            ]
+        )
+        clock.now += 10
+        timers.fire()
+        summaries = [r for r in lines.records if "similar" in r.getMessage()]
+        assert len(summaries) == 5
+        assert {(r.name, r.levelno) for r in summaries} == {
+            ("aiokafka.client", logging.ERROR),
+            ("aiokafka.client", logging.WARNING),
+            ("aiokafka.consumer.group_coordinator", logging.ERROR),
+            ("kafka.conn", logging.ERROR),
+        }
+        assert all(r.getMessage().startswith("2 similar ") for r in summaries)
+        warning = next(r for r in summaries if r.levelno == logging.WARNING)
+        assert "aiokafka warnings" in warning.getMessage()
+        assert any("kafka errors" in r.getMessage() for r in summaries if r.name == "kafka.conn")
+    finally:
+        detach(lines, "aiokafka.client", "aiokafka.consumer.group_coordinator", "kafka.conn")
+
+
+def test_our_own_logs_pass_unless_a_retry_loop_asks_for_throttling() -> None:
+    lines, clock, timers, _ = throttled_handler(10.0)
+    ours = attached(lines, "shared.messaging.test")
+    try:
+        for offset in range(5):
+            ours.warning("dead-lettering a record", extra={"offset": offset})
+        assert len(lines.records) == 5  # per-record lines are not throttled
+
+        retrying = winback_logging.throttled(ours)
+        for attempt in range(5):
+            clock.now += 0.5
+            retrying.warning("relay failed; retrying", extra={"attempt": attempt})
+        assert len(lines.records) == 6
+        assert lines.records[5].__dict__["attempt"] == 0  # the call's extra survives
+        clock.now += 10
+        timers.fire()
+        assert lines.messages[-1] == (
+            "4 similar shared.messaging.test warnings in the last 10 s: relay failed; retrying"
+        )
+    finally:
+        detach(lines, "shared.messaging.test")
+
+
+def test_configured_logs_throttle_kafka_chatter_and_still_scrub_the_summary() -> None:
+    stream = io.StringIO()
+    winback_logging.configure("INFO", "test", repeat_interval=3600)
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(stream)
+    throttle = next(f for f in handler.filters if isinstance(f, winback_logging.RepeatThrottle))
+    try:
+        for _ in range(50):
+            logging.getLogger("aiokafka.client").error("Unable connect to %s", "ops@example.com")
+        throttle.flush(force=True)
+    finally:
+        logging.getLogger().handlers.clear()
+    out = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["message"] for line in out] == [
+        "Unable connect to [email]",
+        "49 similar aiokafka errors in the last 3600 s: Unable connect to [email]",
+    ]
+    assert out[1]["level"] == "ERROR"
+    assert out[1]["name"] == "aiokafka.client"
+    assert out[1]["repeats"] == 49
