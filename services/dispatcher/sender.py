@@ -57,9 +57,12 @@ from services.dispatcher.model import (
 )
 from services.dispatcher.providers import OutboundMessage, SendResult
 from shared.clock import Clock
+from shared.logging import throttled
 from shared.messaging.pipeline import Tx, is_transient, write_outbox
 
 log = logging.getLogger(__name__)
+# retry loops: one line per log_repeat_interval_seconds, with the count
+retrying = throttled(log)
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,7 +409,9 @@ class DeliverySender:
                 if not is_transient(exc):
                     log.exception("recording send results failed", extra={"count": len(batch)})
                     return
-                log.warning("recording send results failed; retrying", extra={"error": repr(exc)})
+                retrying.warning(
+                    "recording send results failed; retrying", extra={"error": repr(exc)}
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         # The rows stay "sending": crash recovery settles them (never a blind second send).
@@ -416,7 +421,7 @@ class DeliverySender:
         try:
             return await work
         except Exception:
-            log.exception("dispatcher sender step failed; retrying")
+            retrying.exception("dispatcher sender step failed; retrying")
             await _wait_any(self._stopping, None, 1.0)
             return None
 

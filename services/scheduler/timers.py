@@ -38,9 +38,12 @@ from services.scheduler.views import (
 from shared import domain_events as de
 from shared.clock import Clock
 from shared.localtime import resolve_zone
+from shared.logging import throttled
 from shared.messaging.pipeline import Tx, write_outbox
 
 log = logging.getLogger(__name__)
+# a failing pass repeats every poll: one line per log_repeat_interval_seconds, with the count
+retrying = throttled(log)
 
 _CLAIM = text(
     "SELECT s.*, c.playbook, c.playbook_version, c.segment, c.episode "
@@ -261,7 +264,7 @@ class StepFirer:
                     await self.expire_cases()
                 result = await self.fire_once()
             except Exception:
-                log.exception("firing due steps failed; retrying")
+                retrying.exception("firing due steps failed; retrying")
                 result = FireResult(0, 0, 0, 0)
             if result.claimed < self.batch_size:
                 with contextlib.suppress(TimeoutError):
