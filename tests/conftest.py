@@ -135,6 +135,7 @@ def settings(migrated_url: str, kafka_bootstrap: str) -> Settings:
             "dispatch": f"dispatch-{suffix}",
             "outcomes": f"outcomes-{suffix}",
             "dead_letter": f"dlq-{suffix}",
+            "erasure": f"erasure-{suffix}",
             "partitions": 3,
         },
         outbox={"idle_poll_seconds": 0.02},

@@ -143,11 +143,28 @@ async def test_a_suppressed_address_is_not_sent_to(
     assert request.json["personalizations"][0]["to"] == [{"email": "cus_fine@example.com"}]
 
 
-async def test_a_missing_template_field_fails_the_message_naming_it(
+async def test_a_customer_without_a_name_is_sent_the_message_greeted_without_one(
     dispatcher: DispatcherService, engine: AsyncEngine, fake: FakeProviderServer
 ) -> None:
     case = await seed(engine, "cus_noname", name=None)
     await accept(dispatcher, command("cus_noname", case, name=None))
+    await dispatcher.sender.drain()
+    (request,) = fake.requests_for("sendgrid")
+    text, html = (c["value"] for c in request.json["content"])
+    assert text.startswith("Hi there,\n")
+    assert "<p>Hi there,</p>" in html
+    assert request.json["subject"] == "We miss you at Acme Analytics"
+    (row,) = await delivery_rows(engine)
+    assert row.state == "sent"
+    topic = dispatcher.core.settings.topics.outcomes
+    assert len(await emitted(engine, topic, model.MESSAGE_SENT)) == 1
+
+
+async def test_a_missing_template_field_fails_the_message_naming_it(
+    dispatcher: DispatcherService, engine: AsyncEngine, fake: FakeProviderServer
+) -> None:
+    case = await seed(engine, "cus_nooffer")
+    await accept(dispatcher, command("cus_nooffer", case, template="special_offer", offer=None))
     await dispatcher.sender.drain()
     assert not fake.requests
     (row,) = await delivery_rows(engine)
@@ -155,7 +172,9 @@ async def test_a_missing_template_field_fails_the_message_naming_it(
     (failed,) = await emitted(
         engine, dispatcher.core.settings.topics.outcomes, model.MESSAGE_FAILED
     )
-    assert failed["data"]["reason"] == "template 'we_miss_you' (email) is missing field(s): name"
+    assert failed["data"]["reason"] == (
+        "template 'special_offer' (email) is missing field(s): offer, valid_until"
+    )
 
 
 async def test_the_rendered_email_carries_one_click_unsubscribe_and_the_visible_link(
