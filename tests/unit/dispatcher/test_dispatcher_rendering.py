@@ -101,6 +101,14 @@ REQUIRED_CASES = sorted(
 )
 
 
+FIRST_WORD = {"en": "Hi", "fi": "Hei", "da": "Hej", "ms": "Hai"}
+
+
+def layout(text: str) -> list[bool]:
+    """Which lines of a text are blank: its paragraph structure."""
+    return [bool(line.strip()) for line in text.split("\n")]
+
+
 def assert_no_holes(text: str) -> None:
     markers = ("None", "{{", "}}", "{%", "%}", "Undefined", " ,", " .", " ?", " :", "()", ": \n")
     for marker in (*markers, "  ", ", ,", ",,", "\n,", "<p>,", "<p> "):
@@ -205,8 +213,15 @@ def test_a_customer_without_a_name_gets_the_message_greeted_without_one(
     for part in (message.subject or "X", message.text):
         assert part[0].isupper(), f"starts in lower case: {part[:30]!r}"
     greeting = NAMELESS_GREETING[locale]
+    named = RENDERER.render(name, channel, locale, context_for(name, channel))
+    # without the name the words change, never the layout: the greeting (or the CRM task's
+    # opening sentence) is a paragraph of its own
+    assert layout(message.text) == layout(named.text)
+    if channel != "sms":
+        assert message.text.split("\n")[1] == ""
     if channel in ("email", "webhook"):
-        assert message.text.startswith(greeting + "\n")
+        assert message.text.startswith(greeting + "\n\n")
+        assert named.text.startswith(f"{FIRST_WORD[locale]} {FULL['name']},\n\n")
         assert message.html is not None
         assert f"<p>{greeting}</p>" in message.html
     if channel == "sms":
