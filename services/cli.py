@@ -123,7 +123,7 @@ def cmd_service(settings: Settings, args: argparse.Namespace) -> None:
 
                 path = Path(settings.kafka.data_dir).with_name("bus.sqlite")
                 path.parent.mkdir(parents=True, exist_ok=True)
-                bus = MemoryBus(path=path)
+                bus = MemoryBus(path=path, max_record_bytes=settings.kafka.max_record_bytes)
                 stack.callback(bus.close)
                 transport = bus
                 print(f"event bus: in-process (no Kafka configured), kept in {path}", flush=True)

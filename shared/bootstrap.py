@@ -51,6 +51,7 @@ def build_core(
             settings.kafka.bootstrap_servers,
             settings.kafka.client_id,
             settings.kafka.session_timeout_ms,
+            settings.kafka.max_record_bytes,
         )
     clock = clock or SystemClock()
     publisher = transport.publisher()

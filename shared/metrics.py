@@ -25,11 +25,23 @@ CONSUMER_LAG = Gauge(
     "Records between the consumer position and the end of the partition",
     ["consumer", "topic", "partition"],
 )
-OUTBOX_BACKLOG = Gauge("winback_outbox_backlog", "Outbox rows not yet published")
+OUTBOX_BACKLOG = Gauge(
+    "winback_outbox_backlog", "Outbox rows waiting to be published (parked rows not counted)"
+)
 OUTBOX_OLDEST_AGE = Gauge(
     "winback_outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row"
 )
 OUTBOX_PUBLISHED = Counter("winback_outbox_published_total", "Outbox rows published", ["topic"])
+OUTBOX_PARKED = Counter(
+    "winback_outbox_parked_total",
+    "Outbox rows parked — never to be published as they are: refused by the broker for good "
+    "or over its limits when written — by topic and reason (record_too_large, invalid_topic, "
+    "invalid_record)",
+    ["topic", "reason"],
+)
+OUTBOX_PARKED_ROWS = Gauge(
+    "winback_outbox_parked_rows", "Outbox rows parked (parked_at set), waiting for an operator"
+)
 HTTP_EVENTS = Counter("winback_http_events_total", "Events posted over HTTP, by result", ["result"])
 RETENTION_PRUNED = Counter(
     "winback_retention_pruned_rows_total",

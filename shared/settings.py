@@ -45,6 +45,16 @@ class KafkaSettings(BaseModel):
     poll_timeout_ms: int = Field(default=500, ge=1, le=60_000)
     batch_linger_ms: int = Field(default=20, ge=0, le=5_000)
     session_timeout_ms: int = Field(default=30_000, ge=6_000)
+    max_record_bytes: int = Field(
+        default=1024 * 1024,
+        ge=128 * 1024,
+        le=64 * 1024 * 1024,
+        description="largest record we publish, counted as Kafka does (key, value, headers and "
+        "record/batch overhead): the producer's max_request_size, and the check every outbox "
+        "row gets when written (a dead-letter copy over it is cut down, any other row parked); "
+        "keep it at or below the broker's message.max.bytes (1048588 by default) and the "
+        "topics' max.message.bytes",
+    )
     data_dir: Path = Field(default=Path(".winback/kafka"), description="local broker data")
 
 

@@ -173,8 +173,15 @@ def bootstrap(
         crm_task_due=timedelta(hours=d.crm_task_due_hours),
     )
 
+    limit = settings.kafka.max_record_bytes
     pipeline = Pipeline(
-        core.engine, group, DispatchHandler(topics.outcomes), core.clock, topics.dead_letter, SOURCE
+        core.engine,
+        group,
+        DispatchHandler(topics.outcomes),
+        core.clock,
+        topics.dead_letter,
+        SOURCE,
+        limit,
     )
     consumer = ConsumerRunner(
         core.transport.subscription(group, [topics.dispatch, topics.erasure]),
@@ -212,6 +219,7 @@ def bootstrap(
         core.clock,
         topics.dead_letter,
         SOURCE,
+        limit,
     )
     unsubscribes = Pipeline(
         core.engine,
@@ -220,6 +228,7 @@ def bootstrap(
         core.clock,
         topics.dead_letter,
         SOURCE,
+        limit,
     )
     auth = _webhook_auth(d, core.clock)
 

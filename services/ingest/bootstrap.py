@@ -46,7 +46,8 @@ def bootstrap(
         settings.ingest.max_future_skew_seconds,
         topics.domain,
     )
-    pipeline = Pipeline(core.engine, group, handler, core.clock, topics.dead_letter, SOURCE)
+    limit = settings.kafka.max_record_bytes
+    pipeline = Pipeline(core.engine, group, handler, core.clock, topics.dead_letter, SOURCE, limit)
     consumer = ConsumerRunner(
         core.transport.subscription(group, topics.inbound),
         pipeline,
@@ -64,6 +65,7 @@ def bootstrap(
             core.clock,
             topics.dead_letter,
             SOURCE,
+            limit,
         ),
         poll_timeout_ms=settings.kafka.poll_timeout_ms,
     )

@@ -56,7 +56,15 @@ def bootstrap(
     core = build_core(settings, engine=engine, transport=transport, clock=clock)
     topics = settings.topics
     handler = SchedulerHandler(playbooks, topics.outcomes, settings.scheduler.fallback_timezone)
-    pipeline = Pipeline(core.engine, group, handler, core.clock, topics.dead_letter, SOURCE)
+    pipeline = Pipeline(
+        core.engine,
+        group,
+        handler,
+        core.clock,
+        topics.dead_letter,
+        SOURCE,
+        settings.kafka.max_record_bytes,
+    )
     consumer = ConsumerRunner(
         core.transport.subscription(group, [topics.domain, topics.outcomes]),
         pipeline,

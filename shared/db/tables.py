@@ -61,13 +61,18 @@ outbox = Table(
     Column("headers", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
     _tz("created_at", nullable=False, server_default=func.now()),
     _tz("published_at"),
+    # a row the broker refuses for good (or over its limits when written): never published,
+    # never pruned, not backlog (``shared.messaging.outbox``)
+    _tz("parked_at"),
+    Column("park_reason", Text),
 )
 Index(
     "ix_outbox_unpublished",
     outbox.c.id,
-    postgresql_where=outbox.c.published_at.is_(None),
+    postgresql_where=outbox.c.published_at.is_(None) & outbox.c.parked_at.is_(None),
 )
 Index("ix_outbox_published_at", outbox.c.published_at)
+Index("ix_outbox_parked", outbox.c.id, postgresql_where=outbox.c.parked_at.isnot(None))
 
 # --- ingest: customers and churn episodes ------------------------------------------------------
 customers = Table(

@@ -9,15 +9,29 @@ from collections.abc import Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import CommitFailedError, IllegalStateError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    InvalidTimestampError,
+    InvalidTopicError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    TopicAlreadyExistsError,
+)
 from aiokafka.structs import OffsetAndMetadata
 from aiokafka.structs import TopicPartition as KafkaTP
 
 from shared.messaging.transport import (
+    DEFAULT_MAX_RECORD_BYTES,
+    PUBLISHED,
+    Outcome,
     OutgoingRecord,
     Record,
     RevokeHook,
     TopicPartition,
+    raise_for_outcomes,
+    record_problem,
 )
 
 log = logging.getLogger(__name__)
@@ -136,9 +150,36 @@ class KafkaSubscription:
             self._consumer = None
 
 
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
+
+
+def outcome_of(exc: BaseException) -> Outcome:
+    """Classify a failed send. ``refused`` only for what the same bytes can never get past —
+    a record or batch over a size limit, a topic name the broker rejects, a timestamp it
+    refuses; these aiokafka errors are not ``retriable``. Everything else is ``failed``: the
+    ``retriable`` errors (leader moving, broker unreachable, not enough replicas) and the
+    non-retriable ones that a fix of the cluster or its configuration cures (authorization,
+    an unknown topic, a fenced producer) — the row waits for the next pass."""
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, _TOO_LARGE):
+        return Outcome.refused("record_too_large", detail)
+    if isinstance(exc, InvalidTopicError):
+        return Outcome.refused("invalid_topic", detail)
+    if isinstance(exc, InvalidTimestampError | UnicodeEncodeError):
+        return Outcome.refused("invalid_record", detail)
+    return Outcome.failed(type(exc).__name__, detail[:500])
+
+
 class KafkaPublisher:
-    def __init__(self, bootstrap: str, client_id: str) -> None:
+    """The idempotent producer (acks=all). ``max_record_bytes`` is its ``max_request_size``:
+    a larger record is refused before it is sent (``MessageSizeTooLargeError``)."""
+
+    def __init__(
+        self, bootstrap: str, client_id: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    ) -> None:
+        self.max_record_bytes = max_record_bytes
         self._producer: AIOKafkaProducer | None = None
+        self._started = False
         self._options = dict(
             bootstrap_servers=bootstrap,
             client_id=f"{client_id}-publisher",
@@ -146,38 +187,122 @@ class KafkaPublisher:
             acks="all",
             linger_ms=5,
             max_batch_size=256 * 1024,
-            max_request_size=1024 * 1024,
+            max_request_size=max_record_bytes,
         )
 
     async def start(self) -> None:
+        self._started = True
+        await self._open()
+
+    async def _open(self) -> AIOKafkaProducer:
         if self._producer is None:
             producer = AIOKafkaProducer(**self._options)
-            await producer.start()
+            try:
+                await producer.start()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await producer.stop()  # closes what it opened; else a ResourceWarning
+                raise
             self._producer = producer
+        return self._producer
+
+    async def _close(self) -> None:
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            await producer.stop()
 
     async def publish(self, records: Sequence[OutgoingRecord]) -> None:
-        if self._producer is None:
+        raise_for_outcomes(records, await self.publish_each(records))
+
+    async def publish_each(self, records: Sequence[OutgoingRecord]) -> list[Outcome]:
+        """Hand every record to the producer (its batches pipeline them), then wait for each
+        acknowledgement.
+
+        A batch the broker refuses as too large (a topic's ``max.message.bytes`` under ours)
+        fails every record in it, small ones too: those are sent again one at a time, so only
+        a record too large on its own is ``refused``. A batch the broker refused also leaves
+        the idempotent producer's sequence numbers for that partition ahead of the broker's
+        (every later batch would fail with ``OutOfOrderSequenceNumber``), so after one the
+        producer is replaced by a new one (a new producer id)."""
+        if not self._started:
             raise RuntimeError("the publisher is not started")
-        futures = [
-            await self._producer.send(r.topic, value=r.value, key=r.key, headers=list(r.headers))
-            for r in records
-        ]
-        if futures:
-            await asyncio.gather(*futures)
+        producer = await self._open()  # again, if a renewal could not start one
+        outcomes: list[Outcome] = [PUBLISHED] * len(records)
+        pending: dict[int, asyncio.Future[object]] = {}
+        held: set[str] = set()
+        for i, r in enumerate(records):
+            outcome = await self._hand_over(producer, r, held)
+            if isinstance(outcome, Outcome):
+                outcomes[i] = outcome
+                if outcome.status == "failed":
+                    held.add(r.topic)
+            else:
+                pending[i] = outcome
+        results = await asyncio.gather(*pending.values(), return_exceptions=True)
+        alone: list[int] = []
+        for i, result in zip(pending, results, strict=True):
+            if isinstance(result, _TOO_LARGE):
+                alone.append(i)
+            elif isinstance(result, BaseException):
+                outcomes[i] = outcome_of(result)
+        if any(isinstance(result, BaseException) for result in results):
+            producer = await self._renew()
+        for i in alone:
+            r = records[i]
+            try:
+                future = await producer.send(r.topic, r.value, r.key, headers=list(r.headers))
+            except Exception as exc:
+                outcomes[i] = outcome_of(exc)
+                continue
+            try:
+                await future
+            except Exception as exc:
+                outcomes[i] = outcome_of(exc)
+                producer = await self._renew()
+        return outcomes
+
+    async def _renew(self) -> AIOKafkaProducer:
+        """Replace the producer after the broker refused a batch (see ``publish_each``)."""
+        log.warning("the broker refused a batch; starting a new producer")
+        await self._close()
+        return await self._open()
+
+    async def _hand_over(
+        self, producer: AIOKafkaProducer, r: OutgoingRecord, held: set[str]
+    ) -> Outcome | asyncio.Future[object]:
+        """The record's future, or its outcome if it cannot be handed to the producer."""
+        if r.topic in held:
+            return Outcome.failed("held", "an earlier record of this topic was not published")
+        problem = record_problem(r, self.max_record_bytes)
+        if problem is not None:
+            # aiokafka would refuse the size too, but wait for the metadata of a topic name
+            # the broker rejects until its request timeout and then call it unknown
+            return problem
+        try:
+            future: asyncio.Future[object] = await producer.send(
+                r.topic, value=r.value, key=r.key, headers=list(r.headers)
+            )
+        except Exception as exc:
+            return outcome_of(exc)
+        return future
 
     async def stop(self) -> None:
-        if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+        self._started = False
+        await self._close()
 
 
 class KafkaTransport:
     def __init__(
-        self, bootstrap: str, client_id: str = "winback", session_timeout_ms: int = 30_000
+        self,
+        bootstrap: str,
+        client_id: str = "winback",
+        session_timeout_ms: int = 30_000,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     ) -> None:
         self.bootstrap = bootstrap
         self.client_id = client_id
         self.session_timeout_ms = session_timeout_ms
+        self.max_record_bytes = max_record_bytes
 
     def subscription(self, group: str, topics: Sequence[str]) -> KafkaSubscription:
         return KafkaSubscription(
@@ -185,7 +310,7 @@ class KafkaTransport:
         )
 
     def publisher(self) -> KafkaPublisher:
-        return KafkaPublisher(self.bootstrap, self.client_id)
+        return KafkaPublisher(self.bootstrap, self.client_id, self.max_record_bytes)
 
     async def ensure_topics(
         self, topics: Sequence[str], partitions: int, replication: int = 1

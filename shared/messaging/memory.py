@@ -30,7 +30,11 @@ Where it differs, on purpose:
   is not waited for; its partitions are simply released.
 - There is no retention: every record stays in memory (and in the file) for the bus's life.
 - Publishing to a topic that does not exist raises ``UnknownTopic`` at once (a broker with
-  ``auto.create.topics.enable=false`` makes the producer wait for metadata, then time out).
+  ``auto.create.topics.enable=false`` makes the producer wait for metadata, then time out);
+  ``publish_each`` reports it per record as ``failed`` (``unknown_topic``).
+- Limits as on a broker: a record over ``max_record_bytes`` (counted as Kafka counts it,
+  ``serialized_size``; the Kafka publisher's ``max_request_size``) or with a topic name Kafka
+  does not allow is refused.
 - ``replication`` is ignored: there is one copy.
 
 Durability: ``MemoryBus(path=...)`` keeps topics, records and committed positions in a SQLite
@@ -55,7 +59,17 @@ from pathlib import Path
 
 from shared.clock import Clock, SystemClock
 from shared.errors import WinbackError
-from shared.messaging.transport import OutgoingRecord, Record, RevokeHook, TopicPartition
+from shared.messaging.transport import (
+    DEFAULT_MAX_RECORD_BYTES,
+    PUBLISHED,
+    Outcome,
+    OutgoingRecord,
+    PublishFailed,
+    Record,
+    RevokeHook,
+    TopicPartition,
+    record_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -424,6 +438,7 @@ class MemorySubscription:
 class MemoryPublisher:
     def __init__(self, bus: MemoryBus) -> None:
         self.bus = bus
+        self.max_record_bytes = bus.max_record_bytes
         self._started = False
 
     async def start(self) -> None:
@@ -431,11 +446,46 @@ class MemoryPublisher:
         self._started = True
 
     async def publish(self, records: Sequence[OutgoingRecord]) -> None:
-        """Append all records (written to the bus file first, if there is one); all or none."""
-        if not self._started:
-            raise RuntimeError("the publisher is not started")
+        """Append all records (written to the bus file first, if there is one); all or none:
+        an unknown topic raises ``UnknownTopic``, a record a broker would refuse
+        ``PublishFailed``, and nothing is appended."""
+        self._check_started()
+        for record in records:
+            problem = record_problem(record, self.max_record_bytes)
+            if problem is not None:
+                raise PublishFailed(record, problem)
         self.bus._append(records)
         await asyncio.sleep(0)
+
+    async def publish_each(self, records: Sequence[OutgoingRecord]) -> list[Outcome]:
+        """Append the records a broker would take, in one go; one outcome per record. A record
+        over ``max_record_bytes`` or with a topic name Kafka does not allow is ``refused``; one
+        for a topic that does not exist ``failed`` (``unknown_topic``), and the later records
+        of that topic are held back, as on Kafka."""
+        self._check_started()
+        outcomes: list[Outcome] = []
+        accepted: list[OutgoingRecord] = []
+        held: set[str] = set()
+        existing = self.bus._partition_counts()
+        for record in records:
+            outcome = record_problem(record, self.max_record_bytes)
+            if outcome is None and record.topic in held:
+                outcome = Outcome.failed("held", "an earlier record of this topic failed")
+            elif outcome is None and record.topic not in existing:
+                outcome = Outcome.failed("unknown_topic", f"no such topic: {record.topic}")
+                held.add(record.topic)
+            if outcome is None:
+                accepted.append(record)
+                outcome = PUBLISHED
+            outcomes.append(outcome)
+        if accepted:
+            self.bus._append(accepted)
+        await asyncio.sleep(0)
+        return outcomes
+
+    def _check_started(self) -> None:
+        if not self._started:
+            raise RuntimeError("the publisher is not started")
 
     async def stop(self) -> None:
         self._started = False
@@ -445,8 +495,15 @@ class MemoryBus:
     """An in-process ``Transport``; with ``path``, kept in a SQLite file across restarts.
     ``close()`` it when done (it releases the file)."""
 
-    def __init__(self, path: str | Path | None = None, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        *,
+        clock: Clock | None = None,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    ) -> None:
         self.clock: Clock = clock or SystemClock()
+        self.max_record_bytes = max_record_bytes
         self.path = Path(path) if path is not None else None
         self._topics: dict[str, _Topic] = {}
         self._groups: dict[str, _Group] = {}

@@ -4,6 +4,20 @@ One relay publishes at a time (a transaction-scoped advisory lock), so rows go o
 order and one customer's events keep their order; other relays wait as stand-bys. A crash
 between publish and mark yields at most a duplicate, which the consumers' inboxes absorb.
 Published rows are deleted later by the retention job (``shared.messaging.retention``).
+
+No single row can block the rest. Each pass learns the outcome of every row
+(``Publisher.publish_each``):
+- published → ``published_at``;
+- refused by the broker for good (too large, a topic name it rejects, a record it cannot
+  take) → **parked**: ``parked_at`` and ``park_reason`` are set, it is logged and counted
+  (``winback_outbox_parked_total{topic,reason}``), and the rows after it go on in the same
+  pass. Parked rows are not backlog (``winback_outbox_parked_rows`` counts them), are never
+  published as they are and never pruned: an operator looks at them
+  (``SELECT id, topic, parked_at, park_reason FROM outbox WHERE parked_at IS NOT NULL``);
+- failed for now (broker unreachable, leader moving, topic missing) → left as it is, and the
+  pass is retried with backoff; the rows of that topic after it wait too, so per-key order
+  holds.
+Rows over the broker's limits are mostly parked when written (``write_outbox``).
 """
 
 from __future__ import annotations
@@ -12,6 +26,8 @@ import asyncio
 import base64
 import contextlib
 import logging
+from collections import Counter
+from dataclasses import dataclass
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -23,6 +39,19 @@ from shared.messaging.transport import OutgoingRecord, Publisher
 log = logging.getLogger(__name__)
 
 RELAY_LOCK = 0x57494E42  # "WINB"
+
+
+@dataclass(frozen=True)
+class RelayPass:
+    """What one pass did: rows published, parked, and left for a retry (failed for now)."""
+
+    published: int = 0
+    parked: int = 0
+    failed: int = 0
+
+    @property
+    def settled(self) -> int:
+        return self.published + self.parked
 
 
 class OutboxRelay:
@@ -41,27 +70,28 @@ class OutboxRelay:
         self.idle_poll_seconds = idle_poll_seconds
         self._stopping = asyncio.Event()
 
-    async def publish_once(self) -> int:
-        """Publish one batch; return how many rows went out (0 if idle or not the leader)."""
+    async def publish_once(self) -> RelayPass:
+        """Publish one batch and mark each row published or parked; nothing if idle or not
+        the leader."""
         async with self.engine.begin() as conn:
             leader = await conn.scalar(
                 text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": RELAY_LOCK}
             )
             if not leader:
-                return 0
+                return RelayPass()
             rows = (
                 await conn.execute(
                     text(
                         "SELECT id, topic, key, value, headers FROM outbox "
-                        "WHERE published_at IS NULL ORDER BY id LIMIT :n "
+                        "WHERE published_at IS NULL AND parked_at IS NULL ORDER BY id LIMIT :n "
                         "FOR UPDATE SKIP LOCKED"
                     ),
                     {"n": self.batch_size},
                 )
             ).all()
             if not rows:
-                return 0
-            await self.publisher.publish(
+                return RelayPass()
+            outcomes = await self.publisher.publish_each(
                 [
                     OutgoingRecord(
                         topic=r.topic,
@@ -72,13 +102,47 @@ class OutboxRelay:
                     for r in rows
                 ]
             )
-            await conn.execute(
-                text("UPDATE outbox SET published_at = :now WHERE id = ANY(:ids)"),
-                {"now": self.clock.now(), "ids": [r.id for r in rows]},
-            )
-        for r in rows:
+            now = self.clock.now()
+            published = [r for r, o in zip(rows, outcomes, strict=True) if o.status == "published"]
+            parked = [(r, o) for r, o in zip(rows, outcomes, strict=True) if o.status == "refused"]
+            failed = [o for o in outcomes if o.status == "failed"]
+            if published:
+                await conn.execute(
+                    text("UPDATE outbox SET published_at = :now WHERE id = ANY(:ids)"),
+                    {"now": now, "ids": [r.id for r in published]},
+                )
+            if parked:
+                await conn.execute(
+                    text(
+                        "UPDATE outbox SET parked_at = :now, park_reason = p.reason "
+                        "FROM unnest(CAST(:ids AS bigint[]), CAST(:reasons AS text[])) "
+                        "AS p(id, reason) WHERE outbox.id = p.id"
+                    ),
+                    {
+                        "now": now,
+                        "ids": [r.id for r, _ in parked],
+                        "reasons": [o.reason[:2000] for _, o in parked],
+                    },
+                )
+        for r in published:
             metrics.OUTBOX_PUBLISHED.labels(r.topic).inc()
-        return len(rows)
+        for r, o in parked:
+            metrics.OUTBOX_PARKED.labels(r.topic[:249], o.code).inc()
+            log.error(
+                "outbox row parked: the broker refuses it for good",
+                extra={"outbox_id": r.id, "topic": r.topic[:249], "reason": o.reason[:1000]},
+            )
+        if failed:
+            log.warning(
+                "outbox rows not published; retrying",
+                extra={
+                    "failed": len(failed),
+                    "published": len(published),
+                    "errors": dict(Counter(o.code for o in failed)),
+                    "error": failed[0].reason[:500],
+                },
+            )
+        return RelayPass(len(published), len(parked), len(failed))
 
     async def report_backlog(self) -> None:
         async with self.engine.connect() as conn:
@@ -86,11 +150,15 @@ class OutboxRelay:
                 await conn.execute(
                     text(
                         "SELECT count(*) AS n, min(created_at) AS oldest FROM outbox "
-                        "WHERE published_at IS NULL"
+                        "WHERE published_at IS NULL AND parked_at IS NULL"
                     )
                 )
             ).one()
+            parked = await conn.scalar(
+                text("SELECT count(*) FROM outbox WHERE parked_at IS NOT NULL")
+            )
         metrics.OUTBOX_BACKLOG.set(row.n)
+        metrics.OUTBOX_PARKED_ROWS.set(parked or 0)
         age = (self.clock.now() - row.oldest).total_seconds() if row.oldest else 0.0
         metrics.OUTBOX_OLDEST_AGE.set(max(0.0, age))
 
@@ -101,19 +169,18 @@ class OutboxRelay:
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             try:
-                sent = await self.publish_once()
-                delay = self.idle_poll_seconds
+                done = await self.publish_once()
             except Exception:
                 log.exception("outbox relay failed; retrying")
-                sent = 0
-                delay = min(max(delay * 2, 0.1), 5.0)
+                done = RelayPass(failed=1)
+            delay = min(max(delay * 2, 0.1), 5.0) if done.failed else self.idle_poll_seconds
             if loop.time() - reported_at > 60:
                 reported_at = loop.time()
                 try:
                     await self.report_backlog()
                 except Exception:
                     log.exception("outbox housekeeping failed")
-            if sent < self.batch_size:
+            if done.failed or done.settled < self.batch_size:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), timeout=delay)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import time
 import uuid
@@ -29,7 +30,13 @@ from shared import metrics
 from shared.clock import Clock
 from shared.cloudevents import CORRELATION, CloudEvent, format_time
 from shared.errors import InvalidEvent, TransientError
-from shared.messaging.transport import OutgoingRecord, Record
+from shared.messaging.transport import (
+    DEFAULT_MAX_RECORD_BYTES,
+    OutgoingRecord,
+    Record,
+    header_size,
+    record_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,15 @@ P = TypeVar("P")
 P_co = TypeVar("P_co", covariant=True)
 
 DLQ_PREFIX = "winback-dlq-"
+DLQ_EXCERPT_BYTES = 4096
+"""A dead-letter copy too large for the broker keeps this much of the original value (and of
+a key that long), beside the SHA-256 and size of the whole."""
+DLQ_MAX_HEADER_VALUE_BYTES = 4096
+DLQ_MAX_HEADER_NAME_CHARS = 256
+DLQ_MAX_ORIGINAL_HEADERS_BYTES = 64 * 1024
+"""A cut-down dead-letter copy keeps the original headers up to these sizes: each value cut
+to 4 KiB, each name to 256 characters, the rest dropped once they add up to 64 KiB — so the
+copy fits ``kafka.max_record_bytes`` (at least 128 KiB) whatever came in."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +92,11 @@ class Tx:
         cause: CloudEvent | None = None,
         subject: str | None = None,
     ) -> CloudEvent:
-        """Queue an event for the outbox, keyed so one customer's events stay in order."""
+        """Queue an event for the outbox, keyed so one customer's events stay in order.
+
+        Never raises over the broker's limits: ``write_outbox`` checks the record when it is
+        written and parks one a broker would refuse (a bug of ours), outside the business
+        decision."""
         if cause is not None:
             # Deterministic id: the same cause emits the same event, whichever path it took.
             event_id = str(
@@ -144,6 +164,7 @@ class Pipeline:
         clock: Clock,
         dead_letter_topic: str,
         source: str,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     ) -> None:
         self.engine = engine
         self.consumer = consumer
@@ -151,6 +172,7 @@ class Pipeline:
         self.clock = clock
         self.dead_letter_topic = dead_letter_topic
         self.source = source
+        self.max_record_bytes = max_record_bytes
 
     # -- decoding (pure, outside the transaction) ------------------------------------------
     def decode_payload(
@@ -169,8 +191,12 @@ class Pipeline:
             if fresh:
                 await self.handler.handle(tx, fresh)
             for letter in dead:
-                tx.outgoing.append(dead_letter_record(self.dead_letter_topic, letter, tx.now))
-            await write_outbox(conn, tx.outgoing)
+                tx.outgoing.append(
+                    dead_letter_record(
+                        self.dead_letter_topic, letter, tx.now, self.max_record_bytes
+                    )
+                )
+            await write_outbox(conn, tx.outgoing, self.max_record_bytes)
         elapsed = time.perf_counter() - started
         metrics.BATCH_SECONDS.labels(self.consumer).observe(elapsed)
         for event_type, n in Counter(_short_type(i.event.type) for i in fresh).items():
@@ -286,17 +312,38 @@ def _short_type(event_type: str) -> str:
 
 
 _INSERT_OUTBOX = text(
-    "INSERT INTO outbox (topic, key, value, headers) "
-    "SELECT t, k, v, CAST(h AS jsonb) FROM unnest(CAST(:topics AS text[]), "
-    "CAST(:keys AS bytea[]), CAST(:values AS bytea[]), CAST(:headers AS text[])) "
-    "WITH ORDINALITY AS r(t, k, v, h, n) ORDER BY n"
+    "INSERT INTO outbox (topic, key, value, headers, parked_at, park_reason) "
+    "SELECT t, k, v, CAST(h AS jsonb), CASE WHEN p IS NULL THEN NULL ELSE now() END, p "
+    "FROM unnest(CAST(:topics AS text[]), CAST(:keys AS bytea[]), CAST(:values AS bytea[]), "
+    "CAST(:headers AS text[]), CAST(:parked AS text[])) "
+    "WITH ORDINALITY AS r(t, k, v, h, p, n) ORDER BY n"
 )
 
 
-async def write_outbox(conn: AsyncConnection, records: Sequence[OutgoingRecord]) -> None:
-    """Append records to the outbox in one statement, keeping their order (ids ascend)."""
+async def write_outbox(
+    conn: AsyncConnection,
+    records: Sequence[OutgoingRecord],
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+) -> None:
+    """Append records to the outbox in one statement, keeping their order (ids ascend).
+
+    Each record is checked against what the broker takes (``record_problem``: its size as
+    Kafka counts it against ``max_record_bytes``, the topic name, header names). One that
+    fails is a bug in our own code: it is written **parked** (``parked_at``, ``park_reason``)
+    and logged, never published, and the transaction goes on — the business change it belongs
+    to is not undone. Dead letters are cut down beforehand (``dead_letter_record``)."""
     if not records:
         return
+    parked: list[str | None] = []
+    for r in records:
+        problem = record_problem(r, max_record_bytes)
+        parked.append(problem.reason if problem is not None else None)
+        if problem is not None:
+            log.error(
+                "outbox record parked when written: a broker would refuse it",
+                extra={"topic": r.topic[:249], "reason": problem.reason},
+            )
+            metrics.OUTBOX_PARKED.labels(r.topic[:249], problem.code).inc()
     await conn.execute(
         _INSERT_OUTBOX,
         {
@@ -304,15 +351,35 @@ async def write_outbox(conn: AsyncConnection, records: Sequence[OutgoingRecord])
             "keys": [r.key for r in records],
             "values": [r.value for r in records],
             "headers": [
-                orjson.dumps([[n, base64.b64encode(v).decode()] for n, v in r.headers]).decode()
+                orjson.dumps(
+                    [[_header_name(n), base64.b64encode(v).decode()] for n, v in r.headers]
+                ).decode()
                 for r in records
             ],
+            "parked": parked,
         },
     )
 
 
-def dead_letter_record(topic: str, letter: DeadLetter, now: datetime) -> OutgoingRecord:
-    """The original bytes and headers, plus headers naming the error and where it came from."""
+def _header_name(name: str) -> str:
+    """A header name JSON can hold: one that is not UTF-8 (its record is parked) escaped."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def dead_letter_record(
+    topic: str,
+    letter: DeadLetter,
+    now: datetime,
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+) -> OutgoingRecord:
+    """The original bytes and headers, plus headers naming the error and where it came from.
+
+    A copy that would be over ``max_record_bytes`` (an original near the broker's limit plus
+    these headers) is cut down so the broker takes it: the original headers are kept (cut to
+    ``DLQ_MAX_HEADER_*``), the value — and a key over ``DLQ_EXCERPT_BYTES`` — is replaced by
+    its first ``DLQ_EXCERPT_BYTES`` bytes, and ``winback-dlq-value-truncated: true``,
+    ``-value-sha256`` (hex, of the whole original) and ``-value-size`` (bytes) say so (the
+    same ``-key-*`` for a cut key)."""
     r = letter.record
     extra = [
         ("error-code", letter.error.code),
@@ -324,5 +391,57 @@ def dead_letter_record(topic: str, letter: DeadLetter, now: datetime) -> Outgoin
         ("consumer", letter.consumer),
         ("dead-lettered-at", format_time(now)),
     ]
-    headers = tuple(r.headers) + tuple((DLQ_PREFIX + name, value.encode()) for name, value in extra)
-    return OutgoingRecord(topic=topic, key=r.key, value=r.value, headers=headers)
+    reasons = tuple((DLQ_PREFIX + name, _utf8(value)) for name, value in extra)
+    original = tuple((_header_name(name), value) for name, value in r.headers)
+    whole = OutgoingRecord(topic=topic, key=r.key, value=r.value, headers=original + reasons)
+    if record_problem(whole, max_record_bytes) is None:
+        return whole
+    headers, cut_headers = _cut_headers(r.headers)
+    notes: list[tuple[str, bytes]] = []
+    key = r.key
+    if key is not None and len(key) > DLQ_EXCERPT_BYTES:
+        key = key[:DLQ_EXCERPT_BYTES]
+        notes += _summary("key", r.key or b"")
+    value = r.value
+    if value is not None:
+        value = value[:DLQ_EXCERPT_BYTES]
+        notes += _summary("value", r.value or b"")
+    if cut_headers:
+        notes.append((DLQ_PREFIX + "headers-truncated", str(cut_headers).encode()))
+    reasons = tuple((name, v[:DLQ_MAX_HEADER_VALUE_BYTES]) for name, v in reasons)
+    return OutgoingRecord(
+        topic=topic, key=key, value=value, headers=headers + reasons + tuple(notes)
+    )
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "backslashreplace")
+
+
+def _summary(part: str, data: bytes) -> list[tuple[str, bytes]]:
+    return [
+        (f"{DLQ_PREFIX}{part}-truncated", b"true"),
+        (f"{DLQ_PREFIX}{part}-sha256", hashlib.sha256(data).hexdigest().encode()),
+        (f"{DLQ_PREFIX}{part}-size", str(len(data)).encode()),
+    ]
+
+
+def _cut_headers(
+    headers: Sequence[tuple[str, bytes]],
+) -> tuple[tuple[tuple[str, bytes], ...], int]:
+    """The original headers cut to the ``DLQ_MAX_*`` sizes (a name that is not UTF-8
+    escaped), and how many were cut or dropped."""
+    kept: list[tuple[str, bytes]] = []
+    cut = 0
+    budget = DLQ_MAX_ORIGINAL_HEADERS_BYTES
+    for name, value in headers:
+        safe = _header_name(name)[:DLQ_MAX_HEADER_NAME_CHARS]
+        short = value[:DLQ_MAX_HEADER_VALUE_BYTES]
+        size = header_size(safe, short)
+        if size > budget:
+            cut += 1
+            continue
+        budget -= size
+        cut += safe != name or len(short) != len(value)
+        kept.append((safe, short))
+    return tuple(kept), cut

@@ -9,6 +9,9 @@ in bounded batches by a periodic job every service runs (``Runtime.every``, wire
   injected clock (the demo's clock runs days per minute).
 - An outbox row is needed only until it is published; ``published_at`` comes from the
   injected clock, so the cutoff does too.
+- A parked outbox row (``parked_at``: the broker refuses it for good, see
+  ``shared.messaging.outbox``) is never published, so it is never pruned either: it stays
+  until an operator publishes it again or deletes it — it is an event nobody downstream saw.
 
 Every batch is its own short transaction that deletes at most ``batch_size`` rows, oldest
 first, through the time index (``ix_inbox_received_at``, ``ix_outbox_published_at``). Rows
@@ -104,7 +107,7 @@ async def prune_outbox(
     max_batches: int | None = None,
 ) -> int:
     """Delete the outbox rows published more than ``keep`` ago in batches of ``batch_size``.
-    Unpublished rows are never touched."""
+    Unpublished rows, parked ones included, are never touched."""
     return await _prune(
         engine,
         "outbox",

@@ -17,6 +17,7 @@ from shared.messaging.memory import MemoryBus, partition_for
 from shared.messaging.transport import (
     OutgoingRecord,
     Publisher,
+    PublishFailed,
     Record,
     RevokeHook,
     Subscription,
@@ -361,3 +362,31 @@ async def test_ensure_topics_leaves_an_existing_topic_as_it_is(bus: Bus) -> None
     assert member.assignment() == {(topic, 0), (topic, 1)}
     assert len(got) == 20
     assert {r.partition for r in got} <= {0, 1}
+
+
+async def test_publish_each_refuses_what_the_broker_never_takes_and_publishes_the_rest(
+    bus: Bus,
+) -> None:
+    topic = await bus.topic(partitions=1)
+    publisher = bus.transport.publisher()
+    await publisher.start()
+    bus.opened.append(publisher)
+    records = [
+        OutgoingRecord(topic, b"k", b"1"),
+        OutgoingRecord(topic, b"k", b"x" * publisher.max_record_bytes),  # too large with framing
+        OutgoingRecord("not a topic!", b"k", b"2"),
+        OutgoingRecord(topic, b"k", b"3"),
+    ]
+    outcomes = await publisher.publish_each(records)
+    assert [(o.status, o.code) for o in outcomes] == [
+        ("published", ""),
+        ("refused", "record_too_large"),
+        ("refused", "invalid_topic"),
+        ("published", ""),
+    ]
+    with pytest.raises(PublishFailed, match="record_too_large"):
+        await publisher.publish([records[1]])
+
+    member = await bus.member(bus.group(), [topic])
+    [got] = await bus.collect([member], 2)
+    assert values(got) == [b"1", b"3"]

@@ -404,6 +404,7 @@ def test_alerts_cover_the_operational_signals(alert_rules: list[dict[str, Any]])
         "winback_dispatcher_provider_request_seconds_count",
         "winback_dispatcher_circuit_state",  # circuit open
         "winback_outbox_oldest_age_seconds",  # outbox age
+        "winback_outbox_parked_rows",  # outbox rows the broker refuses for good
     ):
         assert signal in used, f"no alert reads {signal}"
 
