@@ -11,7 +11,19 @@ from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Row, and_, or_, select
+from sqlalchemy import (
+    TIMESTAMP,
+    ColumnElement,
+    Row,
+    and_,
+    cast,
+    false,
+    func,
+    or_,
+    select,
+    true,
+    tuple_,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.scheduler import store
@@ -21,8 +33,9 @@ from services.scheduler.case_migration import (
     MigrationRun,
     UnknownPlaybook,
 )
-from services.scheduler.domain import DEFAULT_LADDER, Playbook, find_playbook
-from services.scheduler.views import migration_json
+from services.scheduler.domain import DEFAULT_LADDER, Playbook, WindowLadder, find_playbook
+from services.scheduler.domain.case import Refused
+from services.scheduler.views import migration_json, returned_at_of
 from shared import domain_events as de
 from shared.clock import Clock
 from shared.db.tables import case_steps, cases, scheduler_customers
@@ -214,14 +227,55 @@ def router(
         422: {"description": "invalid parameter, named (problem+json)"},
     }
 
-    def window_of(case: Row[Any], now: datetime) -> str | None:
+    def ladder_of(name: str, version: int) -> WindowLadder:
         try:
-            ladder = find_playbook(playbooks, case.playbook, case.playbook_version).ladder
+            return find_playbook(playbooks, name, version).ladder
         except KeyError:
-            ladder = DEFAULT_LADDER
+            return DEFAULT_LADDER
+
+    def window_of(case: Row[Any], now: datetime) -> str | None:
+        ladder = ladder_of(case.playbook, case.playbook_version)
+        # a re-onboarding case's windows count from the return, a win-back case's from churn;
         # an event time a little ahead of our clock must not break the status page
-        window = ladder.window_for(max(now - case.churned_at, timedelta(0)))
+        start = returned_at_of(case.episode) or case.churned_at
+        window = ladder.window_for(max(now - start, timedelta(0)))
         return window.name if window is not None else None
+
+    def in_window(name: str, now: datetime) -> ColumnElement[bool]:
+        """Cases whose ``window`` (see ``window_of``) is ``name`` now, each measured on its
+        own playbook's ladder (the default one for a playbook no longer loaded)."""
+        ladders: dict[WindowLadder, list[tuple[str, int]]] = {}
+        for p in playbooks:
+            ladders.setdefault(p.ladder, []).append((p.name, p.version))
+        known = [key for keys in ladders.values() for key in keys]
+        every = (DEFAULT_LADDER, *ladders)
+        names = list(dict.fromkeys(w.name for ladder in every for w in ladder.windows))
+        if name not in names:
+            raise Problem(
+                422,
+                "Invalid parameter",
+                f"window: must be one of {', '.join(names)}",
+                errors=[{"field": "window", "reason": f"one of {', '.join(names)}"}],
+            )
+        start = func.coalesce(
+            cast(cases.c.episode["returned_at"].astext, TIMESTAMP(timezone=True)),
+            cases.c.churned_at,
+        )
+        pairs = tuple_(cases.c.playbook, cases.c.playbook_version)
+        choices: list[tuple[WindowLadder, ColumnElement[bool]]] = [
+            (ladder, pairs.in_(keys)) for ladder, keys in ladders.items()
+        ]
+        choices.append((DEFAULT_LADDER, pairs.not_in(known) if known else true()))
+        matches: list[ColumnElement[bool]] = []
+        for ladder, runs in choices:
+            span = next((w for w in ladder.windows if w.name == name), None)
+            if span is None:
+                continue
+            condition = and_(runs, start > now - span.end)
+            if span.start > timedelta(0):  # the first window also takes a start a bit ahead
+                condition = and_(condition, start <= now - span.start)
+            matches.append(condition)
+        return or_(*matches) if matches else false()
 
     def step_out(row: Row[Any], tz: str | None) -> StepOut:
         return StepOut(
@@ -344,19 +398,7 @@ def router(
         if playbook:
             query = query.where(cases.c.playbook == playbook)
         if window:
-            spans = [w for w in DEFAULT_LADDER.windows if w.name == window]
-            if not spans:
-                names = ", ".join(w.name for w in DEFAULT_LADDER.windows)
-                raise Problem(
-                    422,
-                    "Invalid parameter",
-                    f"window: must be one of {names}",
-                    errors=[{"field": "window", "reason": f"one of {names}"}],
-                )
-            span = spans[0]
-            query = query.where(cases.c.churned_at <= now - span.start)
-            if span.end is not None:
-                query = query.where(cases.c.churned_at > now - span.end)
+            query = query.where(in_window(window, now))
         if due_before is not None:
             if due_before.tzinfo is None:
                 raise Problem(
@@ -423,32 +465,20 @@ def router(
     async def _control(case_id: str, action: str) -> CaseOut:
         now = clock.now()
         async with engine.begin() as conn:
-            case = await store.case_by_id(conn, case_id, lock=True)
+            case = await store.load_case(conn, case_id, lock=True)
             if case is None:
                 raise Problem(404, "Not found", f"no case {case_id!r}")
-            if case.status == "closed":
-                raise Problem(409, "Case is closed", f"case {case_id} closed: {case.close_reason}")
-            tx = Tx(conn=conn, now=now, source=source)
-            if action == "pause":
-                await store.set_case_status(conn, case_id, "paused", now)
-            elif action == "resume":
-                await store.set_case_status(conn, case_id, "open", now)
+            commands = {"pause": case.pause, "resume": case.resume, "cancel": case.cancel}
+            result = commands[action](now)
+            if isinstance(result, Refused):
+                if result.code == "closed":
+                    raise Problem(409, "Case is closed", result.detail)
+                # pausing a paused case or resuming an open one: already so, nothing to do
             else:
-                await store.close_case(conn, case_id, "cancelled", now)
-                tx.emit(
-                    outcomes_topic,
-                    case.customer_id,
-                    de.CASE_CLOSED,
-                    {
-                        "case_id": case_id,
-                        "customer_id": case.customer_id,
-                        "reason": "cancelled",
-                        "playbook": case.playbook,
-                    },
-                    subject=case.customer_id,
-                )
-            await write_outbox(conn, tx.outgoing)
-            case = await store.case_by_id(conn, case_id)
+                tx = Tx(conn=conn, now=now, source=source)
+                await store.save_cases(tx, outcomes_topic, [result])
+                await write_outbox(conn, tx.outgoing)
+            row = await store.case_by_id(conn, case_id)
             steps = (
                 await conn.execute(
                     case_steps.select()
@@ -456,17 +486,13 @@ def router(
                     .order_by(case_steps.c.due_at)
                 )
             ).all()
-            tz = (
-                await conn.scalar(
-                    select(scheduler_customers.c.timezone).where(
-                        scheduler_customers.c.id == case.customer_id
-                    )
+            tz = await conn.scalar(
+                select(scheduler_customers.c.timezone).where(
+                    scheduler_customers.c.id == case.customer_id
                 )
-                if case
-                else None
             )
-        assert case is not None
-        return case_out(case, list(steps), tz, now)
+        assert row is not None
+        return case_out(row, list(steps), tz, now)
 
     for action in ("pause", "resume", "cancel"):
 
@@ -538,11 +564,13 @@ def router(
                 hashes["email"] = store.address_hash("email", person.email)
             if person.phone:
                 hashes["sms"] = store.address_hash("sms", person.phone)
-            case = await store.open_case(conn, customer_id)
-            if case is not None:
-                await store.close_case(conn, case.id, "erased", now)
-            await store.erase_customer(conn, customer_id, now)
             tx = Tx(conn=conn, now=now, source=source)
+            case = await store.load_open_case(conn, customer_id)
+            if case is not None:
+                closed = case.erase(now)
+                assert not isinstance(closed, Refused)  # an open case can always be erased
+                await store.save_cases(tx, outcomes_topic, [closed])
+            await store.erase_customer(conn, customer_id, now)
             tx.emit(
                 erasure_topic,
                 customer_id,

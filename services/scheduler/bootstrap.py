@@ -81,6 +81,7 @@ def bootstrap(
         batch_size=settings.scheduler.claim_batch,
         poll_seconds=settings.scheduler.poll_seconds,
         offer_valid=timedelta(days=settings.scheduler.offer_valid_days),
+        outcomes_topic=topics.outcomes,
     )
     core.runtime.consumers.append(consumer)
     core.runtime.extra_parts += [

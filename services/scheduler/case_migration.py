@@ -1,11 +1,13 @@
 """Moving open cases onto another version of their playbook, in bounded batches.
 
-The decisions are the pure :func:`~services.scheduler.domain.plan_migration`'s; this module
-loads what it needs and writes the answer. One transaction per case, as the API's
-pause / resume / cancel do: lock the case row, then its step rows (a timer deciding one of
-them is waited for, so an in-flight step is seen as dispatched and kept), check the case is
-still open and on the old version, plan, write the steps and ``cases.playbook_version``, and
-put ``case.migrated`` in the outbox — all or nothing. A dry run plans the same way and
+The decisions are the case aggregate's (:meth:`~services.scheduler.domain.case.Case.migrate`,
+over the pure :func:`~services.scheduler.domain.plan_migration`); this module loads what it
+needs and writes the answer with :func:`~services.scheduler.store.save_cases`. One
+transaction per case, as the API's pause / resume / cancel do: lock the case row, then its
+step rows (a timer deciding one of them is waited for, so an in-flight step is seen as
+dispatched and kept), check the case is still open and on the old version, plan, write the
+steps and ``cases.playbook_version``, and put ``case.migrated`` in the outbox — all or
+nothing. A dry run plans the same way and
 writes nothing (and locks nothing).
 """
 
@@ -14,20 +16,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.scheduler import store
-from services.scheduler.domain import CustomerView, Migration, Playbook, plan_migration
-from services.scheduler.views import (
-    case_step_from_row,
-    customer_view,
-    migration_json,
-    planning_episode,
-    segment_from_json,
-)
-from shared import domain_events as de
+from services.scheduler.domain import CustomerView, Migration, Playbook
+from services.scheduler.domain.case import CaseChange, CaseMigrated
+from services.scheduler.views import customer_view
 from shared.clock import Clock
 from shared.messaging.pipeline import Tx, write_outbox
 
@@ -157,45 +152,25 @@ class CaseMigrator:
     ) -> CaseResult | None:
         async with self.engine.begin() as conn:
             now = self.clock.now()
-            case = await store.case_by_id(conn, case_id, lock=not dry_run)
+            case = await store.load_case(conn, case_id, lock=not dry_run)
             if (
                 case is None
-                or case.status not in store.OPEN
+                or not case.is_open
                 or case.playbook != target.name
                 or case.playbook_version != from_version
             ):
                 return None
-            rows = await store.steps_of_case(conn, case_id, lock=not dry_run)
             person = await store.customer(conn, case.customer_id)
             view = (
                 customer_view(person._mapping)
                 if person is not None
                 else CustomerView(case.customer_id)
             )
-            migration = plan_migration(
-                target,
-                [case_step_from_row(r._mapping, case.playbook, from_version) for r in rows],
-                view,
-                planning_episode(case.episode),
-                now,
-                segment=segment_from_json(case.segment),
-                from_version=from_version,
-                holdout=case.holdout,
-                fallback_timezone=self.fallback_timezone,
-            )
+            change = case.migrate(target, view, now, fallback_timezone=self.fallback_timezone)
+            assert isinstance(change, CaseChange)  # open, and on the target's playbook
             if not dry_run:
-                await store.apply_migration(conn, case_id, case.customer_id, migration, now)
                 tx = Tx(conn=conn, now=now, source=self.source)
-                tx.emit(
-                    self.topic,
-                    case.customer_id,
-                    de.CASE_MIGRATED,
-                    self._event(case, migration),
-                    subject=case.customer_id,
-                )
+                await store.save_cases(tx, self.topic, [change])
                 await write_outbox(conn, tx.outgoing)
-        return CaseResult(case_id, case.customer_id, case.status, migration)
-
-    @staticmethod
-    def _event(case: Any, migration: Migration) -> dict[str, Any]:
-        return {"case_id": case.id, "customer_id": case.customer_id, **migration_json(migration)}
+        migrated = next(e for e in change.events if isinstance(e, CaseMigrated))
+        return CaseResult(case_id, case.customer_id, case.status, migrated.migration)

@@ -7,13 +7,16 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, bindparam, func, select, update
+from sqlalchemy import Row, bindparam, func, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.scheduler.domain import MIGRATED, Migration, PlannedStep, SentStep
-from services.scheduler.views import step_row
+from services.scheduler.domain import MIGRATED, PlannedStep, SentStep
+from services.scheduler.domain.case import Case, CaseChange
+from services.scheduler.views import case_from_rows, case_row, event_message, step_row
+from shared.cloudevents import CloudEvent
 from shared.db.tables import case_steps, cases, scheduler_customers, win_backs
+from shared.messaging.pipeline import Tx
 
 OPEN = ("open", "paused")
 PROFILE = (
@@ -169,12 +172,6 @@ async def close_case(
     return True
 
 
-async def set_case_status(conn: AsyncConnection, case_id: str, status: str, now: datetime) -> None:
-    await conn.execute(
-        update(cases).where(cases.c.id == case_id).values(status=status, updated_at=now)
-    )
-
-
 async def sent_steps(
     conn: AsyncConnection, case_id: str, crm_owner: str | None
 ) -> list[tuple[int, SentStep]]:
@@ -312,23 +309,6 @@ async def count_open_cases_on_version(conn: AsyncConnection, name: str, version:
     return int(found or 0)
 
 
-async def steps_of_case(conn: AsyncConnection, case_id: str, lock: bool = False) -> list[Row[Any]]:
-    """Every step row of a case; with ``lock``, locked for this transaction (waits for a
-    timer that is deciding one of them, so an in-flight step is seen as dispatched)."""
-    query = (
-        case_steps.select()
-        .where(case_steps.c.case_id == case_id)
-        .order_by(case_steps.c.due_at, case_steps.c.id)
-    )
-    if lock:
-        query = query.with_for_update()
-    return list(await conn.execute(query))
-
-
-class MigrationConflict(RuntimeError):
-    """A step was not in the state the migration was planned on (a bug: rows are locked)."""
-
-
 _PLANNED_COLUMNS = (
     "channel",
     "template",
@@ -352,64 +332,186 @@ def _planned_values(step: PlannedStep) -> dict[str, Any]:
     return {name: row[name] for name in _PLANNED_COLUMNS}
 
 
-async def apply_migration(
-    conn: AsyncConnection, case_id: str, customer_id: str, migration: Migration, now: datetime
+# -- the case aggregate: load, and persist what its commands return --------------------------
+class CaseConflict(RuntimeError):
+    """A row was not in the state a case command was decided on (a bug: the rows are locked
+    while the command decides). Nothing is kept: the caller's transaction rolls back."""
+
+
+async def _with_steps(conn: AsyncConnection, rows: Sequence[Row[Any]], lock: bool) -> list[Case]:
+    """The aggregates of case ``rows``: their steps in one query (locked with ``lock``, after
+    the case rows, so a timer deciding one of them is waited for)."""
+    if not rows:
+        return []
+    query = (
+        case_steps.select()
+        .where(case_steps.c.case_id.in_([r.id for r in rows]))
+        .order_by(case_steps.c.case_id, case_steps.c.due_at, case_steps.c.id)
+    )
+    if lock:
+        query = query.with_for_update()
+    by_case: dict[str, list[Any]] = {}
+    for step in (await conn.execute(query)).mappings():
+        by_case.setdefault(step["case_id"], []).append(step)
+    return [case_from_rows(r._mapping, by_case.get(r.id, [])) for r in rows]
+
+
+async def load_case(conn: AsyncConnection, case_id: str, lock: bool = False) -> Case | None:
+    """A case and its steps; with ``lock``, the case row and then its step rows are locked
+    for this transaction."""
+    row = await case_by_id(conn, case_id, lock=lock)
+    return None if row is None else (await _with_steps(conn, [row], lock))[0]
+
+
+async def load_open_case(conn: AsyncConnection, customer_id: str) -> Case | None:
+    """The customer's open (or paused) case and its steps, locked for this transaction."""
+    row = await open_case(conn, customer_id)
+    return None if row is None else (await _with_steps(conn, [row], True))[0]
+
+
+async def load_expired_cases(conn: AsyncConnection, now: datetime, limit: int) -> list[Case]:
+    """Up to ``limit`` open (or paused) cases whose horizon has passed, with their steps,
+    locked; cases another transaction holds are skipped (a later sweep takes them)."""
+    rows = (
+        await conn.execute(
+            cases.select()
+            .where(cases.c.status.in_(OPEN), cases.c.expires_at <= now)
+            .order_by(cases.c.expires_at, cases.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    ).all()
+    return await _with_steps(conn, rows, True)
+
+
+_SAVE_CASES = text(
+    "UPDATE cases AS c SET status = u.status, close_reason = u.close_reason, "
+    "closed_at = u.closed_at, returned_at = u.returned_at, "
+    "playbook_version = u.playbook_version, expires_at = u.expires_at, updated_at = :now "
+    "FROM unnest(CAST(:ids AS text[]), CAST(:was_status AS text[]), "
+    "CAST(:was_version AS integer[]), CAST(:status AS text[]), CAST(:close_reason AS text[]), "
+    "CAST(:closed_at AS timestamptz[]), CAST(:returned_at AS timestamptz[]), "
+    "CAST(:playbook_version AS integer[]), CAST(:expires_at AS timestamptz[])) "
+    "AS u(id, was_status, was_version, status, close_reason, closed_at, returned_at, "
+    "playbook_version, expires_at) "
+    "WHERE c.id = u.id AND c.status = u.was_status AND c.playbook_version = u.was_version "
+    "RETURNING c.id"
+)
+_CANCEL_STEPS = text(
+    "UPDATE case_steps AS s SET state = 'cancelled', state_reason = u.reason, updated_at = :now "
+    "FROM unnest(CAST(:case_ids AS text[]), CAST(:keys AS text[]), CAST(:reasons AS text[])) "
+    "AS u(case_id, step_key, reason) "
+    "WHERE s.case_id = u.case_id AND s.step_key = u.step_key AND s.state = 'pending' "
+    "RETURNING s.id"
+)
+
+
+async def save_cases(
+    tx: Tx, topic: str, changes: Sequence[CaseChange], cause: CloudEvent | None = None
 ) -> None:
-    """Write a planned migration: cancel, retime, update and add steps, and move the case to
-    the new version. Only pending steps (and steps a migration cancelled) are written; the
-    caller holds the case's row locks.
+    """Persist what case commands returned — the one way a case's state is written: update
+    the changed case rows, cancel / retime / update / add their steps, insert opened cases,
+    and put every domain event in the outbox on ``topic`` (keyed by customer, caused by
+    ``cause``). Set-based: a batch of changes costs a few statements, not a few per case.
 
     Raises:
-        MigrationConflict: a row was not in the state the plan expected (nothing is kept:
-            the caller's transaction rolls back).
+        CaseConflict: a row was not in the state the change was decided on.
     """
-    pending = (case_steps.c.case_id == case_id) & (case_steps.c.state == "pending")
-    if migration.cancelled:
-        keys = [c.step_key for c in migration.cancelled]
+    conn, now = tx.conn, tx.now
+    changes = [c for c in changes if c.changed]
+    moved = [c for c in changes if c.before is not None]
+    opened = [c.after for c in changes if c.before is None]
+    if moved:
+        # closes and moves first: an opened case may replace one of them (one open per customer)
+        befores = [c.before for c in moved if c.before is not None]
+        afters = [c.after for c in moved]
+        saved = (
+            await conn.execute(
+                _SAVE_CASES,
+                {
+                    "now": now,
+                    "ids": [a.id for a in afters],
+                    "was_status": [b.status for b in befores],
+                    "was_version": [b.playbook_version for b in befores],
+                    "status": [a.status for a in afters],
+                    "close_reason": [a.close_reason for a in afters],
+                    "closed_at": [a.closed_at for a in afters],
+                    "returned_at": [a.returned_at for a in afters],
+                    "playbook_version": [a.playbook_version for a in afters],
+                    "expires_at": [a.expires_at for a in afters],
+                },
+            )
+        ).all()
+        if len(saved) != len(afters):
+            missing = sorted({a.id for a in afters} - {r.id for r in saved})
+            raise CaseConflict(f"cases {missing} are not in the state they were decided on")
+    cancels = [(c.after.id, s.step_key, s.reason) for c in moved for s in c.cancelled]
+    if cancels:
         result = await conn.execute(
-            update(case_steps)
-            .where(pending, case_steps.c.step_key.in_(keys))
-            .values(state="cancelled", state_reason=MIGRATED, updated_at=now)
+            _CANCEL_STEPS,
+            {
+                "now": now,
+                "case_ids": [c[0] for c in cancels],
+                "keys": [c[1] for c in cancels],
+                "reasons": [c[2] for c in cancels],
+            },
         )
-        if result.rowcount != len(keys):
-            raise MigrationConflict(f"case {case_id}: cannot cancel {keys}")
-    retimed = {c.step_key for c in migration.retimed}
-    for change in (*migration.retimed, *migration.updated):
-        values = _planned_values(change.after)
-        if change.step_key in retimed:
+        if len(result.all()) != len(cancels):
+            raise CaseConflict(f"cannot cancel {[(c[0], c[1]) for c in cancels]}: not pending")
+    for change in moved:
+        await _change_steps(conn, change, now)
+    if opened:
+        await conn.execute(cases.insert(), [case_row(case) for case in opened])
+    added = [step_row(c.after.id, c.after.customer_id, step) for c in changes for step in c.added]
+    if added:
+        await _add_steps(conn, added, now)
+    for change in changes:
+        for event in change.events:
+            kind, data = event_message(event)
+            tx.emit(
+                topic,
+                event.customer_id,
+                kind,
+                data,
+                cause=cause,
+                subject=event.customer_id,
+            )
+
+
+async def _change_steps(conn: AsyncConnection, change: CaseChange, now: datetime) -> None:
+    """Retime and update pending steps (a migration's): new timing and content."""
+    case_id = change.after.id
+    pending = (case_steps.c.case_id == case_id) & (case_steps.c.state == "pending")
+    retimed = {c.step_key for c in change.retimed}
+    for step in (*change.retimed, *change.updated):
+        values = _planned_values(step.after)
+        if step.step_key in retimed:
             values["state_reason"] = None  # an old deferral's reason no longer applies
         result = await conn.execute(
             update(case_steps)
-            .where(pending, case_steps.c.step_key == change.step_key)
+            .where(pending, case_steps.c.step_key == step.step_key)
             .values(**values, updated_at=now)
         )
         if result.rowcount != 1:
-            raise MigrationConflict(f"case {case_id}: cannot change {change.step_key}")
-    if migration.added:
-        rows = [step_row(case_id, customer_id, step) for step in migration.added]
-        stmt = insert(case_steps).values(rows)
-        revive = {name: stmt.excluded[name] for name in (*_PLANNED_COLUMNS, "state", "context")}
-        result = await conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[case_steps.c.case_id, case_steps.c.step_key],
-                set_={
-                    **revive,
-                    "state_reason": None,
-                    "fired_at": None,
-                    "defer_count": 0,
-                    "updated_at": now,
-                },
-                where=(case_steps.c.state == "cancelled") & (case_steps.c.state_reason == MIGRATED),
-            ).returning(case_steps.c.id)
-        )
-        if len(result.all()) != len(rows):
-            raise MigrationConflict(f"case {case_id}: cannot add {[r['step_key'] for r in rows]}")
+            raise CaseConflict(f"case {case_id}: cannot change {step.step_key}")
+
+
+async def _add_steps(conn: AsyncConnection, rows: list[dict[str, Any]], now: datetime) -> None:
+    """Insert new step rows; a row a migration cancelled (never fired) is planned again."""
+    stmt = insert(case_steps).values(rows)
+    revive = {name: stmt.excluded[name] for name in (*_PLANNED_COLUMNS, "state", "context")}
     result = await conn.execute(
-        update(cases)
-        .where(cases.c.id == case_id, cases.c.playbook_version == migration.from_version)
-        .values(
-            playbook_version=migration.to_version, expires_at=migration.expires_at, updated_at=now
-        )
+        stmt.on_conflict_do_update(
+            index_elements=[case_steps.c.case_id, case_steps.c.step_key],
+            set_={
+                **revive,
+                "state_reason": None,
+                "fired_at": None,
+                "defer_count": 0,
+                "updated_at": now,
+            },
+            where=(case_steps.c.state == "cancelled") & (case_steps.c.state_reason == MIGRATED),
+        ).returning(case_steps.c.id)
     )
-    if result.rowcount != 1:
-        raise MigrationConflict(f"case {case_id} is not on version {migration.from_version}")
+    if len(result.all()) != len(rows):
+        raise CaseConflict(f"cannot add {[(r['case_id'], r['step_key']) for r in rows]}")

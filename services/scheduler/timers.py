@@ -29,6 +29,7 @@ from services.scheduler.domain import (
     Send,
     decide,
 )
+from services.scheduler.domain.case import CaseChange
 from services.scheduler.views import (
     customer_view,
     planned_from_row,
@@ -40,6 +41,7 @@ from shared.clock import Clock
 from shared.localtime import resolve_zone
 from shared.logging import throttled
 from shared.messaging.pipeline import Tx, write_outbox
+from shared.settings import TopicSettings
 
 log = logging.getLogger(__name__)
 # a failing pass repeats every poll: one line per log_repeat_interval_seconds, with the count
@@ -66,13 +68,6 @@ _UPDATE = text(
     "AS u(id, state, reason, due_at, fired_at, template, offer, is_discount, deferred) "
     "WHERE s.id = u.id"
 )
-_EXPIRE = text(
-    "WITH closed AS (UPDATE cases SET status = 'closed', close_reason = 'horizon', "
-    "closed_at = :now, updated_at = :now WHERE status IN ('open', 'paused') "
-    "AND expires_at <= :now RETURNING id) "
-    "UPDATE case_steps SET state = 'cancelled', state_reason = 'case closed: horizon', "
-    "updated_at = :now WHERE state = 'pending' AND case_id IN (SELECT id FROM closed)"
-)
 
 
 @dataclass(frozen=True)
@@ -94,6 +89,7 @@ class StepFirer:
         batch_size: int = 500,
         poll_seconds: float = 0.5,
         offer_valid: timedelta = timedelta(days=14),
+        outcomes_topic: str = TopicSettings().outcomes,
     ) -> None:
         self.engine = engine
         self.clock = clock
@@ -103,6 +99,7 @@ class StepFirer:
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
         self.offer_valid = offer_valid
+        self.outcomes_topic = outcomes_topic  # where a case closed at its horizon is announced
         self._lookback = max(
             [policy.discount_period, *(cap.period for cap in policy.caps)], default=timedelta(0)
         )
@@ -189,10 +186,24 @@ class StepFirer:
             metrics.STEPS_FIRED.labels(outcome).inc(n)
         return FireResult(len(rows), counts["dispatched"], counts["deferred"], counts["skipped"])
 
-    async def expire_cases(self) -> None:
-        """Close every case whose horizon passed (''removed from the list'')."""
-        async with self.engine.begin() as conn:
-            await conn.execute(_EXPIRE, {"now": self.clock.now()})
+    async def expire_cases(self) -> int:
+        """Close every case whose horizon passed (''removed from the list''), up to
+        ``batch_size`` per transaction: each is closed by the case aggregate (pending steps
+        cancelled, ``case.closed`` with reason ``horizon`` in the outbox). A case another
+        transaction holds is skipped; the next sweep takes it. Returns how many closed."""
+        closed = 0
+        while True:
+            async with self.engine.begin() as conn:
+                now = self.clock.now()
+                expired = await store.load_expired_cases(conn, now, self.batch_size)
+                results = [case.expire(now) for case in expired]
+                changes = [c for c in results if isinstance(c, CaseChange)]
+                tx = Tx(conn=conn, now=now, source=self.source)
+                await store.save_cases(tx, self.outcomes_topic, changes)
+                await write_outbox(conn, tx.outgoing)
+            closed += len(changes)
+            if len(expired) < self.batch_size or not changes:
+                return closed
 
     async def _history(self, conn: Any, ids: list[str], now: datetime) -> dict[str, ContactHistory]:
         sent: dict[str, list[datetime]] = {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -18,7 +18,15 @@ from services.scheduler.domain import (
     SendWindow,
     reonboarding_anchor,
 )
+from services.scheduler.domain.case import (
+    REONBOARDING,
+    Case,
+    CaseClosed,
+    CaseEvent,
+    CaseMigrated,
+)
 from services.scheduler.domain.guardrails import FrequencyCap
+from shared import domain_events as de
 from shared.settings import SchedulerSettings
 
 CHANNELS = ("email", "sms", "crm", "webhook")
@@ -178,6 +186,96 @@ def case_step_from_row(row: Mapping[Any, Any], playbook: str, version: int) -> C
         state=row["state"],
         state_reason=row["state_reason"],
     )
+
+
+def case_from_rows(row: Mapping[Any, Any], steps: Iterable[Mapping[Any, Any]]) -> Case:
+    """The case aggregate from its row and its step rows (in due order)."""
+    return Case(
+        id=row["id"],
+        customer_id=row["customer_id"],
+        episode_id=row["episode_id"],
+        status=row["status"],
+        purpose=row["purpose"],
+        playbook=row["playbook"],
+        playbook_version=row["playbook_version"],
+        segment=segment_from_json(row["segment"]),
+        episode=episode_from_json(row["episode"]),
+        holdout=row["holdout"],
+        is_rechurn=row["is_rechurn"],
+        churned_at=row["churned_at"],
+        opened_at=row["opened_at"],
+        expires_at=row["expires_at"],
+        feature_key=row["feature_key"],
+        close_reason=row["close_reason"],
+        closed_at=row["closed_at"],
+        returned_at=row["returned_at"],
+        return_anchor=returned_at_of(row["episode"]),
+        steps=tuple(case_step_from_row(s, row["playbook"], row["playbook_version"]) for s in steps),
+    )
+
+
+def case_row(case: Case) -> dict[str, Any]:
+    """The ``cases`` row of a newly opened case (its steps are :func:`step_row`'s)."""
+    episode = episode_json(case.episode)
+    if case.return_anchor is not None:
+        episode["returned_at"] = case.return_anchor.isoformat()
+    return {
+        "id": case.id,
+        "customer_id": case.customer_id,
+        "episode_id": case.episode_id,
+        "status": case.status,
+        "purpose": case.purpose,
+        "playbook": case.playbook,
+        "playbook_version": case.playbook_version,
+        "segment": segment_json(case.segment),
+        "episode": episode,
+        "feature_key": case.feature_key,
+        "holdout": case.holdout,
+        "is_rechurn": case.is_rechurn,
+        "churned_at": case.churned_at,
+        "opened_at": case.opened_at,
+        "expires_at": case.expires_at,
+        "close_reason": case.close_reason,
+        "closed_at": case.closed_at,
+        "returned_at": case.returned_at,
+    }
+
+
+def event_message(event: CaseEvent) -> tuple[str, dict[str, Any]]:
+    """A case's domain event as published: its CloudEvent type and data."""
+    if isinstance(event, CaseClosed):
+        return de.CASE_CLOSED, {
+            "case_id": event.case_id,
+            "customer_id": event.customer_id,
+            "reason": event.reason,
+            "playbook": event.playbook,
+        }
+    if isinstance(event, CaseMigrated):
+        return de.CASE_MIGRATED, {
+            "case_id": event.case_id,
+            "customer_id": event.customer_id,
+            **migration_json(event.migration),
+        }
+    if event.purpose == REONBOARDING:
+        announce: dict[str, Any] = {
+            "after_case_id": event.after_case_id,
+            "churn_reason": event.churn_reason,
+            "returned_at": event.returned_at.isoformat() if event.returned_at else None,
+        }
+    else:
+        announce = {"time_since_return_days": event.time_since_return_days}
+    return de.CASE_OPENED, {
+        "case_id": event.case_id,
+        "customer_id": event.customer_id,
+        "purpose": event.purpose,
+        "playbook": event.playbook,
+        "playbook_version": event.playbook_version,
+        "segment": segment_json(event.segment),
+        "holdout": event.holdout,
+        "is_rechurn": event.is_rechurn,
+        **announce,
+        "steps": event.steps,
+    }
 
 
 _CONTENT = (
