@@ -338,13 +338,23 @@ class CaseConflict(RuntimeError):
     while the command decides). Nothing is kept: the caller's transaction rolls back."""
 
 
+# what the aggregate holds of a step (not its rendering context or delivery outcomes)
+_STEP_COLUMNS = (
+    case_steps.c.case_id,
+    case_steps.c.step_key,
+    case_steps.c.state,
+    case_steps.c.state_reason,
+    *(case_steps.c[name] for name in _PLANNED_COLUMNS),
+)
+
+
 async def _with_steps(conn: AsyncConnection, rows: Sequence[Row[Any]], lock: bool) -> list[Case]:
     """The aggregates of case ``rows``: their steps in one query (locked with ``lock``, after
     the case rows, so a timer deciding one of them is waited for)."""
     if not rows:
         return []
     query = (
-        case_steps.select()
+        select(*_STEP_COLUMNS)
         .where(case_steps.c.case_id.in_([r.id for r in rows]))
         .order_by(case_steps.c.case_id, case_steps.c.due_at, case_steps.c.id)
     )
@@ -480,6 +490,8 @@ async def save_cases(
 
 async def _change_steps(conn: AsyncConnection, change: CaseChange, now: datetime) -> None:
     """Retime and update pending steps (a migration's): new timing and content."""
+    if not change.retimed and not change.updated:
+        return
     case_id = change.after.id
     pending = (case_steps.c.case_id == case_id) & (case_steps.c.state == "pending")
     retimed = {c.step_key for c in change.retimed}
