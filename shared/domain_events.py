@@ -1,4 +1,6 @@
-"""Names of the events winback publishes between its own services (CloudEvent types)."""
+"""Names of the events winback publishes between its own services (CloudEvent types).
+
+Each one's data model, topic, producer and consumers: ``shared.contracts.registry``."""
 
 from __future__ import annotations
 
@@ -11,10 +13,12 @@ CUSTOMER_ACTIVITY = f"{PREFIX}.customer.activity"
 CUSTOMER_UPDATED = f"{PREFIX}.customer.updated"
 CONSENT_CHANGED = f"{PREFIX}.consent.changed"
 FEATURE_RELEASED = f"{PREFIX}.feature.released"
+# scheduler → every service (topic: topics.erasure)
 CUSTOMER_ERASED = f"{PREFIX}.customer.erased"
 
 # scheduler → dispatcher (topic: topics.dispatch)
 DISPATCH_REQUESTED = f"{PREFIX}.dispatch.requested"
+# scheduler → everyone (topic: topics.outcomes)
 CASE_WON_BACK = f"{PREFIX}.case.won_back"
 CASE_OPENED = f"{PREFIX}.case.opened"
 CASE_CLOSED = f"{PREFIX}.case.closed"
@@ -24,4 +28,20 @@ CASE_MIGRATED = f"{PREFIX}.case.migrated"
 MESSAGE_SENT = f"{PREFIX}.message.sent"
 MESSAGE_FAILED = f"{PREFIX}.message.failed"
 MESSAGE_SUPPRESSED = f"{PREFIX}.message.suppressed"
+MESSAGE_DELIVERED = f"{PREFIX}.message.delivered"
+MESSAGE_OPENED = f"{PREFIX}.message.opened"
+MESSAGE_CLICKED = f"{PREFIX}.message.clicked"
+MESSAGE_BOUNCED = f"{PREFIX}.message.bounced"
+MESSAGE_COMPLAINED = f"{PREFIX}.message.complained"
+MESSAGE_OUTCOMES = (
+    MESSAGE_SENT,
+    MESSAGE_FAILED,
+    MESSAGE_SUPPRESSED,
+    MESSAGE_DELIVERED,
+    MESSAGE_OPENED,
+    MESSAGE_CLICKED,
+    MESSAGE_BOUNCED,
+    MESSAGE_COMPLAINED,
+)
+"""Every ``message.*`` type: what happened to a message (the sender's, then the providers')."""
 CUSTOMER_UNSUBSCRIBED = f"{PREFIX}.customer.unsubscribed"

@@ -41,7 +41,9 @@ from services.scheduler.views import (
 )
 from shared import domain_events as de
 from shared.cloudevents import CloudEvent
-from shared.errors import InvalidEvent
+from shared.contracts import registry as contracts
+from shared.contracts.base import Published, Received
+from shared.contracts.cases import CaseClosed, CaseOpened, CaseWonBack
 from shared.logging import correlated
 from shared.messaging.pipeline import Incoming, Tx
 
@@ -55,27 +57,19 @@ OUTCOME_STATE = {
     de.MESSAGE_FAILED: "failed",
     de.MESSAGE_SUPPRESSED: "suppressed",
 }
-OUTCOME_EVENTS = {
-    f"{de.PREFIX}.message.{name}"
-    for name in (
-        "sent",
-        "failed",
-        "suppressed",
-        "delivered",
-        "opened",
-        "clicked",
-        "bounced",
-        "complained",
-    )
-}
+OUTCOME_EVENTS = frozenset(de.MESSAGE_OUTCOMES)
 UNSUBSCRIBED = de.CUSTOMER_UNSUBSCRIBED
 
 
 @dataclass(frozen=True)
 class Event:
+    """A decoded event: ``data`` is what its contract validated (JSON types, unknown fields
+    dropped), ``contract`` the validated model (``None`` for a type this handler ignores)."""
+
     type: str
     data: dict[str, Any]
     time: datetime | None
+    contract: Published | Received | None = None
 
 
 class SchedulerHandler:
@@ -87,9 +81,15 @@ class SchedulerHandler:
         self.fallback_timezone = fallback_timezone
 
     def decode(self, event: CloudEvent) -> Event:
-        if not isinstance(event.data, dict):
-            raise InvalidEvent("invalid_payload", "data must be a JSON object", "data")
-        return Event(event.type, event.data, event.time)
+        """Validate the data of every type this handler acts on with its contract
+        (``shared.contracts``): a malformed payload raises ``InvalidEvent`` naming the field,
+        so it dead-letters here, before any transaction. Fields the contract does not know are
+        dropped (a newer producer may add some). Other types on the subscribed topics (our own
+        ``case.*``) are not ours to read and pass through unread."""
+        if event.type not in CONSUMED:
+            return Event(event.type, {}, event.time)
+        model = contracts.decode(event.type, event.data, tolerant=True)
+        return Event(event.type, model.to_data(), event.time, model)
 
     async def handle(self, tx: Tx, items: Sequence[Incoming[Any]]) -> None:
         for item in items:
@@ -209,25 +209,25 @@ class SchedulerHandler:
                 self.topic,
                 cid,
                 de.CASE_WON_BACK,
-                {
-                    "case_id": case.id,
-                    "customer_id": cid,
-                    "episode_id": episode.episode_id,
-                    "playbook": case.playbook,
-                    "playbook_version": case.playbook_version,
-                    "step_key": credited.step_key,
-                    "channel": credited.channel,
-                    "template": credited.template,
-                    "variant": credited.variant,
-                    "offer": credited.offer,
-                    "crm_owner": credit.crm_owner,
-                    "mrr_regained_minor": credit.mrr_regained_minor,
-                    "mrr_at_churn_minor": credit.mrr_at_churn_minor,
-                    "currency": snapshot.get("currency"),
-                    "days_to_return": credit.days_to_return,
-                    "churned_at": episode.occurred_at.isoformat(),
-                    "returned_at": returned_at.isoformat(),
-                },
+                CaseWonBack(
+                    case_id=case.id,
+                    customer_id=cid,
+                    episode_id=episode.episode_id,
+                    playbook=case.playbook,
+                    playbook_version=case.playbook_version,
+                    step_key=credited.step_key,
+                    channel=credited.channel,
+                    template=credited.template,
+                    variant=credited.variant,
+                    offer=credited.offer,
+                    crm_owner=credit.crm_owner,
+                    mrr_regained_minor=credit.mrr_regained_minor,
+                    mrr_at_churn_minor=credit.mrr_at_churn_minor,
+                    currency=snapshot.get("currency"),
+                    days_to_return=credit.days_to_return,
+                    churned_at=episode.occurred_at,
+                    returned_at=returned_at,
+                ).to_data(),
                 cause=cause,
                 subject=cid,
             )
@@ -328,18 +328,18 @@ class SchedulerHandler:
             self.topic,
             customer_id,
             de.CASE_OPENED,
-            {
-                "case_id": case_id,
-                "customer_id": customer_id,
-                "purpose": purpose,
-                "playbook": playbook.name,
-                "playbook_version": playbook.version,
-                "segment": segment_json(seg),
-                "holdout": holdout,
-                "is_rechurn": seg.is_rechurn,
+            CaseOpened(
+                case_id=case_id,
+                customer_id=customer_id,
+                purpose=purpose,
+                playbook=playbook.name,
+                playbook_version=playbook.version,
+                segment=segment_json(seg),
+                holdout=holdout,
+                is_rechurn=seg.is_rechurn,
                 **announce,
-                "steps": len(steps),
-            },
+                steps=len(steps),
+            ).to_data(),
             cause=cause,
             subject=customer_id,
         )
@@ -440,12 +440,12 @@ class SchedulerHandler:
                 self.topic,
                 case.customer_id,
                 de.CASE_CLOSED,
-                {
-                    "case_id": case.id,
-                    "customer_id": case.customer_id,
-                    "reason": reason,
-                    "playbook": case.playbook,
-                },
+                CaseClosed(
+                    case_id=case.id,
+                    customer_id=case.customer_id,
+                    reason=reason,
+                    playbook=case.playbook,
+                ).to_data(),
                 cause=cause,
                 subject=case.customer_id,
             )
@@ -459,3 +459,7 @@ class SchedulerHandler:
         de.FEATURE_RELEASED: _feature,
         UNSUBSCRIBED: _unsubscribed,
     }
+
+
+CONSUMED = frozenset({*SchedulerHandler._routes, *OUTCOME_EVENTS})
+"""Every type the scheduler acts on; each is decoded with its contract."""

@@ -38,6 +38,7 @@ from services.scheduler.views import (
 )
 from shared import domain_events as de
 from shared.clock import Clock
+from shared.contracts.dispatch import DispatchCommand, DispatchCustomer, SendWindowSpec
 from shared.localtime import resolve_zone
 from shared.logging import throttled
 from shared.messaging.pipeline import Tx, write_outbox
@@ -221,49 +222,49 @@ class StepFirer:
     def _command(self, row: Any, person: Any, step: Any, now: datetime) -> dict[str, Any]:
         """The dispatch command: everything the dispatcher needs to render and send."""
         context = dict(row["context"] or {})
-        return {
-            "idempotency_key": f"{row['case_id']}:{row['step_key']}",
-            "case_id": row["case_id"],
-            "step_id": row["id"],
-            "step_key": row["step_key"],
-            "playbook": row["playbook"],
-            "playbook_version": row["playbook_version"],
-            "channel": step.channel,
-            "template": step.template,
-            "offer": step.offer,
-            "is_discount": step.is_discount,
-            "variant": step.variant,
-            "valid_until": (now + self.offer_valid).isoformat() if step.offer else None,
-            "customer": {
-                "id": person.id,
-                "email": person.email,
-                "phone": person.phone,
-                "name": person.name,
-                "locale": person.locale,
-                "timezone": person.timezone,
-                "plan": person.plan,
-                "crm_owner": person.crm_owner,
-            },
-            "reason": (row["episode"] or {}).get("reason"),
-            "features": [context["feature"]] if context.get("feature") else [],
-            "feature_description": context.get("feature_description"),
-            "requested_at": now.isoformat(),
+        return DispatchCommand(
+            idempotency_key=f"{row['case_id']}:{row['step_key']}",
+            case_id=row["case_id"],
+            step_id=row["id"],
+            step_key=row["step_key"],
+            playbook=row["playbook"],
+            playbook_version=row["playbook_version"],
+            channel=step.channel,
+            template=step.template,
+            offer=step.offer,
+            is_discount=step.is_discount,
+            variant=step.variant,
+            valid_until=now + self.offer_valid if step.offer else None,
+            customer=DispatchCustomer(
+                id=person.id,
+                email=person.email,
+                phone=person.phone,
+                name=person.name,
+                locale=person.locale,
+                timezone=person.timezone,
+                plan=person.plan,
+                crm_owner=person.crm_owner,
+            ),
+            reason=(row["episode"] or {}).get("reason"),
+            features=[context["feature"]] if context.get("feature") else [],
+            feature_description=context.get("feature_description"),
+            requested_at=now,
             # the dispatcher holds a late send (a backlog, retry rounds after an outage) to
             # the customer's send window and drops it once the step has expired
-            "send_window": self._send_window(step.channel, person.timezone),
-            "expires_at": row["expires_at"].isoformat(),
-        }
+            send_window=self._send_window(step.channel, person.timezone),
+            expires_at=row["expires_at"],
+        ).to_data()
 
-    def _send_window(self, channel: Any, timezone: str | None) -> dict[str, str] | None:
+    def _send_window(self, channel: Any, timezone: str | None) -> SendWindowSpec | None:
         window = self.policy.window_for(channel)
         if window is None:
             return None
         zone = resolve_zone(timezone, self.policy.fallback_timezone)
-        return {
-            "start": window.start.isoformat("minutes"),
-            "end": window.end.isoformat("minutes"),
-            "timezone": zone.key,
-        }
+        return SendWindowSpec(
+            start=window.start.isoformat("minutes"),
+            end=window.end.isoformat("minutes"),
+            timezone=zone.key,
+        )
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

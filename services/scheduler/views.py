@@ -27,6 +27,7 @@ from services.scheduler.domain.case import (
 )
 from services.scheduler.domain.guardrails import FrequencyCap
 from shared import domain_events as de
+from shared.contracts import cases as contract
 from shared.settings import SchedulerSettings
 
 CHANNELS = ("email", "sms", "crm", "webhook")
@@ -242,40 +243,41 @@ def case_row(case: Case) -> dict[str, Any]:
 
 
 def event_message(event: CaseEvent) -> tuple[str, dict[str, Any]]:
-    """A case's domain event as published: its CloudEvent type and data."""
+    """A case's domain event as published: its CloudEvent type and data (built with the
+    event's contract, ``shared.contracts.cases``)."""
     if isinstance(event, CaseClosed):
-        return de.CASE_CLOSED, {
-            "case_id": event.case_id,
-            "customer_id": event.customer_id,
-            "reason": event.reason,
-            "playbook": event.playbook,
-        }
+        return de.CASE_CLOSED, contract.CaseClosed(
+            case_id=event.case_id,
+            customer_id=event.customer_id,
+            reason=event.reason,
+            playbook=event.playbook,
+        ).to_data()
     if isinstance(event, CaseMigrated):
-        return de.CASE_MIGRATED, {
-            "case_id": event.case_id,
-            "customer_id": event.customer_id,
+        return de.CASE_MIGRATED, contract.CaseMigrated(
+            case_id=event.case_id,
+            customer_id=event.customer_id,
             **migration_json(event.migration),
-        }
+        ).to_data()
     if event.purpose == REONBOARDING:
         announce: dict[str, Any] = {
             "after_case_id": event.after_case_id,
             "churn_reason": event.churn_reason,
-            "returned_at": event.returned_at.isoformat() if event.returned_at else None,
+            "returned_at": event.returned_at,
         }
     else:
         announce = {"time_since_return_days": event.time_since_return_days}
-    return de.CASE_OPENED, {
-        "case_id": event.case_id,
-        "customer_id": event.customer_id,
-        "purpose": event.purpose,
-        "playbook": event.playbook,
-        "playbook_version": event.playbook_version,
-        "segment": segment_json(event.segment),
-        "holdout": event.holdout,
-        "is_rechurn": event.is_rechurn,
+    return de.CASE_OPENED, contract.CaseOpened(
+        case_id=event.case_id,
+        customer_id=event.customer_id,
+        purpose=event.purpose,
+        playbook=event.playbook,
+        playbook_version=event.playbook_version,
+        segment=segment_json(event.segment),
+        holdout=event.holdout,
+        is_rechurn=event.is_rechurn,
         **announce,
-        "steps": event.steps,
-    }
+        steps=event.steps,
+    ).to_data()
 
 
 _CONTENT = (

@@ -22,6 +22,7 @@ from services.scheduler.bootstrap import SchedulerService
 from services.scheduler.bootstrap import bootstrap as scheduler_bootstrap
 from shared import domain_events as de
 from shared.cloudevents import CloudEvent
+from shared.contracts.messages import MessageOutcome
 from shared.db.tables import case_steps, cases, outbox
 from shared.settings import DEV_SECRET, Settings
 from tests.integration.test_scheduler_flow import T0, System, cancellation, system
@@ -83,11 +84,30 @@ async def sent(s: System, case_id: str, step_key: str) -> None:
     """The dispatcher reports the step sent: its ``message.sent`` goes through the scheduler's
     own consume → transact path (handed to the pipeline directly: a consumer that joined
     before the outcomes topic's metadata reached it gets those partitions only later)."""
+    command = next(
+        c["data"]
+        for c in await s.dispatched()
+        if (c["data"]["case_id"], c["data"]["step_key"]) == (case_id, step_key)
+    )
+    outcome = MessageOutcome(
+        idempotency_key=command["idempotency_key"],
+        case_id=case_id,
+        step_key=step_key,
+        step_id=command["step_id"],
+        customer_id=command["customer"]["id"],
+        channel=command["channel"],
+        provider="file",
+        provider_message_id=None,
+        template=command["template"],
+        variant=command["variant"],
+        crm_owner=command["customer"]["crm_owner"],
+        playbook=command["playbook"],
+    )
     event = CloudEvent(
         id=str(uuid.uuid4()),
         source="/winback/dispatcher",
         type=de.MESSAGE_SENT,
-        data={"case_id": case_id, "step_key": step_key, "provider": "file"},
+        data=outcome.to_data(),
         time=s.clock.now(),
     )
     pipeline = s.scheduler.pipeline
