@@ -189,6 +189,12 @@ def cmd_publish(settings: Settings, args: argparse.Namespace) -> None:
     print(orjson.dumps(event).decode())
 
 
+def cmd_asyncapi(settings: Settings, args: argparse.Namespace) -> None:
+    from shared.contracts.asyncapi import document, to_yaml
+
+    sys.stdout.write(to_yaml(document(settings.topics, settings.ingest.event_type_prefix)))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="winback", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -224,6 +230,11 @@ def parser() -> argparse.ArgumentParser:
     pub.add_argument("--id")
     pub.add_argument("--source", default="/billing/test")
     pub.add_argument("--topic")
+    sub.add_parser(
+        "asyncapi",
+        help="print the AsyncAPI 3.0 document of every event and topic (YAML; "
+        "docs/asyncapi.yaml is this with the default settings)",
+    )
     return p
 
 
@@ -242,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
             cmd_migrate(settings, args)
         elif args.command == "publish-test-event":
             cmd_publish(settings, args)
+        elif args.command == "asyncapi":
+            cmd_asyncapi(settings, args)
         else:
             cmd_service(settings, args)
     except (ConfigError, PlaybookError) as exc:
