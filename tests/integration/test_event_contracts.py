@@ -15,6 +15,7 @@ scheduler sent.
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import re
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -41,8 +43,8 @@ from services.scheduler.domain import in_holdout
 from shared import domain_events as de
 from shared.clock import FrozenClock
 from shared.cloudevents import from_kafka
-from shared.contracts import registry
-from shared.db.tables import cases, deliveries, outbox
+from shared.contracts import examples, registry
+from shared.db.tables import cases, deliveries, outbox, scheduler_customers
 from shared.messaging.memory import MemoryBus
 from shared.messaging.transport import OutgoingRecord, Record
 from shared.settings import DEV_SECRET, Settings
@@ -422,3 +424,63 @@ async def test_every_event_the_services_emit_satisfies_its_contract(
     # the dispatcher took every command the scheduler sent
     assert commands
     assert commands <= delivered_keys
+
+
+async def test_a_malformed_event_dead_letters_at_the_schedulers_decode_naming_the_field(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    bus = MemoryBus()
+    scheduler = scheduler_bootstrap(settings, engine=engine, clock=FrozenClock(T0), transport=bus)
+    scheduler.core.runtime.extra_parts = [
+        p for p in scheduler.core.runtime.extra_parts if p[0] != "step-timer"
+    ]
+    churn = copy.deepcopy(examples.PUBLISHED["churn.recorded"])
+    churn["episode"]["occurred_at"] = "last tuesday"
+    updated = examples.PUBLISHED["customer.updated"]
+
+    def record(type: str, data: dict[str, Any]) -> OutgoingRecord:
+        value, headers = structured(
+            {
+                "specversion": "1.0",
+                "id": f"contract-{type}",
+                "source": "/winback/ingest",
+                "type": type,
+                "data": data,
+            }
+        )
+        return OutgoingRecord(settings.topics.domain, b"cus_42", value, tuple(headers))
+
+    try:
+        async with running(scheduler.core.runtime):
+            publisher = bus.publisher()
+            await publisher.start()
+            await publisher.publish(
+                [record(de.CHURN_RECORDED, churn), record(de.CUSTOMER_UPDATED, updated)]
+            )
+            await publisher.stop()
+            dead = await eventually(
+                lambda: _records(bus, settings.topics.dead_letter), lambda r: len(r) >= 1
+            )
+            stored = select(func.count()).select_from(scheduler_customers)
+
+            async def customers() -> int:
+                async with engine.connect() as conn:
+                    return int(await conn.scalar(stored) or 0)
+
+            kept = await eventually(customers, lambda n: n == 1)
+    finally:
+        bus.close()
+    assert len(dead) == 1
+    headers = {name: value.decode() for name, value in dead[0].headers}
+    assert headers["winback-dlq-error-code"] == "invalid_payload"
+    assert headers["winback-dlq-error-field"] == "data.episode.occurred_at"
+    assert headers["winback-dlq-consumer"] == "scheduler"
+    assert dead[0].value is not None
+    assert orjson.loads(dead[0].value)["data"] == churn  # the original bytes, unchanged
+    assert kept == 1  # the good event behind it was handled
+    async with engine.connect() as conn:
+        assert await conn.scalar(select(func.count()).select_from(cases)) == 0
+
+
+async def _records(bus: MemoryBus, topic: str) -> list[Record]:
+    return all_records(bus, [topic])
