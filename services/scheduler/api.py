@@ -38,6 +38,7 @@ from services.scheduler.domain.case import Refused
 from services.scheduler.views import migration_json, returned_at_of
 from shared import domain_events as de
 from shared.clock import Clock
+from shared.contracts.customer import CustomerErased
 from shared.db.tables import case_steps, cases, scheduler_customers
 from shared.http.problems import Problem
 from shared.messaging.pipeline import Tx, write_outbox
@@ -575,11 +576,9 @@ def router(
                 erasure_topic,
                 customer_id,
                 de.CUSTOMER_ERASED,
-                {
-                    "customer_id": customer_id,
-                    "address_hashes": hashes,
-                    "erased_at": now.isoformat(),
-                },
+                CustomerErased(
+                    customer_id=customer_id, address_hashes=hashes, erased_at=now
+                ).to_data(),
                 subject=customer_id,
             )
             await write_outbox(conn, tx.outgoing)
