@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from services.scheduler import store
 from services.scheduler.domain import (
+    ChurnEpisode,
     PlannedStep,
     Playbook,
     Segment,
@@ -29,28 +30,27 @@ from services.scheduler.domain import (
     reonboarding_anchor,
     segment,
 )
+from services.scheduler.domain.case import Case, CaseChange, Purpose, Refused, open_case
 from services.scheduler.domain.planning import normalise_feature
 from services.scheduler.views import (
     customer_view,
     episode_from_event,
     episode_from_json,
-    episode_json,
     segment_from_json,
-    segment_json,
     step_row,
 )
 from shared import domain_events as de
 from shared.cloudevents import CloudEvent
 from shared.contracts import registry as contracts
 from shared.contracts.base import Published, Received
-from shared.contracts.cases import CaseClosed, CaseOpened, CaseWonBack
+from shared.contracts.cases import CaseWonBack
 from shared.logging import correlated
 from shared.messaging.pipeline import Incoming, Tx
 
 log = logging.getLogger(__name__)
 
-WINBACK = "winback"
-REONBOARDING = "reonboarding"
+WINBACK: Purpose = "winback"
+REONBOARDING: Purpose = "reonboarding"
 
 OUTCOME_STATE = {
     de.MESSAGE_SENT: "sent",
@@ -111,9 +111,10 @@ class SchedulerHandler:
         row = await store.customer(tx.conn, cid)
         if row is None or row.erased_at is not None:
             return
-        current = await store.open_case(tx.conn, cid)
+        current = await store.load_open_case(tx.conn, cid)
         if current is not None:
-            await self._close(tx, current, "superseded", cause)
+            superseded = await self._apply(tx, current.supersede(tx.now), cause)
+            current = superseded.after if superseded is not None else current
         prior = row.last_won_back_at
         episode = episode_from_event(ep, prior if prior is not None else None)
         if prior is not None and prior > episode.occurred_at:
@@ -140,36 +141,33 @@ class SchedulerHandler:
             purpose=WINBACK,
             playbook=playbook,
             seg=seg,
-            episode=episode_json(episode),
-            churned_at=episode.occurred_at,
+            episode=episode,
             expires=expires,
             steps=steps,
+            current=current,
             feature_key=normalise_feature(episode.feature) if episode.feature else None,
-            announce={
-                "time_since_return_days": (episode.occurred_at - prior).days
-                if seg.is_rechurn and prior is not None
-                else None,
-            },
         )
 
     async def _returned(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
         snapshot = event.data["customer"]
         cid = snapshot["id"]
         await store.upsert_customer(tx.conn, snapshot, tx.now)
-        case = await store.open_case(tx.conn, cid)
-        if case is None or case.purpose == REONBOARDING:
-            return  # a return during re-onboarding changes nothing
-        playbook = self._playbook(case)
-        episode = episode_from_json(case.episode)
-        by_activity = event.data.get("kind") == "activity"
-        if (
-            by_activity
-            and episode.kind != "user_inactive"
-            and not (playbook and playbook.exits_on("activity"))
-        ):
+        case = await store.load_open_case(tx.conn, cid)
+        if case is None:
             return
+        playbook = self._playbook(case)
         returned_at = datetime.fromisoformat(event.data["returned_at"])
-        await self._close(tx, case, "returned", cause, returned_at=returned_at)
+        by_activity = event.data.get("kind") == "activity"
+        closed = await self._apply(
+            tx,
+            case.customer_returned(
+                tx.now, returned_at=returned_at, by_activity=by_activity, playbook=playbook
+            ),
+            cause,
+        )
+        if closed is None or not closed.closed:
+            return  # the exit rules (e.g. a return during re-onboarding changes nothing)
+        episode = case.episode
         row = await store.customer(tx.conn, cid)
         owner = row.crm_owner if row is not None else None
         sent = await store.sent_steps(tx.conn, case.id, owner)
@@ -231,10 +229,10 @@ class SchedulerHandler:
                 cause=cause,
                 subject=cid,
             )
-        await self._reonboard(tx, cid, case, returned_at, cause)
+        await self._reonboard(tx, cid, closed.after, returned_at, cause)
 
     async def _reonboard(
-        self, tx: Tx, cid: str, closed: Any, returned_at: datetime, cause: CloudEvent
+        self, tx: Tx, cid: str, closed: Case, returned_at: datetime, cause: CloudEvent
     ) -> None:
         """Open the re-onboarding case of a customer whose win-back case just closed as
         ``returned``: the original churn's segment (what went wrong the first time) picks a
@@ -242,8 +240,7 @@ class SchedulerHandler:
         row = await store.customer(tx.conn, cid)
         if row is None or row.erased_at is not None:
             return
-        episode = episode_from_json(closed.episode)
-        seg = segment_from_json(closed.segment)
+        episode, seg = closed.episode, closed.segment
         playbook = choose_playbook(self.playbooks, seg, starts_on="returned")
         if playbook is None:
             return
@@ -271,15 +268,12 @@ class SchedulerHandler:
             purpose=REONBOARDING,
             playbook=playbook,
             seg=seg,
-            episode={**episode_json(episode), "returned_at": returned_at.isoformat()},
-            churned_at=episode.occurred_at,
+            episode=episode,
             expires=expires,
             steps=steps,
-            announce={
-                "after_case_id": closed.id,
-                "churn_reason": episode.reason,
-                "returned_at": returned_at.isoformat(),
-            },
+            current=closed,
+            return_anchor=returned_at,
+            after_case_id=closed.id,
         )
 
     async def _open_case(
@@ -290,77 +284,54 @@ class SchedulerHandler:
         case_id: str,
         customer_id: str,
         episode_id: str,
-        purpose: str,
+        purpose: Purpose,
         playbook: Playbook,
         seg: Segment,
-        episode: Mapping[str, Any],
-        churned_at: datetime,
+        episode: ChurnEpisode,
         expires: datetime,
         steps: Sequence[PlannedStep],
-        announce: Mapping[str, Any],
+        current: Case | None,
         feature_key: str | None = None,
+        return_anchor: datetime | None = None,
+        after_case_id: str | None = None,
     ) -> None:
-        """Insert an open case with its planned steps and announce it (``case.opened``, with
-        ``announce`` added to what every opening carries)."""
-        holdout = any(s.holdout for s in steps)
-        await store.insert_case(
-            tx.conn,
-            {
-                "id": case_id,
-                "customer_id": customer_id,
-                "episode_id": episode_id,
-                "status": "open",
-                "purpose": purpose,
-                "playbook": playbook.name,
-                "playbook_version": playbook.version,
-                "segment": segment_json(seg),
-                "episode": dict(episode),
-                "feature_key": feature_key,
-                "holdout": holdout,
-                "is_rechurn": seg.is_rechurn,
-                "churned_at": churned_at,
-                "opened_at": tx.now,
-                "expires_at": expires,
-            },
-            [step_row(case_id, customer_id, s) for s in steps],
+        """Open a case with its planned steps (the aggregate's ``open_case``: refused while
+        ``current`` is open) and store it; ``case.opened`` goes to the outbox."""
+        opened = open_case(
+            case_id=case_id,
+            customer_id=customer_id,
+            episode_id=episode_id,
+            purpose=purpose,
+            playbook=playbook,
+            segment=seg,
+            episode=episode,
+            expires_at=expires,
+            steps=steps,
+            now=tx.now,
+            current=current,
+            feature_key=feature_key,
+            return_anchor=return_anchor,
+            after_case_id=after_case_id,
         )
-        tx.emit(
-            self.topic,
-            customer_id,
-            de.CASE_OPENED,
-            CaseOpened(
-                case_id=case_id,
-                customer_id=customer_id,
-                purpose=purpose,
-                playbook=playbook.name,
-                playbook_version=playbook.version,
-                segment=segment_json(seg),
-                holdout=holdout,
-                is_rechurn=seg.is_rechurn,
-                **announce,
-                steps=len(steps),
-            ).to_data(),
-            cause=cause,
-            subject=customer_id,
-        )
+        await self._apply(tx, opened, cause)
 
     async def _activity(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
         cid = event.data["customer_id"]
         if event.data.get("at"):
             await store.set_last_active(tx.conn, cid, datetime.fromisoformat(event.data["at"]))
-        case = await store.open_case(tx.conn, cid)
-        playbook = self._playbook(case) if case is not None else None
-        if case is not None and playbook is not None and playbook.exits_on("activity"):
-            await self._close(tx, case, "activity", cause)
+        case = await store.load_open_case(tx.conn, cid)
+        if case is not None:
+            closing = case.customer_active(tx.now, playbook=self._playbook(case))
+            await self._apply(tx, closing, cause)
 
     async def _consent(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
         cid = event.data["customer_id"]
         channel = event.data.get("channel", "all")
         await store.set_consent(tx.conn, cid, channel, bool(event.data.get("granted")), tx.now)
-        if channel == "all" and not event.data.get("granted"):
-            case = await store.open_case(tx.conn, cid)
-            if case is not None:
-                await self._close(tx, case, "unsubscribed", cause)
+        if not event.data.get("granted"):
+            case = await store.load_open_case(tx.conn, cid)
+            if case is not None:  # withdrawn on every channel, the case ends
+                await self._apply(tx, case.withdraw_consent(channel, tx.now), cause)
 
     async def _updated(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
         await store.upsert_customer(tx.conn, event.data["customer"], tx.now)
@@ -415,10 +386,10 @@ class SchedulerHandler:
         cid = event.data["customer_id"]
         channel = event.data.get("channel") or "all"
         await store.set_consent(tx.conn, cid, channel, False, tx.now)
-        case = await store.open_case(tx.conn, cid)
+        case = await store.load_open_case(tx.conn, cid)
         if case is not None:
             # An unsubscribe is the customer saying stop: the case ends, whatever the channel.
-            await self._close(tx, case, "unsubscribed", cause)
+            await self._apply(tx, case.unsubscribe(tx.now), cause)
 
     # -- helpers ------------------------------------------------------------------------------
     def _playbook(self, case: Any) -> Playbook | None:
@@ -427,28 +398,19 @@ class SchedulerHandler:
         except KeyError:
             return None
 
-    async def _close(
-        self,
-        tx: Tx,
-        case: Any,
-        reason: str,
-        cause: CloudEvent | None,
-        returned_at: datetime | None = None,
-    ) -> None:
-        if await store.close_case(tx.conn, case.id, reason, tx.now, returned_at):
-            tx.emit(
-                self.topic,
-                case.customer_id,
-                de.CASE_CLOSED,
-                CaseClosed(
-                    case_id=case.id,
-                    customer_id=case.customer_id,
-                    reason=reason,
-                    playbook=case.playbook,
-                ).to_data(),
-                cause=cause,
-                subject=case.customer_id,
+    async def _apply(
+        self, tx: Tx, result: CaseChange | Refused, cause: CloudEvent | None
+    ) -> CaseChange | None:
+        """Store what a case command returned (its events go to the outbox, caused by
+        ``cause``); a refusal changes nothing."""
+        if isinstance(result, Refused):
+            log.info(
+                "case command refused",
+                extra={"case_id": result.case_id, "command": result.command, "code": result.code},
             )
+            return None
+        await store.save_cases(tx, self.topic, [result], cause)
+        return result
 
     _routes: dict[str, Any] = {
         de.CHURN_RECORDED: _churn,

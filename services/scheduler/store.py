@@ -124,13 +124,6 @@ async def case_exists_for_episode(conn: AsyncConnection, episode_id: str) -> boo
     return found is not None
 
 
-async def insert_case(
-    conn: AsyncConnection, row: Mapping[str, Any], steps: Sequence[Mapping[str, Any]]
-) -> None:
-    await conn.execute(cases.insert().values(**row))
-    await insert_steps(conn, steps)
-
-
 async def insert_steps(conn: AsyncConnection, steps: Sequence[Mapping[str, Any]]) -> int:
     if not steps:
         return 0
@@ -141,35 +134,6 @@ async def insert_steps(conn: AsyncConnection, steps: Sequence[Mapping[str, Any]]
         [dict(s) for s in steps],
     )
     return len(result.all())
-
-
-async def close_case(
-    conn: AsyncConnection,
-    case_id: str,
-    reason: str,
-    now: datetime,
-    returned_at: datetime | None = None,
-) -> bool:
-    """Close a case and cancel every pending step. True if it was open."""
-    result = await conn.execute(
-        update(cases)
-        .where(cases.c.id == case_id, cases.c.status.in_(OPEN))
-        .values(
-            status="closed",
-            close_reason=reason,
-            closed_at=now,
-            updated_at=now,
-            returned_at=returned_at,
-        )
-    )
-    if not result.rowcount:
-        return False
-    await conn.execute(
-        update(case_steps)
-        .where(case_steps.c.case_id == case_id, case_steps.c.state == "pending")
-        .values(state="cancelled", state_reason=f"case closed: {reason}", updated_at=now)
-    )
-    return True
 
 
 async def sent_steps(
