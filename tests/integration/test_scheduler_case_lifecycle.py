@@ -27,6 +27,7 @@ from tests.integration.test_scheduler_flow import (
     system,
 )
 from tests.support.http import serve
+from tests.support.kafka import cloudevent
 from tests.support.services import eventually
 
 pytestmark = pytest.mark.integration
@@ -143,6 +144,48 @@ async def test_erasure_and_cancellation_publish_case_closed_with_their_reason(
             "playbook": "price_discount",
         },
     ]  # erasing again closes nothing more
+
+
+async def test_closes_from_events_publish_one_case_closed_each_with_its_reason(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    twice = not_in_holdout("cus_t", "price_discount")
+    opted = not_in_holdout("cus_o", "price_discount")
+    back = outside_both_holdouts("cus_r")
+    customers = [twice, opted, back]
+    async with system(settings, engine) as s:
+        await s.send(*[cancellation(cid, T0) for cid in customers])
+        first = {cid: await s.case(cid) for cid in customers}
+        s.clock.set(T0 + timedelta(days=2))
+        at = s.clock.now()
+        await s.send(
+            cancellation(twice, at, "switched_service"),  # a new churn supersedes the case
+            cloudevent("consent.withdrawn", {"customer_id": opted, "channel": "all"}, time=at),
+        )
+        await s.reactivate(back, at=at)
+        events = await eventually(
+            functools.partial(closed_events, settings, engine), lambda e: len(e) >= 3
+        )
+        rows = {cid: await s.case(cid) for cid in customers}
+        async with engine.connect() as conn:
+            pending_cases = set(
+                (
+                    await conn.execute(
+                        select(case_steps.c.case_id).where(case_steps.c.state == "pending")
+                    )
+                ).scalars()
+            )
+    reasons = {e["data"]["case_id"]: e["data"]["reason"] for e in events}
+    assert len(events) == 3
+    assert reasons == {
+        first[twice].id: "superseded",
+        first[opted].id: "unsubscribed",
+        first[back].id: "returned",
+    }
+    # the newer cases (win-back after the new churn, re-onboarding after the return) are open
+    assert {rows[twice].status, rows[back].status} == {"open"}
+    assert rows[back].purpose == "reonboarding"
+    assert pending_cases.isdisjoint(c.id for c in first.values())  # all cancelled
 
 
 async def test_a_reonboarding_case_is_in_the_window_of_its_own_ladder_counted_from_the_return(
