@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -38,8 +40,9 @@ from services.scheduler.views import (
 )
 from shared import domain_events as de
 from shared.clock import Clock
-from shared.contracts.dispatch import DispatchCommand, DispatchCustomer, SendWindowSpec
-from shared.localtime import resolve_zone
+from shared.contracts.base import invalid_payload
+from shared.contracts.dispatch import DispatchCommand, SendWindowSpec
+from shared.localtime import SendWindow, resolve_zone
 from shared.logging import throttled
 from shared.messaging.pipeline import Tx, write_outbox
 from shared.settings import TopicSettings
@@ -138,6 +141,20 @@ class StepFirer:
                 )
                 if isinstance(decision, Send):
                     sent = decision.step
+                    try:
+                        command = self._command(row, person, sent, now)
+                    except ValidationError as exc:
+                        # data the dispatcher would refuse (say a value stored before today's
+                        # limits): the step says why, the rest of the batch goes on
+                        error = invalid_payload(exc)
+                        log.warning(
+                            "step not dispatched: its command breaks the contract",
+                            extra={"step_id": row["id"], "field": error.field},
+                        )
+                        why = f"invalid_command: {error.field}: {error.reason}"
+                        updates.append(_skip(row, why))
+                        counts["skipped"] += 1
+                        continue
                     history[cid] = history.get(cid, ContactHistory()).with_send(
                         now, discount=sent.is_discount
                     )
@@ -158,7 +175,7 @@ class StepFirer:
                         self.dispatch_topic,
                         cid,
                         de.DISPATCH_REQUESTED,
-                        self._command(row, person, sent, now),
+                        command,
                         subject=cid,
                     )
                     counts["dispatched"] += 1
@@ -235,16 +252,16 @@ class StepFirer:
             is_discount=step.is_discount,
             variant=step.variant,
             valid_until=now + self.offer_valid if step.offer else None,
-            customer=DispatchCustomer(
-                id=person.id,
-                email=person.email,
-                phone=person.phone,
-                name=person.name,
-                locale=person.locale,
-                timezone=person.timezone,
-                plan=person.plan,
-                crm_owner=person.crm_owner,
-            ),
+            customer={  # validated as part of the command: an error names data.customer.*
+                "id": person.id,
+                "email": person.email,
+                "phone": person.phone,
+                "name": person.name,
+                "locale": person.locale,
+                "timezone": person.timezone,
+                "plan": person.plan,
+                "crm_owner": person.crm_owner,
+            },
             reason=(row["episode"] or {}).get("reason"),
             features=[context["feature"]] if context.get("feature") else [],
             feature_description=context.get("feature_description"),
@@ -259,12 +276,7 @@ class StepFirer:
         window = self.policy.window_for(channel)
         if window is None:
             return None
-        zone = resolve_zone(timezone, self.policy.fallback_timezone)
-        return SendWindowSpec(
-            start=window.start.isoformat("minutes"),
-            end=window.end.isoformat("minutes"),
-            timezone=zone.key,
-        )
+        return _window_spec(window, resolve_zone(timezone, self.policy.fallback_timezone).key)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -284,6 +296,16 @@ class StepFirer:
 
     def stop(self) -> None:
         self._stopping.set()
+
+
+@functools.lru_cache(maxsize=1024)
+def _window_spec(window: SendWindow, zone: str) -> SendWindowSpec:
+    """A send window in a zone, as commands carry it (a few distinct ones: built once)."""
+    return SendWindowSpec(
+        start=window.start.isoformat("minutes"),
+        end=window.end.isoformat("minutes"),
+        timezone=zone,
+    )
 
 
 def _withheld(decision: Send) -> str | None:

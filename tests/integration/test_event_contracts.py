@@ -44,7 +44,7 @@ from shared import domain_events as de
 from shared.clock import FrozenClock
 from shared.cloudevents import from_kafka
 from shared.contracts import examples, registry
-from shared.db.tables import cases, deliveries, outbox, scheduler_customers
+from shared.db.tables import case_steps, cases, deliveries, outbox, scheduler_customers
 from shared.messaging.memory import MemoryBus
 from shared.messaging.transport import OutgoingRecord, Record
 from shared.settings import DEV_SECRET, Settings
@@ -484,3 +484,63 @@ async def test_a_malformed_event_dead_letters_at_the_schedulers_decode_naming_th
 
 async def _records(bus: MemoryBus, topic: str) -> list[Record]:
     return all_records(bus, [topic])
+
+
+async def test_a_step_whose_command_would_break_the_contract_is_skipped_naming_the_field(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    """A value stored before today's limits (a 300-character name) must not stall the
+    timer in a retry loop: that step is skipped with the reason, the others go."""
+    clock = FrozenClock(T0)
+    bus = MemoryBus()
+    scheduler = scheduler_bootstrap(settings, engine=engine, clock=clock, transport=bus)
+    scheduler.core.runtime.extra_parts = [
+        p for p in scheduler.core.runtime.extra_parts if p[0] != "step-timer"
+    ]
+    bad, good = customer("bad"), customer("good")
+    try:
+        async with running(scheduler.core.runtime):
+            ingest = ingest_bootstrap(settings, engine=engine, clock=clock, transport=bus)
+            async with running(ingest.core.runtime):
+                publisher = bus.publisher()
+                await publisher.start()
+                for cid in (bad, good):
+                    value, headers = structured(cancellation(cid, T0))
+                    await publisher.publish(
+                        [
+                            OutgoingRecord(
+                                settings.topics.inbound[0], cid.encode(), value, tuple(headers)
+                            )
+                        ]
+                    )
+                await publisher.stop()
+                opened = select(func.count()).select_from(cases)
+
+                async def count() -> int:
+                    async with engine.connect() as conn:
+                        return int(await conn.scalar(opened) or 0)
+
+                assert await eventually(count, lambda n: n == 2) == 2
+            async with engine.begin() as conn:
+                await conn.execute(
+                    scheduler_customers.update()
+                    .where(scheduler_customers.c.id == bad)
+                    .values(name="A" * 300)
+                )
+            clock.advance(timedelta(hours=1))
+            result = await scheduler.firer.fire_once()
+            async with engine.connect() as conn:
+                steps = {
+                    (r.customer_id, r.state): r.state_reason
+                    for r in await conn.execute(
+                        case_steps.select().where(case_steps.c.state != "pending")
+                    )
+                }
+    finally:
+        bus.close()
+    assert result.dispatched == 1
+    assert result.skipped == 1
+    assert (good, "dispatched") in steps
+    reason = steps[(bad, "skipped")]
+    assert reason is not None
+    assert reason.startswith("invalid_command: data.customer.name: ")
