@@ -41,6 +41,7 @@ from shared.clock import Clock
 from shared.contracts.customer import CustomerErased
 from shared.db.tables import case_steps, cases, scheduler_customers
 from shared.http.problems import Problem
+from shared.http.types import INTEGRAL, IsoDateTime
 from shared.messaging.pipeline import Tx, write_outbox
 
 CustomerId = Annotated[str, Path(min_length=1, max_length=200)]
@@ -108,15 +109,21 @@ class MigrationIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    from_version: Annotated[int, Field(strict=True, ge=1, description="the cases' version")]
+    from_version: Annotated[
+        int, Field(strict=True, ge=1, description="the cases' version"), INTEGRAL
+    ]
     to_version: Annotated[
-        int | None, Field(strict=True, ge=1, description="default: the latest loaded version")
+        int | None,
+        Field(strict=True, ge=1, description="default: the latest loaded version"),
+        INTEGRAL,
     ] = None
     dry_run: Annotated[
         bool, Field(strict=True, description="plan and show each case's changes; write nothing")
     ] = False
     limit: Annotated[
-        int, Field(strict=True, ge=1, le=10_000, description="at most this many cases per call")
+        int,
+        Field(strict=True, ge=1, le=10_000, description="at most this many cases per call"),
+        INTEGRAL,
     ] = 1000
 
 
@@ -376,7 +383,7 @@ def router(
         playbook: Annotated[str | None, Query()] = None,
         window: Annotated[str | None, Query(description="timing window name")] = None,
         due_before: Annotated[
-            datetime | None,
+            IsoDateTime | None,
             Query(description="only cases with a pending step due before this time"),
         ] = None,
         cursor: Annotated[str | None, Query()] = None,

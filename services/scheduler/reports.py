@@ -84,6 +84,7 @@ from services.scheduler.domain.results import (
 from shared.clock import Clock
 from shared.db.tables import case_steps, cases, win_backs
 from shared.http.problems import Problem
+from shared.http.types import IsoDate
 
 GroupBy = Literal["none", "playbook", "reason", "lifecycle", "value_tier", "label", "variant"]
 GROUP_KEYS: dict[str, tuple[str, ...]] = {
@@ -694,10 +695,10 @@ async def messages_report(conn: AsyncConnection, filters: Filters) -> list[Engag
 
 # -- the routes ---------------------------------------------------------------------------------
 FromDate = Annotated[
-    date | None,
+    IsoDate | None,
     Query(alias="from", description="churned on or after this date (UTC, ISO 8601)"),
 ]
-ToDate = Annotated[date | None, Query(description="churned on or before this date (UTC)")]
+ToDate = Annotated[IsoDate | None, Query(description="churned on or before this date (UTC)")]
 PlaybookFilter = Annotated[str | None, Query(min_length=1, max_length=100)]
 
 EngineSource = AsyncEngine | Callable[[], AsyncEngine]
