@@ -4,6 +4,7 @@ All-or-nothing: one bad event rejects the request with a problem+json naming it.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -15,6 +16,8 @@ from shared.cloudevents import from_json_dict, loads
 from shared.errors import InvalidEvent
 from shared.http.problems import Problem
 from shared.messaging.pipeline import Incoming, Pipeline
+
+log = logging.getLogger(__name__)
 
 
 class Accepted(BaseModel):
@@ -94,6 +97,15 @@ def router(pipeline: Pipeline, auth: Any, max_bytes: int, batch_limit: int) -> A
             except InvalidEvent as exc:
                 metrics.HTTP_EVENTS.labels("rejected").inc()
                 raise _problem(exc, where) from None
+            except Exception as exc:
+                # a bug meeting input it did not expect: still the client's event at fault
+                log.warning(
+                    "an event failed decoding unexpectedly",
+                    extra={"error_type": type(exc).__name__, "field": where or "body"},
+                )
+                metrics.HTTP_EVENTS.labels("rejected").inc()
+                error = InvalidEvent("decode_error", f"{type(exc).__name__}: {exc}")
+                raise _problem(error, where) from None
         result = await pipeline.transact_reliably(items)
         metrics.HTTP_EVENTS.labels("accepted").inc(len(items))
         return JSONResponse(

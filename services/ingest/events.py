@@ -2,7 +2,10 @@
 
 Types arrive as ``<prefix>.<name>`` where the prefix is configurable reverse DNS
 (``com.example.subscription.cancelled``). A payload that fails validation raises
-``InvalidEvent`` naming the field.
+``InvalidEvent`` naming the field — and nothing else: whatever the payload, what passes fits
+the columns it is stored in (``shared/db/tables.py``): every string has a maximum length and no
+control character (free text — ``comment``, ``description`` — may hold tab and line breaks),
+every time lies in ``shared.cloudevents.TIME_RANGE``, every integer fits a PostgreSQL bigint.
 """
 
 from __future__ import annotations
@@ -18,11 +21,19 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationError,
 )
 
-from shared.cloudevents import CloudEvent
+from shared.cloudevents import CloudEvent, control_character, utc_in_range
 from shared.errors import InvalidEvent
+
+BIGINT_MAX = 2**63 - 1
+"""The largest value of a PostgreSQL bigint (``mrr_minor`` and friends are stored in one)."""
+MAX_SHORT_TEXT = 200
+MAX_COMMENT = 5000
+MAX_DESCRIPTION = 2000
+MAX_DAYS = 100_000
 
 Channel = Literal["email", "sms", "crm", "webhook"]
 Engagement = Literal["high", "medium", "low"]
@@ -37,10 +48,24 @@ _EMAIL = re.compile(
 )
 
 
+def _line(value: str) -> str:
+    bad = control_character(value)
+    if bad is not None:
+        raise ValueError(f"control character {bad} is not allowed")
+    return value
+
+
+def _paragraphs(value: str) -> str:
+    bad = control_character(value, multiline=True)
+    if bad is not None:
+        raise ValueError(f"control character {bad} is not allowed")
+    return value
+
+
 def _email(value: str | None) -> str | None:
     if value is None:
         return None
-    if len(value) > 254 or not _EMAIL.match(value):
+    if len(value) > 254 or not _EMAIL.fullmatch(value):
         raise ValueError("not a valid email address")
     local, _, domain = value.rpartition("@")
     return f"{local}@{domain.lower()}"
@@ -49,6 +74,8 @@ def _email(value: str | None) -> str | None:
 def _e164(value: str | None) -> str | None:
     if value is None:
         return None
+    if len(value) > 64 or control_character(value) is not None:
+        raise ValueError("not a phone number in international form")
     try:
         number = phonenumbers.parse(value, None)
     except phonenumbers.NumberParseException as exc:
@@ -61,9 +88,11 @@ def _e164(value: str | None) -> str | None:
 def _timezone(value: str | None) -> str | None:
     if value is None:
         return None
+    if len(value) > 64 or control_character(value) is not None:
+        raise ValueError("not an IANA timezone name")
     try:
         ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         raise ValueError(f"unknown IANA timezone {value!r}") from None
     return value
 
@@ -71,15 +100,18 @@ def _timezone(value: str | None) -> str | None:
 def _currency(value: str | None) -> str | None:
     if value is None:
         return None
-    if len(value) != 3 or not value.isalpha():
+    if len(value) != 3 or not (value.isascii() and value.isalpha()):
         raise ValueError("must be a 3-letter ISO 4217 code")
     return value.upper()
 
 
 def _aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
+    """An aware time within ``TIME_RANGE``, in UTC."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
         raise ValueError("needs a UTC offset")
-    return value
+    return utc_in_range(value)
 
 
 Email = Annotated[str | None, AfterValidator(_email)]
@@ -87,7 +119,13 @@ Phone = Annotated[str | None, AfterValidator(_e164)]
 TimeZone = Annotated[str | None, AfterValidator(_timezone)]
 Currency = Annotated[str | None, AfterValidator(_currency)]
 AwareTime = Annotated[datetime | None, AfterValidator(_aware)]
-Id = Annotated[str, Field(min_length=1, max_length=200)]
+Id = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_line)]
+ShortText = Annotated[str, StringConstraints(max_length=MAX_SHORT_TEXT), AfterValidator(_line)]
+Comment = Annotated[str, StringConstraints(max_length=MAX_COMMENT), AfterValidator(_paragraphs)]
+Description = Annotated[
+    str, StringConstraints(max_length=MAX_DESCRIPTION), AfterValidator(_paragraphs)
+]
+Minor = Annotated[int, Field(ge=0, le=BIGINT_MAX)]
 
 
 class _Payload(BaseModel):
@@ -99,17 +137,17 @@ class Profile(_Payload):
 
     email: Email = None
     phone: Phone = None
-    name: str | None = Field(default=None, max_length=200)
+    name: ShortText | None = None
     locale: str | None = Field(
         default=None, max_length=35, pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$"
     )
     timezone: TimeZone = None
-    plan: str | None = Field(default=None, max_length=200)
-    mrr_minor: int | None = Field(default=None, ge=0)
+    plan: ShortText | None = None
+    mrr_minor: Minor | None = None
     currency: Currency = None
     customer_since: AwareTime = None
     engagement: Engagement | None = None
-    crm_owner: str | None = Field(default=None, max_length=200)
+    crm_owner: ShortText | None = None
 
     def fields_set(self) -> dict[str, Any]:
         """The fields the event actually carried (absent ones leave the profile as it is)."""
@@ -125,28 +163,28 @@ class CustomerEvent(_Payload):
 
 
 class SubscriptionCancelled(CustomerEvent):
-    reason: str | None = Field(default=None, max_length=200)
-    comment: str | None = Field(default=None, max_length=5000)
-    feature: str | None = Field(default=None, max_length=200)
-    competitor: str | None = Field(default=None, max_length=200)
-    mrr_minor: int | None = Field(default=None, ge=0)
+    reason: ShortText | None = None
+    comment: Comment | None = None
+    feature: ShortText | None = None
+    competitor: ShortText | None = None
+    mrr_minor: Minor | None = None
     currency: Currency = None
 
 
 class SubscriptionReactivated(CustomerEvent):
-    plan: str | None = Field(default=None, max_length=200)
-    mrr_minor: int | None = Field(default=None, ge=0)
+    plan: ShortText | None = None
+    mrr_minor: Minor | None = None
     currency: Currency = None
 
 
 class TrialExpired(CustomerEvent):
-    reason: str | None = Field(default=None, max_length=200)
-    comment: str | None = Field(default=None, max_length=5000)
-    feature: str | None = Field(default=None, max_length=200)
+    reason: ShortText | None = None
+    comment: Comment | None = None
+    feature: ShortText | None = None
 
 
 class UserInactive(CustomerEvent):
-    days_inactive: int | None = Field(default=None, ge=0)
+    days_inactive: int | None = Field(default=None, ge=0, le=MAX_DAYS)
     usage_drop_percent: float | None = Field(default=None, ge=0, le=100)
 
 
@@ -155,20 +193,21 @@ class UserActive(CustomerEvent):
 
 
 class LeadLost(CustomerEvent):
-    reason: str | None = Field(default=None, max_length=200)
-    comment: str | None = Field(default=None, max_length=5000)
-    competitor: str | None = Field(default=None, max_length=200)
-    feature: str | None = Field(default=None, max_length=200)
+    reason: ShortText | None = None
+    comment: Comment | None = None
+    competitor: ShortText | None = None
+    feature: ShortText | None = None
 
 
 class FeatureReleased(_Payload):
     feature: Id
-    name: str | None = Field(default=None, max_length=200)
-    description: str | None = Field(default=None, max_length=2000)
+    name: ShortText | None = None
+    description: Description | None = None
 
 
 class ConsentWithdrawn(CustomerEvent):
-    channel: Channel | Literal["all"] = "all"
+    # one Literal (not a union of two): an error names the field, not a union member
+    channel: Literal["email", "sms", "crm", "webhook", "all"] = "all"
 
 
 class CustomerUpdated(CustomerEvent):
@@ -220,6 +259,6 @@ def decode(event: CloudEvent, prefix: str, now: datetime, max_future_skew_s: int
         payload = PAYLOADS[name].model_validate(event.data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = "data." + ".".join(str(p) for p in first["loc"])
+        field = ".".join(["data", *(str(p) for p in first["loc"])])
         raise InvalidEvent("invalid_payload", first["msg"], field) from None
     return Inbound(name=name, payload=payload, occurred_at=occurred_at)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -10,8 +12,10 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.ingest.bootstrap import bootstrap
+from shared.cloudevents import CloudEvent
 from shared.db.engine import make_engine
 from shared.db.tables import churn_episodes, customers
+from shared.messaging.pipeline import Incoming, Tx
 from shared.settings import DEV_SECRET, Settings
 from tests.support.http import serve
 from tests.support.kafka import cloudevent
@@ -24,6 +28,13 @@ def cancel(customer: str, **extra: Any) -> dict[str, Any]:
     return cloudevent(
         "subscription.cancelled", {"customer_id": customer, "reason": "budget", **extra}
     )
+
+
+def nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
 
 
 async def episodes(engine: AsyncEngine) -> int:
@@ -102,10 +113,65 @@ async def test_a_batch_and_the_binary_mode_are_accepted(
             "invalid-payload",
         ),
         (
-            cloudevent("subscription.cancelled", {"customer_id": "c"}, time="2999-01-01T00:00:00Z"),
+            cloudevent(
+                "subscription.cancelled",
+                {"customer_id": "c"},
+                time=datetime.now(UTC) + timedelta(days=2),
+            ),
             "time",
             "future-time",
         ),
+        # out of range, limits, NUL: each a 422 naming the field, never a 500
+        (
+            cloudevent(
+                "subscription.cancelled", {"customer_id": "c"}, time="0001-01-01T00:00:00+01:00"
+            ),
+            "time",
+            "invalid-attribute",
+        ),
+        (
+            cloudevent(
+                "subscription.cancelled", {"customer_id": "c"}, time="9999-12-31T23:59:59-01:00"
+            ),
+            "time",
+            "invalid-attribute",
+        ),
+        (
+            cloudevent("subscription.cancelled", {"customer_id": "c"}, time="2999-01-01T00:00:00Z"),
+            "time",
+            "invalid-attribute",
+        ),
+        (cancel("c") | {"id": "evt\u0000x"}, "id", "invalid-attribute"),
+        (
+            cloudevent("subscription.cancelled", {"customer_id": "c\u0000"}),
+            "data.customer_id",
+            "invalid-payload",
+        ),
+        (
+            [
+                cancel("ok"),
+                cloudevent(
+                    "subscription.cancelled",
+                    {
+                        "customer_id": "c",
+                        "customer": {"customer_since": "0001-01-01T00:00:00+01:00"},
+                    },
+                ),
+            ],
+            "[1].data.customer.customer_since",
+            "invalid-payload",
+        ),
+        (cancel("c") | {"source": "/" + "s" * 100_000}, "source", "invalid-attribute"),
+        (cancel("c", mrr_minor=2**63), "data.mrr_minor", "invalid-payload"),
+        (
+            cloudevent(
+                "subscription.cancelled", {"customer_id": "c", "customer": {"mrr_minor": 10**30}}
+            ),
+            "data.customer.mrr_minor",
+            "invalid-payload",
+        ),
+        (cancel("c", comment="fine\u0000"), "data.comment", "invalid-payload"),
+        (cancel("c", extra=nested(40)), "body", "too-deep"),
     ],
 )
 async def test_bad_input_is_a_422_problem_naming_the_field_and_stores_nothing(
@@ -128,6 +194,43 @@ async def test_bad_input_is_a_422_problem_naming_the_field_and_stores_nothing(
     assert problem["errors"][0]["field"] == field
     assert field in problem["detail"]
     assert await episodes(engine) == 0
+
+
+class DecoderWithABug:
+    """Ingest's handler, except that decoding customer "bug" raises what no validator
+    expected — the stand-in for a bug meeting input nobody foresaw."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def decode(self, event: CloudEvent) -> Any:
+        if isinstance(event.data, dict) and event.data.get("customer_id") == "bug":
+            raise KeyError("not foreseen")
+        return self.inner.decode(event)
+
+    async def handle(self, tx: Tx, items: Sequence[Incoming[Any]]) -> None:
+        await self.inner.handle(tx, items)
+
+
+async def test_an_unexpected_exception_while_decoding_is_a_4xx_naming_the_event_not_a_500(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    service = bootstrap(settings, engine=engine)
+    service.pipeline.handler = DecoderWithABug(service.pipeline.handler)
+    async with (
+        serve(service.app, lifespan="off") as url,
+        httpx.AsyncClient(base_url=url, headers=AUTH) as http,
+    ):
+        response = await http.post("/v1/events", json=[cancel("fine"), cancel("bug")])
+        still_fine = await http.post("/v1/events", json=cancel("fine"))
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["type"] == "/problems/decode-error"
+    assert problem["errors"][0]["field"] == "[1]"
+    assert problem["errors"][0]["reason"].startswith("KeyError")
+    assert still_fine.status_code == 202
+    assert await episodes(engine) == 1
 
 
 async def test_the_api_needs_a_valid_bearer_token(settings: Settings, engine: AsyncEngine) -> None:
