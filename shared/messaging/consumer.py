@@ -50,12 +50,38 @@ class ConsumerRunner:
         return self.pipeline.consumer
 
     def decode(self, record: Record) -> Incoming[Any]:
-        if record.value is not None and len(record.value) > self.max_event_bytes:
+        if record.unreadable is not None:
+            raise record.unreadable
+        size = len(record.value or b"") + sum(len(n) + len(v or b"") for n, v in record.headers)
+        if size > self.max_event_bytes:
             raise InvalidEvent(
-                "oversize", f"{len(record.value)} bytes is over the {self.max_event_bytes} limit"
+                "oversize",
+                f"{size} bytes (value and headers) is over the {self.max_event_bytes} limit",
             )
         event = from_kafka(record.value, record.headers)
         return self.pipeline.decode_payload(event, record.key, record)
+
+    def _decode_or_dead_letter(self, record: Record) -> Incoming[Any] | DeadLetter:
+        """Decoding never stops the consumer: ``InvalidEvent`` keeps its code and field; any
+        other exception (a bug meeting input it did not expect) is a ``decode_error`` naming
+        the exception type. Either way the record goes to the dead-letter topic."""
+        try:
+            return self._decode(record)
+        except InvalidEvent as exc:
+            error = exc
+        except Exception as exc:
+            error = InvalidEvent("decode_error", f"{type(exc).__name__}: {exc}")
+        log.warning(
+            "dead-lettering a record",
+            extra={
+                "code": error.code,
+                "field": error.field,
+                "topic": record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
+            },
+        )
+        return DeadLetter(record, error, self.name)
 
     async def run(self) -> None:
         await self.subscription.start(on_revoke=self._on_revoke)
@@ -95,20 +121,11 @@ class ConsumerRunner:
         items: list[Incoming[Any]] = []
         dead: list[DeadLetter] = []
         for record in records:
-            try:
-                items.append(self._decode(record))
-            except InvalidEvent as exc:
-                log.warning(
-                    "dead-lettering a record",
-                    extra={
-                        "code": exc.code,
-                        "field": exc.field,
-                        "topic": record.topic,
-                        "partition": record.partition,
-                        "offset": record.offset,
-                    },
-                )
-                dead.append(DeadLetter(record, exc, self.name))
+            decoded = self._decode_or_dead_letter(record)
+            if isinstance(decoded, DeadLetter):
+                dead.append(decoded)
+            else:
+                items.append(decoded)
         await self.pipeline.transact_reliably(items, dead, self._stopping)
         positions: dict[TopicPartition, int] = {}
         for record in records:

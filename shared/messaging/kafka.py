@@ -1,4 +1,5 @@
-"""The Kafka transport, on aiokafka. The only module that imports aiokafka."""
+"""The Kafka transport, on aiokafka. The only module that imports aiokafka (with
+``kafka_raw``, which reads a record batch aiokafka cannot parse)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from aiokafka.errors import (
     IllegalStateError,
     InvalidTimestampError,
     InvalidTopicError,
+    KafkaError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
     RecordTooLargeError,
@@ -22,6 +24,8 @@ from aiokafka.errors import (
 from aiokafka.structs import OffsetAndMetadata
 from aiokafka.structs import TopicPartition as KafkaTP
 
+from shared.errors import InvalidEvent
+from shared.messaging.kafka_raw import RawRecord, read_around
 from shared.messaging.transport import (
     DEFAULT_MAX_RECORD_BYTES,
     PUBLISHED,
@@ -46,6 +50,8 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         if tps and self.owner.on_revoke is not None:
             await self.owner.on_revoke(tps)
         self.owner.revoked |= tps
+        for tp in tps:
+            self.owner.next_offsets.pop(tp, None)
 
     async def on_partitions_assigned(self, assigned: Sequence[KafkaTP]) -> None:
         self.owner.revoked -= {(tp.topic, tp.partition) for tp in assigned}
@@ -64,7 +70,11 @@ class KafkaSubscription:
         self.group = group
         self.on_revoke: RevokeHook | None = None
         self.revoked: set[TopicPartition] = set()
+        self.next_offsets: dict[TopicPartition, int] = {}
+        """Per partition, the offset after the last record ``poll`` returned."""
         self._consumer: AIOKafkaConsumer | None = None
+        self._bootstrap = bootstrap
+        self._client_id = f"{client_id}-{group}"
         self._options = dict(
             bootstrap_servers=bootstrap,
             group_id=group,
@@ -96,7 +106,14 @@ class KafkaSubscription:
         self._consumer.subscribe(self.topics, listener=_Listener(self))
 
     async def poll(self, max_records: int, timeout_ms: int) -> list[Record]:
-        batches = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        try:
+            batches = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        except KafkaError:
+            raise
+        except Exception as exc:
+            # aiokafka failed to parse a fetched record (a header name that is not UTF-8):
+            # it would fail the same way on every retry, in every member of the group
+            return await self._read_around_unparsable(exc)
         out: list[Record] = []
         for tp, messages in batches.items():
             for m in messages:
@@ -111,6 +128,41 @@ class KafkaSubscription:
                         timestamp_ms=m.timestamp,
                     )
                 )
+        for r in out:
+            self.next_offsets[r.tp] = r.offset + 1
+        return out
+
+    async def _read_around_unparsable(self, error: Exception) -> list[Record]:
+        """Put every partition back where ``poll`` left it (the failed fetch may have moved
+        some past records it never returned), then read the batch aiokafka cannot parse
+        ourselves (``kafka_raw``): its records are returned — the unparsable ones marked
+        ``unreadable``, to be dead-lettered — and the partition moves past the batch."""
+        log.warning(
+            "the Kafka client cannot parse a fetched record; reading its batch directly",
+            extra={"error": f"{type(error).__name__}: {error}"[:300]},
+        )
+        consumer = self.consumer
+        out: list[Record] = []
+        for topic, partition in sorted(self.assignment()):
+            tp = KafkaTP(topic, partition)
+            start = self.next_offsets.get((topic, partition))
+            if start is None:
+                committed = await consumer.committed(tp)
+                start = (
+                    committed
+                    if committed is not None
+                    else (await consumer.beginning_offsets([tp]))[tp]
+                )
+            consumer.seek(tp, start)
+            found = await read_around(self._bootstrap, self._client_id, topic, partition, start)
+            if found is None:
+                continue
+            raw_records, after = found
+            out += [_from_raw(topic, partition, r) for r in raw_records]
+            consumer.seek(tp, after)
+            self.next_offsets[(topic, partition)] = after
+        if not out:
+            raise error  # not a record we could find: fail as before
         return out
 
     async def commit(self, positions: Mapping[TopicPartition, int]) -> None:
@@ -168,6 +220,42 @@ def outcome_of(exc: BaseException) -> Outcome:
     if isinstance(exc, InvalidTimestampError | UnicodeEncodeError):
         return Outcome.refused("invalid_record", detail)
     return Outcome.failed(type(exc).__name__, detail[:500])
+
+
+def _from_raw(topic: str, partition: int, raw: RawRecord) -> Record:
+    if raw.corrupt:
+        return Record(
+            topic,
+            partition,
+            raw.offset,
+            None,
+            None,
+            (),
+            unreadable=InvalidEvent(
+                "unreadable_record", "the record's bytes cannot be parsed (record batch v2)"
+            ),
+        )
+    headers: list[tuple[str, bytes]] = []
+    error: InvalidEvent | None = None
+    for name, value in raw.headers:
+        try:
+            text = name.decode("utf-8")
+        except UnicodeDecodeError:
+            text = name.decode("utf-8", "backslashreplace")
+            error = error or InvalidEvent(
+                "invalid_header", f"header name {name[:40]!r} is not UTF-8", "headers"
+            )
+        headers.append((text, value if value is not None else b""))
+    return Record(
+        topic,
+        partition,
+        raw.offset,
+        raw.key,
+        raw.value,
+        tuple(headers),
+        raw.timestamp_ms,
+        unreadable=error,
+    )
 
 
 class KafkaPublisher:

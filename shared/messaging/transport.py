@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from shared.errors import WinbackError
+from shared.errors import InvalidEvent, WinbackError
 
 TopicPartition = tuple[str, int]
 RevokeHook = Callable[[set[TopicPartition]], Awaitable[None]]
@@ -26,6 +26,9 @@ class Record:
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...]
     timestamp_ms: int | None = None
+    unreadable: InvalidEvent | None = None
+    """Set by a transport that could read the record only in part (a header name that is not
+    UTF-8: its ``headers`` then hold the name escaped); decoding dead-letters it with this."""
 
     @property
     def tp(self) -> TopicPartition:
