@@ -22,8 +22,11 @@ from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from pydantic import BaseModel
+from starlette.requests import HTTPConnection
 
 from services.dispatcher import metrics, store
 from services.dispatcher.model import (
@@ -68,6 +71,96 @@ KIND_TYPES: Final = {
 IGNORED: Final = "ignored"
 TWILIO_IDEMPOTENCY_HEADER: Final = "I-Twilio-Idempotency-Token"
 MAX_WEBHOOK_BYTES: Final = 5 * 1024 * 1024
+
+
+class Received(BaseModel):
+    received: int
+    duplicates: int
+    ignored: int
+
+
+# -- what each provider sends, for the OpenAPI document (the routes read the raw body: the
+# signature is over its bytes). Fields we read are named; providers send more, all allowed.
+_TEXT: Final = {"type": "string"}
+_SENDGRID_BODY: Final = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["event"],
+        "properties": {
+            "event": {**_TEXT, "examples": ["delivered", "open", "bounce", "spamreport"]},
+            "email": _TEXT,
+            "timestamp": {"type": "integer", "description": "Unix seconds"},
+            "sg_event_id": _TEXT,
+            "sg_message_id": _TEXT,
+            "type": {**_TEXT, "description": "bounce type: bounce or blocked"},
+            "status": _TEXT,
+            "reason": _TEXT,
+            "idempotency_key": {**_TEXT, "description": "our custom arg"},
+        },
+    },
+}
+_POSTMARK_BODY: Final = {
+    "type": "object",
+    "required": ["RecordType"],
+    "properties": {
+        "RecordType": {
+            **_TEXT,
+            "examples": ["Delivery", "Bounce", "SpamComplaint", "Open", "Click"],
+        },
+        "ID": {"type": ["integer", "string"]},
+        "MessageID": _TEXT,
+        "Recipient": _TEXT,
+        "Email": _TEXT,
+        "Type": _TEXT,
+        "Inactive": {"type": "boolean"},
+        "DeliveredAt": _TEXT,
+        "BouncedAt": _TEXT,
+        "ReceivedAt": _TEXT,
+        "ChangedAt": _TEXT,
+        "OriginalLink": _TEXT,
+        "SuppressSending": {"type": "boolean"},
+        "SuppressionReason": _TEXT,
+        "Metadata": {"type": "object", "description": "ours: idempotency_key"},
+    },
+}
+_TWILIO_BODY: Final = {
+    "type": "object",
+    "required": ["MessageSid", "MessageStatus"],
+    "properties": {
+        "MessageSid": {**_TEXT, "minLength": 1},
+        "MessageStatus": {**_TEXT, "minLength": 1},
+        **{name: _TEXT for name in ("ErrorCode", "To", "From", "AccountSid")},
+    },
+    "additionalProperties": _TEXT,
+}
+
+
+class _DocumentedBasic(HTTPBasic):
+    """Declares HTTP Basic in the OpenAPI document and checks nothing: the route checks the
+    credentials itself (a 401 counted as a signature failure, a 404 when unconfigured)."""
+
+    async def __call__(self, request: HTTPConnection) -> HTTPBasicCredentials | None:  # type: ignore[override]
+        return None
+
+
+def _header(name: str, description: str, required: bool = True) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": required,
+        "schema": _TEXT,
+        "description": description,
+    }
+
+
+def _body(media_type: str, schema: dict[str, Any], *headers: dict[str, Any]) -> dict[str, Any]:
+    extra: dict[str, Any] = {
+        "requestBody": {"required": True, "content": {media_type: {"schema": schema}}}
+    }
+    if headers:
+        extra["parameters"] = list(headers)
+    return extra
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,7 +550,18 @@ def router(pipeline: Pipeline, auth: WebhookAuth, clock: Clock) -> APIRouter:
             raise Problem(413, "Request too large", f"{len(body)} bytes")
         return body
 
-    @api.post("/sendgrid", responses=responses, summary="SendGrid signed event webhook")
+    @api.post(
+        "/sendgrid",
+        response_model=Received,
+        responses={**responses, 413: {"description": "request too large (problem+json)"}},
+        summary="SendGrid signed event webhook",
+        openapi_extra=_body(
+            "application/json",
+            _SENDGRID_BODY,
+            _header(SENDGRID_SIGNATURE_HEADER, "base64 ECDSA signature of timestamp + body"),
+            _header(SENDGRID_TIMESTAMP_HEADER, "Unix seconds; a few minutes old at most"),
+        ),
+    )
     async def sendgrid(request: Request) -> JSONResponse:
         if auth.sendgrid is None:
             raise not_configured("sendgrid")
@@ -476,7 +580,15 @@ def router(pipeline: Pipeline, auth: WebhookAuth, clock: Clock) -> APIRouter:
             raise Problem(400, "Not a SendGrid event batch", str(exc)) from None
         return await accept("sendgrid", events)
 
-    @api.post("/postmark", responses=responses, summary="Postmark webhook (HTTP Basic)")
+    @api.post(
+        "/postmark",
+        response_model=Received,
+        responses={**responses, 413: {"description": "request too large (problem+json)"}},
+        summary="Postmark webhook (HTTP Basic)",
+        # documents the credentials; the route checks them itself (401, or 404 unconfigured)
+        dependencies=[Depends(_DocumentedBasic(scheme_name="PostmarkBasic"))],
+        openapi_extra=_body("application/json", _POSTMARK_BODY),
+    )
     async def postmark(request: Request) -> JSONResponse:
         if auth.postmark is None:
             raise not_configured("postmark")
@@ -493,7 +605,18 @@ def router(pipeline: Pipeline, auth: WebhookAuth, clock: Clock) -> APIRouter:
             raise Problem(400, "Not a Postmark webhook", str(exc)) from None
         return await accept("postmark", events)
 
-    @api.post("/twilio", responses=responses, summary="Twilio status callback")
+    @api.post(
+        "/twilio",
+        response_model=Received,
+        responses={**responses, 413: {"description": "request too large (problem+json)"}},
+        summary="Twilio status callback",
+        openapi_extra=_body(
+            "application/x-www-form-urlencoded",
+            _TWILIO_BODY,
+            _header(TWILIO_SIGNATURE_HEADER, "HMAC-SHA1 of our public URL and the form"),
+            _header(TWILIO_IDEMPOTENCY_HEADER, "Twilio's retry token", required=False),
+        ),
+    )
     async def twilio(request: Request) -> JSONResponse:
         if auth.twilio is None:
             raise not_configured("twilio")

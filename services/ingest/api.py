@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from services.ingest.openapi import request_body
 from shared import metrics
 from shared.cloudevents import from_json_dict, loads
 from shared.errors import InvalidEvent
@@ -39,7 +40,13 @@ def _binary_event(request: Request, body: bytes) -> dict[str, Any]:
     return attrs
 
 
-def router(pipeline: Pipeline, auth: Any, max_bytes: int, batch_limit: int) -> APIRouter:
+def router(
+    pipeline: Pipeline,
+    auth: Any,
+    max_bytes: int,
+    batch_limit: int,
+    type_prefix: str = "com.example",
+) -> APIRouter:
     api = APIRouter(prefix="/v1", tags=["events"], dependencies=[Depends(auth)])
 
     @api.post(
@@ -53,18 +60,7 @@ def router(pipeline: Pipeline, auth: Any, max_bytes: int, batch_limit: int) -> A
             413: {"description": "request too large (problem+json)"},
             422: {"description": "an event is not valid; the field is named (problem+json)"},
         },
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/cloudevents+json": {"schema": {"type": "object"}},
-                    "application/cloudevents-batch+json": {
-                        "schema": {"type": "array", "items": {"type": "object"}}
-                    },
-                    "application/json": {"schema": {}},
-                },
-            }
-        },
+        openapi_extra=request_body(type_prefix, batch_limit),
     )
     async def post_events(request: Request) -> JSONResponse:
         body = await request.body()

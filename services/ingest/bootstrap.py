@@ -81,6 +81,7 @@ def bootstrap(
                 bearer_auth(settings.http.api_keys),
                 settings.ingest.max_event_bytes,
                 settings.ingest.http_batch_limit,
+                type_prefix=settings.ingest.event_type_prefix,
             )
         ],
         lifespan=core.runtime.lifespan,

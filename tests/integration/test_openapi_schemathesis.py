@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
+import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,15 +24,23 @@ import httpx
 import pytest
 import schemathesis
 import uvicorn
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 from schemathesis.config import SchemathesisConfig
 
 from services.dispatcher import bootstrap as dispatcher
+from services.dispatcher.signatures import (
+    SENDGRID_SIGNATURE_HEADER,
+    SENDGRID_TIMESTAMP_HEADER,
+    TWILIO_SIGNATURE_HEADER,
+    UnsubscribeTokens,
+    twilio_signature,
+)
 from services.ingest import bootstrap as ingest
 from services.scheduler import bootstrap as scheduler
-from shared.settings import DEV_SECRET, Settings, load_settings
+from shared.clock import SystemClock
+from shared.settings import DEV_SECRET, DEV_UNSUBSCRIBE_KEY, Settings, load_settings
 from tests.support.http import free_port
 
 pytestmark = pytest.mark.integration
@@ -166,6 +177,17 @@ SEMANTIC_422 = [
     ("GET", "/v1/reports/messages"),
     ("POST", "/v1/playbooks/{name}/migrations"),
 ]
+# Operations that read their input leniently on purpose, so a request outside the schema can
+# be accepted: provider webhooks (a field of an unexpected type is ignored, never a reason to
+# lose the provider's event), the RFC 8058 one-click POST (200 whatever the body), and the
+# event payloads (pydantic's lax mode: "5" for 5, a Unix time for a date-time).
+LENIENT = [
+    "POST /v1/events",
+    "POST /v1/webhooks/sendgrid",
+    "POST /v1/webhooks/postmark",
+    "POST /v1/webhooks/twilio",
+    "POST /u/{token}",
+]
 CONFIG = SchemathesisConfig.from_dict(
     {
         "seed": SEED,
@@ -185,12 +207,12 @@ CONFIG = SchemathesisConfig.from_dict(
             }
         },
         "operations": [
+            *(
+                {"include-name": name, "checks": {"negative_data_rejection": {"enabled": False}}}
+                for name in LENIENT
+            ),
             {
-                # the event payload models coerce leniently ("5" for 5, a Unix time for a
-                # date-time), so a schema-violating payload can be accepted; see the report
-                "include-method": "POST",
-                "include-path": "/v1/events",
-                "checks": {"negative_data_rejection": {"enabled": False}},
+                "include-name": "POST /v1/events",
                 # its coverage phase alone is some 9,000 requests (every boundary of every
                 # attribute of ten event types in three content types): fuzz it instead
                 "phases": {"coverage": {"enabled": False}},
@@ -198,8 +220,8 @@ CONFIG = SchemathesisConfig.from_dict(
             },
             *(
                 {
-                    "include-method": method,
-                    "include-path": path,
+                    # by name: include-method and include-path together match either
+                    "include-name": f"{method} {path}",
                     "checks": {
                         "positive_data_acceptance": {
                             "expected-statuses": ["2xx", 401, 403, 404, 409, 422]
@@ -214,7 +236,25 @@ CONFIG = SchemathesisConfig.from_dict(
 )
 ingest_api = schemathesis.openapi.from_dict(DOCUMENTS["ingest"], config=CONFIG)
 scheduler_api = schemathesis.openapi.from_dict(DOCUMENTS["scheduler"], config=CONFIG)
-dispatcher_api = schemathesis.openapi.from_dict(DOCUMENTS["dispatcher"], config=CONFIG)
+# a real unsubscribe link (the dispatcher's development key) as the token's example, so the
+# page and the unsubscribe itself are exercised, not only the refusal of a forged token
+TOKEN = UnsubscribeTokens([DEV_UNSUBSCRIBE_KEY.encode()], SystemClock()).issue(
+    "schemathesis-customer", "email"
+)
+
+
+def _with_token_example(document: dict[str, Any]) -> dict[str, Any]:
+    document = copy.deepcopy(document)
+    for operation in document["paths"]["/u/{token}"].values():
+        for parameter in operation.get("parameters", []):
+            if parameter["name"] == "token":
+                parameter["example"] = TOKEN
+    return document
+
+
+dispatcher_api = schemathesis.openapi.from_dict(
+    _with_token_example(DOCUMENTS["dispatcher"]), config=CONFIG
+)
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +276,37 @@ def test_scheduler_conforms_to_its_openapi(case: schemathesis.Case[Any], stack: 
     case.call_and_validate(base_url=stack.urls["scheduler"], headers=BEARER)
 
 
+def _signed(case: schemathesis.Case[Any]) -> dict[str, Any]:
+    """Sign a webhook request as its provider would, so the payload parsing and the pipeline
+    behind the signature check are what gets exercised (the refusals are tested elsewhere).
+    Returns the extra keyword arguments for the call."""
+    path = case.operation.path
+    if path == "/v1/webhooks/postmark":
+        basic = base64.b64encode(":".join(POSTMARK).encode()).decode()
+        return {"headers": {"Authorization": f"Basic {basic}"}}
+    if path == "/v1/webhooks/sendgrid":
+        try:
+            body = json.dumps(case.body, allow_nan=False).encode()
+        except (TypeError, ValueError):
+            return {}
+        timestamp = str(int(time.time()))
+        signature = SENDGRID_KEY.sign(timestamp.encode() + body, ec.ECDSA(hashes.SHA256()))
+        return {
+            "data": body,
+            "headers": {
+                SENDGRID_SIGNATURE_HEADER: base64.b64encode(signature).decode(),
+                SENDGRID_TIMESTAMP_HEADER: timestamp,
+            },
+        }
+    if path == "/v1/webhooks/twilio" and isinstance(case.body, dict):
+        pairs = [(k, v) for k, v in case.body.items() if isinstance(v, str)]
+        if len(pairs) == len(case.body):
+            url = "http://127.0.0.1:8083" + path  # the dispatcher's public_base_url
+            signed = twilio_signature(TWILIO_TOKEN, url, pairs)
+            return {"headers": {TWILIO_SIGNATURE_HEADER: signed}}
+    return {}
+
+
 @dispatcher_api.parametrize()
 def test_dispatcher_conforms_to_its_openapi(case: schemathesis.Case[Any], stack: Stack) -> None:
-    case.call_and_validate(base_url=stack.urls["dispatcher"])
+    case.call_and_validate(base_url=stack.urls["dispatcher"], **_signed(case))
