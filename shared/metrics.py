@@ -48,3 +48,20 @@ RETENTION_PRUNED = Counter(
     "Rows deleted by the retention job, by table (inbox, outbox)",
     ["table"],
 )
+RETRIES = Counter(
+    "winback_retries_total",
+    "Attempts retried after a failure worth retrying (shared.retry), by operation",
+    ["operation"],
+)
+UNIT_OF_WORK_SECONDS = Histogram(
+    "winback_unit_of_work_seconds",
+    "Time from begin to commit (or rollback) of one unit of work, by unit",
+    ["unit"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+UNITS_OF_WORK = Counter(
+    "winback_units_of_work_total",
+    "Units of work ended, by unit and outcome: committed, rolled_back (an exception), "
+    "transient (rolled back by a failure worth retrying)",
+    ["unit", "outcome"],
+)

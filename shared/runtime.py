@@ -1,5 +1,7 @@
 """A service's moving parts, started and stopped together: consumers, the outbox relay and
-the periodic gauges. Each part runs supervised: a crash is logged and the part restarts."""
+the periodic gauges. Each part runs supervised: a crash is logged (through the log throttle,
+with its traceback) and the part restarts by the ``RESTART`` retry policy (0.5 s, windows
+doubling to 30 s, full jitter) until the runtime stops."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from shared.clock import Clock
 from shared.messaging.consumer import ConsumerRunner
 from shared.messaging.outbox import OutboxRelay
 from shared.messaging.transport import Publisher, Transport
+from shared.retry import RESTART, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,8 @@ class Runtime:
     replication: int = 1
     gauge_seconds: float = 5.0
     relay_enabled: bool = True
+    restart: RetryPolicy = RESTART
+    """How a crashed part is restarted (tests pass a quicker one)."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -95,17 +100,14 @@ class Runtime:
         await asyncio.wait_for(asyncio.gather(*(c.started.wait() for c in self.consumers)), timeout)
 
     async def _supervise(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
-        delay = 0.5
-        while not self._stopping.is_set():
-            try:
+        async def once() -> None:
+            if not self._stopping.is_set():
                 await run()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("part crashed; restarting", extra={"part": name})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30)
+
+        try:
+            await self.restart.call(once, f"service part {name}", log, self._stopping)
+        except Exception:
+            log.exception("service part crashed while stopping", extra={"part": name})
 
     async def _gauges(self) -> None:
         await self.relay.report_backlog()

@@ -15,9 +15,13 @@ No single row can block the rest. Each pass learns the outcome of every row
   published as they are and never pruned: an operator looks at them
   (``SELECT id, topic, parked_at, park_reason FROM outbox WHERE parked_at IS NOT NULL``);
 - failed for now (broker unreachable, leader moving, topic missing) → left as it is, and the
-  pass is retried with backoff; the rows of that topic after it wait too, so per-key order
-  holds.
-Rows over the broker's limits are mostly parked when written (``write_outbox``).
+  pass is retried with backoff (``RELAY_RETRY``, the log line throttled); the rows of that
+  topic after it wait too, so per-key order holds.
+Rows over the broker's limits are mostly parked when written (``uow.write_outbox``).
+
+Rows are stamped by the injected clock (``created_at`` by the unit of work that wrote them,
+``published_at``/``parked_at`` here), so the backlog's age (``winback_outbox_oldest_age_seconds``)
+is the clock's now minus the oldest ``created_at``: one clock on both sides.
 """
 
 from __future__ import annotations
@@ -27,18 +31,24 @@ import base64
 import contextlib
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import metrics
 from shared.clock import Clock
+from shared.errors import TransientError
 from shared.messaging.transport import OutgoingRecord, Publisher
+from shared.retry import TRANSIENT, RetryPolicy, any_exception
 
 log = logging.getLogger(__name__)
 
 RELAY_LOCK = 0x57494E42  # "WINB"
+
+RELAY_RETRY = replace(TRANSIENT, retry_on=any_exception)
+"""A pass that failed (rows not published for now, or an error) is retried after 0.1 s, then
+windows doubling to 5 s, until it succeeds or the relay stops: the relay never gives up."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,17 @@ class RelayPass:
         return self.published + self.parked
 
 
+class RowsNotPublished(TransientError):
+    """A pass left rows unpublished for now: the relay retries it."""
+
+    def __init__(self, done: RelayPass, errors: dict[str, int], first: str) -> None:
+        super().__init__(
+            f"{done.failed} rows not published ({done.published} published, "
+            f"{done.parked} parked), errors {errors}: {first}"
+        )
+        self.done = done
+
+
 class OutboxRelay:
     def __init__(
         self,
@@ -62,23 +83,29 @@ class OutboxRelay:
         clock: Clock,
         batch_size: int = 1000,
         idle_poll_seconds: float = 0.05,
+        retry: RetryPolicy = RELAY_RETRY,
     ) -> None:
         self.engine = engine
         self.publisher = publisher
         self.clock = clock
         self.batch_size = batch_size
         self.idle_poll_seconds = idle_poll_seconds
+        self.retry = retry
         self._stopping = asyncio.Event()
 
     async def publish_once(self) -> RelayPass:
         """Publish one batch and mark each row published or parked; nothing if idle or not
         the leader."""
+        done, _ = await self._publish_batch()
+        return done
+
+    async def _publish_batch(self) -> tuple[RelayPass, RowsNotPublished | None]:
         async with self.engine.begin() as conn:
             leader = await conn.scalar(
                 text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": RELAY_LOCK}
             )
             if not leader:
-                return RelayPass()
+                return RelayPass(), None
             rows = (
                 await conn.execute(
                     text(
@@ -90,7 +117,7 @@ class OutboxRelay:
                 )
             ).all()
             if not rows:
-                return RelayPass()
+                return RelayPass(), None
             outcomes = await self.publisher.publish_each(
                 [
                     OutgoingRecord(
@@ -132,17 +159,11 @@ class OutboxRelay:
                 "outbox row parked: the broker refuses it for good",
                 extra={"outbox_id": r.id, "topic": r.topic[:249], "reason": o.reason[:1000]},
             )
-        if failed:
-            log.warning(
-                "outbox rows not published; retrying",
-                extra={
-                    "failed": len(failed),
-                    "published": len(published),
-                    "errors": dict(Counter(o.code for o in failed)),
-                    "error": failed[0].reason[:500],
-                },
-            )
-        return RelayPass(len(published), len(parked), len(failed))
+        done = RelayPass(len(published), len(parked), len(failed))
+        if not failed:
+            return done, None
+        errors = dict(Counter(o.code for o in failed))
+        return done, RowsNotPublished(done, errors, failed[0].reason[:500])
 
     async def report_backlog(self) -> None:
         async with self.engine.connect() as conn:
@@ -162,27 +183,32 @@ class OutboxRelay:
         age = (self.clock.now() - row.oldest).total_seconds() if row.oldest else 0.0
         metrics.OUTBOX_OLDEST_AGE.set(max(0.0, age))
 
+    async def _pass(self) -> RelayPass:
+        """One pass; raises ``RowsNotPublished`` (after committing what it did) when rows
+        failed for now, so that the retry policy backs off."""
+        done, failure = await self._publish_batch()
+        if failure is not None:
+            raise failure
+        return done
+
     async def run(self) -> None:
         await self.publisher.start()
-        delay = self.idle_poll_seconds
         reported_at = 0.0
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             try:
-                done = await self.publish_once()
+                done = await self.retry.call(self._pass, "outbox relay pass", log, self._stopping)
             except Exception:
-                log.exception("outbox relay failed; retrying")
-                done = RelayPass(failed=1)
-            delay = min(max(delay * 2, 0.1), 5.0) if done.failed else self.idle_poll_seconds
+                return  # stopping: the failure was logged while it was retried
             if loop.time() - reported_at > 60:
                 reported_at = loop.time()
                 try:
                     await self.report_backlog()
                 except Exception:
                     log.exception("outbox housekeeping failed")
-            if done.failed or done.settled < self.batch_size:
+            if done.settled < self.batch_size:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+                    await asyncio.wait_for(self._stopping.wait(), timeout=self.idle_poll_seconds)
 
     def stop(self) -> None:
         self._stopping.set()

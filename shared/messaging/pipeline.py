@@ -1,35 +1,34 @@
 """The one consume → transact → emit unit shared by every service.
 
-For a batch of decoded events, in ONE database transaction:
+For a batch of decoded events, in ONE unit of work (``shared.messaging.uow``: one
+transaction, the outbox written and metrics recorded on exit):
   1. record each event's (source, id) in the inbox: a redelivered event has no second effect;
   2. let the handler apply the state change for the events that are new;
   3. write everything the handler emits, and every dead letter, to the outbox.
 The caller (a Kafka consumer, or an HTTP route) commits its offsets only after this returns.
+Transient failures are retried by a ``shared.retry.RetryPolicy``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import functools
 import hashlib
 import logging
 import time
-import uuid
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar
 
-import orjson
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared import metrics
 from shared.clock import Clock
-from shared.cloudevents import CORRELATION, CloudEvent, format_time
-from shared.errors import InvalidEvent, TransientError
+from shared.cloudevents import CloudEvent, format_time
+from shared.errors import InvalidEvent
 from shared.messaging.transport import (
     DEFAULT_MAX_RECORD_BYTES,
     OutgoingRecord,
@@ -37,6 +36,12 @@ from shared.messaging.transport import (
     header_size,
     record_problem,
 )
+from shared.messaging.uow import Tx as Tx
+from shared.messaging.uow import UnitOfWork
+from shared.messaging.uow import header_name as _header_name
+from shared.messaging.uow import write_outbox as _write_outbox
+from shared.retry import TRANSIENT, RetryPolicy
+from shared.retry import is_transient as is_transient
 
 log = logging.getLogger(__name__)
 
@@ -74,54 +79,6 @@ class DeadLetter:
     consumer: str = ""
 
 
-@dataclass
-class Tx:
-    """What a handler gets: the open connection, the time, and this transaction's outbox."""
-
-    conn: AsyncConnection
-    now: datetime
-    source: str
-    outgoing: list[OutgoingRecord] = field(default_factory=list)
-
-    def emit(
-        self,
-        topic: str,
-        key: str,
-        type: str,
-        data: Any,
-        cause: CloudEvent | None = None,
-        subject: str | None = None,
-    ) -> CloudEvent:
-        """Queue an event for the outbox, keyed so one customer's events stay in order.
-
-        Never raises over the broker's limits: ``write_outbox`` checks the record when it is
-        written and parks one a broker would refuse (a bug of ours), outside the business
-        decision."""
-        if cause is not None:
-            # Deterministic id: the same cause emits the same event, whichever path it took.
-            event_id = str(
-                uuid.uuid5(uuid.NAMESPACE_URL, f"{cause.source}|{cause.id}|{type}|{key}")
-            )
-            extensions = {CORRELATION: cause.correlation_id}
-        else:
-            event_id = str(uuid.uuid4())
-            extensions = {CORRELATION: event_id}
-        event = CloudEvent(
-            id=event_id,
-            source=self.source,
-            type=type,
-            time=self.now,
-            subject=subject,
-            data=data,
-            extensions=extensions,
-        )
-        value, headers = event.to_structured()
-        self.outgoing.append(
-            OutgoingRecord(topic=topic, key=key.encode(), value=value, headers=tuple(headers))
-        )
-        return event
-
-
 class Handler(Protocol[P_co]):
     """A service's event handling: pure decoding outside the transaction, state inside it."""
 
@@ -141,20 +98,6 @@ class BatchResult:
     dead_lettered: int
 
 
-def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, TransientError | ConnectionError | TimeoutError | OSError):
-        return True
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-        if code is None and exc.orig is not None and exc.orig.__cause__ is not None:
-            code = getattr(exc.orig.__cause__, "sqlstate", None)
-        # serialization failure, deadlock, connection exceptions, admin shutdown, too many conns
-        return bool(code) and (str(code).startswith(("40", "08", "57P", "53")))
-    return False
-
-
 class Pipeline:
     def __init__(
         self,
@@ -165,6 +108,7 @@ class Pipeline:
         dead_letter_topic: str,
         source: str,
         max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        retry: RetryPolicy = TRANSIENT,
     ) -> None:
         self.engine = engine
         self.consumer = consumer
@@ -173,6 +117,7 @@ class Pipeline:
         self.dead_letter_topic = dead_letter_topic
         self.source = source
         self.max_record_bytes = max_record_bytes
+        self.retry = retry
 
     # -- decoding (pure, outside the transaction) ------------------------------------------
     def decode_payload(
@@ -184,10 +129,14 @@ class Pipeline:
     async def transact(
         self, items: Sequence[Incoming[Any]], dead: Sequence[DeadLetter] = ()
     ) -> BatchResult:
+        """One unit of work: claim the new events in the inbox, handle them, queue the dead
+        letters; the outbox is written and the transaction committed by the unit."""
         started = time.perf_counter()
-        async with self.engine.begin() as conn:
-            tx = Tx(conn=conn, now=self.clock.now(), source=self.source)
-            fresh = await self._claim(conn, items)
+        unit = UnitOfWork(
+            self.engine, self.clock, self.source, self.max_record_bytes, name=self.consumer
+        )
+        async with unit as tx:
+            fresh = await self._claim(tx.conn, items, tx.now)
             if fresh:
                 await self.handler.handle(tx, fresh)
             for letter in dead:
@@ -196,7 +145,6 @@ class Pipeline:
                         self.dead_letter_topic, letter, tx.now, self.max_record_bytes
                     )
                 )
-            await write_outbox(conn, tx.outgoing, self.max_record_bytes)
         elapsed = time.perf_counter() - started
         metrics.BATCH_SECONDS.labels(self.consumer).observe(elapsed)
         for event_type, n in Counter(_short_type(i.event.type) for i in fresh).items():
@@ -216,31 +164,29 @@ class Pipeline:
     ) -> BatchResult:
         """``transact`` that retries transient failures and isolates a poison event.
 
-        A transient failure (database down, deadlock) retries the whole batch with backoff.
-        Any other failure is re-tried event by event; the one that still fails goes to the
-        dead-letter topic with the error, so it never stalls the partition.
+        A transient failure (database down, deadlock) retries the whole batch by the
+        pipeline's ``RetryPolicy`` until it succeeds or ``stopping`` is set (then it is
+        raised). Any other failure is re-tried event by event; the one that still fails goes
+        to the dead-letter topic with the error, so it never stalls the partition.
         """
-        delay = 0.1
-        while True:
-            try:
-                return await self.transact(items, dead)
-            except Exception as exc:
-                if is_transient(exc):
-                    if stopping is not None and stopping.is_set():
-                        raise
-                    log.warning(
-                        "transient failure; retrying batch",
-                        extra={"error": repr(exc), "consumer": self.consumer},
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-                    continue
-                if len(items) <= 1 and not dead and not any(i.record for i in items):
-                    raise
-                log.exception(
-                    "batch failed; isolating the failing event", extra={"consumer": self.consumer}
-                )
-                return await self._one_by_one(items, dead, stopping)
+        try:
+            return await self._reliably(functools.partial(self.transact, items, dead), stopping)
+        except Exception as exc:
+            if self.retry.retry_on(exc):
+                raise  # stopping: the batch is not committed, its offsets neither
+            if len(items) <= 1 and not dead and not any(i.record for i in items):
+                raise
+            log.exception(
+                "batch failed; isolating the failing event", extra={"consumer": self.consumer}
+            )
+            return await self._one_by_one(items, dead, stopping)
+
+    async def _reliably(
+        self, transact: Callable[[], Awaitable[BatchResult]], stopping: asyncio.Event | None
+    ) -> BatchResult:
+        return await self.retry.call(
+            transact, f"consumer {self.consumer} transaction", log, stopping
+        )
 
     async def _one_by_one(
         self,
@@ -252,7 +198,7 @@ class Pipeline:
         letters = list(dead)
         for item in items:
             try:
-                result = await self._retry_transient(lambda i=item: self.transact([i]), stopping)
+                result = await self._reliably(functools.partial(self.transact, [item]), stopping)
                 handled += result.handled
                 duplicates += result.duplicates
             except Exception as exc:
@@ -265,25 +211,14 @@ class Pipeline:
                         self.consumer,
                     )
                 )
-        result = await self._retry_transient(lambda: self.transact([], letters), stopping)
+        result = await self._reliably(functools.partial(self.transact, [], letters), stopping)
         return BatchResult(handled, duplicates, result.dead_lettered)
 
-    async def _retry_transient(self, fn: Any, stopping: asyncio.Event | None) -> BatchResult:
-        delay = 0.1
-        while True:
-            try:
-                result: BatchResult = await fn()
-                return result
-            except Exception as exc:
-                if not is_transient(exc) or (stopping is not None and stopping.is_set()):
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
     async def _claim(
-        self, conn: AsyncConnection, items: Sequence[Incoming[Any]]
+        self, conn: AsyncConnection, items: Sequence[Incoming[Any]], now: datetime
     ) -> list[Incoming[Any]]:
-        """Record (source, id) in the inbox; return the items seen for the first time."""
+        """Record (source, id) in the inbox, received ``now`` (the unit's time, from the
+        injected clock); return the items seen for the first time."""
         unique: dict[tuple[str, str], Incoming[Any]] = {}
         for item in items:
             unique.setdefault((item.event.source, item.event.id), item)
@@ -291,13 +226,15 @@ class Pipeline:
             return []
         rows = await conn.execute(
             text(
-                "INSERT INTO inbox (consumer, source, event_id) "
-                "SELECT :consumer, s, i FROM unnest(CAST(:sources AS text[]), "
+                "INSERT INTO inbox (consumer, source, event_id, received_at) "
+                "SELECT :consumer, s, i, CAST(:now AS timestamptz) "
+                "FROM unnest(CAST(:sources AS text[]), "
                 "CAST(:ids AS text[])) AS t(s, i) "
                 "ON CONFLICT DO NOTHING RETURNING source, event_id"
             ),
             {
                 "consumer": self.consumer,
+                "now": now,
                 "sources": [k[0] for k in unique],
                 "ids": [k[1] for k in unique],
             },
@@ -311,59 +248,16 @@ def _short_type(event_type: str) -> str:
     return ".".join(parts[-2:]) if len(parts) >= 2 else event_type
 
 
-_INSERT_OUTBOX = text(
-    "INSERT INTO outbox (topic, key, value, headers, parked_at, park_reason) "
-    "SELECT t, k, v, CAST(h AS jsonb), CASE WHEN p IS NULL THEN NULL ELSE now() END, p "
-    "FROM unnest(CAST(:topics AS text[]), CAST(:keys AS bytea[]), CAST(:values AS bytea[]), "
-    "CAST(:headers AS text[]), CAST(:parked AS text[])) "
-    "WITH ORDINALITY AS r(t, k, v, h, p, n) ORDER BY n"
-)
-
-
 async def write_outbox(
     conn: AsyncConnection,
     records: Sequence[OutgoingRecord],
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    *,
+    now: datetime | None = None,
 ) -> None:
-    """Append records to the outbox in one statement, keeping their order (ids ascend).
-
-    Each record is checked against what the broker takes (``record_problem``: its size as
-    Kafka counts it against ``max_record_bytes``, the topic name, header names). One that
-    fails is a bug in our own code: it is written **parked** (``parked_at``, ``park_reason``)
-    and logged, never published, and the transaction goes on — the business change it belongs
-    to is not undone. Dead letters are cut down beforehand (``dead_letter_record``)."""
-    if not records:
-        return
-    parked: list[str | None] = []
-    for r in records:
-        problem = record_problem(r, max_record_bytes)
-        parked.append(problem.reason if problem is not None else None)
-        if problem is not None:
-            log.error(
-                "outbox record parked when written: a broker would refuse it",
-                extra={"topic": r.topic[:249], "reason": problem.reason},
-            )
-            metrics.OUTBOX_PARKED.labels(r.topic[:249], problem.code).inc()
-    await conn.execute(
-        _INSERT_OUTBOX,
-        {
-            "topics": [r.topic for r in records],
-            "keys": [r.key for r in records],
-            "values": [r.value for r in records],
-            "headers": [
-                orjson.dumps(
-                    [[_header_name(n), base64.b64encode(v).decode()] for n, v in r.headers]
-                ).decode()
-                for r in records
-            ],
-            "parked": parked,
-        },
-    )
-
-
-def _header_name(name: str) -> str:
-    """A header name JSON can hold: one that is not UTF-8 (its record is parked) escaped."""
-    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+    """Transitional: for callers not yet on ``UnitOfWork`` (the dispatcher's sender); the
+    system clock stamps the rows when ``now`` is not given. Use the unit of work."""
+    await _write_outbox(conn, records, max_record_bytes, now=now or datetime.now(UTC))
 
 
 def dead_letter_record(

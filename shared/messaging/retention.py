@@ -4,9 +4,10 @@ in bounded batches by a periodic job every service runs (``Runtime.every``, wire
 
 - An inbox row is what makes a redelivered event a duplicate; once it is deleted, a redelivery
   of that event would be handled again. Rows go after ``keep_inbox`` (see
-  ``RetentionSettings``: longer than any record can be redelivered). ``received_at`` is
-  written by the database (``now()``), so the cutoff is the database's time as well, not the
-  injected clock (the demo's clock runs days per minute).
+  ``RetentionSettings``: longer than any record can be redelivered). ``received_at`` is the
+  time of the unit of work that claimed the event (the injected clock), so the cutoff is the
+  injected clock's too. (The demo's clock runs twelve hours a second: there an inbox row is
+  kept about half a minute of real time — far longer than a redelivery takes.)
 - An outbox row is needed only until it is published; ``published_at`` comes from the
   injected clock, so the cutoff does too.
 - A parked outbox row (``parked_at``: the broker refuses it for good, see
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 _PRUNE_INBOX = text(
     "DELETE FROM inbox WHERE ctid = ANY(ARRAY("
-    "SELECT ctid FROM inbox WHERE received_at < now() - CAST(:keep AS interval) "
+    "SELECT ctid FROM inbox WHERE received_at < :cutoff "
     "ORDER BY received_at LIMIT :n FOR UPDATE SKIP LOCKED))"
 )
 _PRUNE_OUTBOX = text(
@@ -52,9 +53,11 @@ async def _delete(conn: AsyncConnection, statement: TextClause, params: Mapping[
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-async def prune_inbox_batch(conn: AsyncConnection, keep: timedelta, batch_size: int) -> int:
+async def prune_inbox_batch(
+    conn: AsyncConnection, clock: Clock, keep: timedelta, batch_size: int
+) -> int:
     """Delete at most ``batch_size`` inbox rows received more than ``keep`` ago, oldest first."""
-    return await _delete(conn, _PRUNE_INBOX, {"keep": keep, "n": batch_size})
+    return await _delete(conn, _PRUNE_INBOX, {"cutoff": clock.now() - keep, "n": batch_size})
 
 
 async def prune_outbox_batch(
@@ -87,13 +90,17 @@ async def _prune(
 
 
 async def prune_inbox(
-    engine: AsyncEngine, keep: timedelta, batch_size: int, max_batches: int | None = None
+    engine: AsyncEngine,
+    clock: Clock,
+    keep: timedelta,
+    batch_size: int,
+    max_batches: int | None = None,
 ) -> int:
     """Delete the inbox rows older than ``keep`` in batches of at most ``batch_size``."""
     return await _prune(
         engine,
         "inbox",
-        lambda conn: prune_inbox_batch(conn, keep, batch_size),
+        lambda conn: prune_inbox_batch(conn, clock, keep, batch_size),
         batch_size,
         max_batches,
     )
@@ -131,7 +138,11 @@ class Retention:
     async def run_once(self) -> dict[str, int]:
         pruned = {
             "inbox": await prune_inbox(
-                self.engine, self.keep_inbox, self.batch_size, self.max_batches_per_run
+                self.engine,
+                self.clock,
+                self.keep_inbox,
+                self.batch_size,
+                self.max_batches_per_run,
             ),
             "outbox": await prune_outbox(
                 self.engine,

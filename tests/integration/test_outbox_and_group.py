@@ -16,8 +16,8 @@ from shared.clock import SystemClock
 from shared.db.tables import churn_episodes, outbox
 from shared.messaging.kafka import KafkaTransport
 from shared.messaging.outbox import OutboxRelay
-from shared.messaging.pipeline import write_outbox
 from shared.messaging.transport import OutgoingRecord
+from shared.messaging.uow import write_outbox
 from shared.settings import Settings
 from tests.support.kafka import cloudevent, produce, read_all, structured
 from tests.support.services import eventually, running
@@ -35,6 +35,7 @@ async def test_three_relays_publish_every_row_once_in_order_per_key(
         await write_outbox(
             conn,
             [OutgoingRecord(topic, f"k{i % 7}".encode(), f"{i}".encode()) for i in range(3000)],
+            now=SystemClock().now(),
         )
     relays = [
         OutboxRelay(

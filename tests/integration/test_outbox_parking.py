@@ -29,14 +29,16 @@ from shared.db.tables import outbox
 from shared.messaging.kafka import KafkaTransport
 from shared.messaging.memory import MemoryBus
 from shared.messaging.outbox import OutboxRelay, RelayPass
-from shared.messaging.pipeline import write_outbox
 from shared.messaging.retention import prune_outbox
 from shared.messaging.transport import OutgoingRecord, serialized_size
+from shared.messaging.uow import write_outbox
 from shared.settings import Settings
 from tests.support.kafka import cloudevent, event_of, header, produce, read_all, structured
 from tests.support.services import eventually, running
 
 pytestmark = pytest.mark.integration
+
+NOW = SystemClock().now()  # rows written here are stamped by the clock the relays run on
 
 
 async def rows(engine: AsyncEngine) -> list[Any]:
@@ -158,16 +160,16 @@ async def test_rows_the_broker_refuses_are_parked_and_the_rows_around_them_go_ou
         ("bad topic!", "invalid_topic"): parked_total("bad topic!", "invalid_topic"),
     }
     async with engine.begin() as conn:
-        await write_outbox(conn, [OutgoingRecord(topic, b"k", b"good-1")], limit)
+        await write_outbox(conn, [OutgoingRecord(topic, b"k", b"good-1")], limit, now=NOW)
         # the broker refuses it: over the topic's max.message.bytes
-        await write_outbox(conn, [OutgoingRecord(small, b"k", b"x" * 10_000)], limit)
+        await write_outbox(conn, [OutgoingRecord(small, b"k", b"x" * 10_000)], limit, now=NOW)
         # same topic and key, right after the refused one
-        await write_outbox(conn, [OutgoingRecord(small, b"k", b"small-ok")], limit)
+        await write_outbox(conn, [OutgoingRecord(small, b"k", b"small-ok")], limit, now=NOW)
         # over kafka.max_record_bytes: written past the write-time check (as a bug could)
-        await write_outbox(conn, [OutgoingRecord(topic, b"k", b"x" * limit)], 10 * limit)
+        await write_outbox(conn, [OutgoingRecord(topic, b"k", b"x" * limit)], 10 * limit, now=NOW)
         # a topic name Kafka does not allow, inserted directly
         await conn.execute(outbox.insert().values(topic="bad topic!", key=b"k", value=b"v"))
-        await write_outbox(conn, [OutgoingRecord(topic, b"k", b"good-2")], limit)
+        await write_outbox(conn, [OutgoingRecord(topic, b"k", b"good-2")], limit, now=NOW)
     assert [r.parked_at for r in await rows(engine)] == [None] * 6
 
     relay = OutboxRelay(engine, transport.publisher(), SystemClock(), batch_size=100)
@@ -220,7 +222,7 @@ async def test_a_row_over_the_limit_when_written_is_parked_at_once_and_the_trans
         OutgoingRecord(topic, b"k", b"after"),
     ]
     async with engine.begin() as conn:
-        await write_outbox(conn, records, 128 * 1024)
+        await write_outbox(conn, records, 128 * 1024, now=NOW)
     written = await rows(engine)
     assert [r.value[:6] for r in written] == [b"before", b"xxxxxx", b"after"]
     assert [r.parked_at is not None for r in written] == [False, True, False]
@@ -245,7 +247,7 @@ async def test_a_row_that_fails_for_now_stays_unpublished_and_goes_out_once_it_c
         OutgoingRecord("later", b"k", b"4"),
     ]
     async with engine.begin() as conn:
-        await write_outbox(conn, records)
+        await write_outbox(conn, records, now=NOW)
     relay = OutboxRelay(engine, bus.publisher(), SystemClock(), idle_poll_seconds=0.01)
     await relay.publisher.start()
     assert await relay.publish_once() == RelayPass(published=2, parked=0, failed=2)

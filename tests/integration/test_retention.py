@@ -19,7 +19,7 @@ from services.ingest.bootstrap import bootstrap as ingest_bootstrap
 from services.relay import bootstrap as relay_bootstrap
 from services.scheduler.bootstrap import bootstrap as scheduler_bootstrap
 from shared.bootstrap import Core
-from shared.clock import FrozenClock, SystemClock
+from shared.clock import FrozenClock
 from shared.cloudevents import CloudEvent
 from shared.db.tables import inbox, outbox
 from shared.messaging.memory import MemoryBus
@@ -36,18 +36,23 @@ pytestmark = pytest.mark.integration
 
 KEEP = timedelta(days=14)
 SOURCE = "/tests/retention"
+# inbox rows are stamped by the injected clock (the unit of work's now), and pruned by it
+CLOCK = FrozenClock(datetime(2026, 3, 1, tzinfo=UTC))
 
 
-async def add_inbox(engine: AsyncEngine, rows: Sequence[tuple[str, timedelta]]) -> None:
-    """Inbox rows ``(event id, age)``: received that long before the database's now()."""
+async def add_inbox(
+    engine: AsyncEngine, rows: Sequence[tuple[str, timedelta]], now: datetime | None = None
+) -> None:
+    """Inbox rows ``(event id, age)``: received that long before ``now`` (``CLOCK``'s)."""
+    now = now or CLOCK.now()
     async with engine.begin() as conn:
         for event_id, age in rows:
             await conn.execute(
                 text(
                     "INSERT INTO inbox (consumer, source, event_id, received_at) "
-                    "VALUES ('tests', :source, :id, now() - CAST(:age AS interval))"
+                    "VALUES ('tests', :source, :id, :received_at)"
                 ),
-                {"source": SOURCE, "id": event_id, "age": age},
+                {"source": SOURCE, "id": event_id, "received_at": now - age},
             )
 
 
@@ -93,11 +98,11 @@ async def test_inbox_rows_older_than_the_retention_go_and_recent_ones_stay(
     )
     before = pruned_metric("inbox")
 
-    assert await prune_inbox(engine, KEEP, batch_size=100) == 3
+    assert await prune_inbox(engine, CLOCK, KEEP, batch_size=100) == 3
 
     assert await inbox_ids(engine) == {"just-within", "last-week", "fresh"}
     assert pruned_metric("inbox") - before == 3
-    assert await prune_inbox(engine, KEEP, batch_size=100) == 0  # nothing old is left
+    assert await prune_inbox(engine, CLOCK, KEEP, batch_size=100) == 0  # nothing old is left
 
 
 async def test_each_batch_deletes_at_most_batch_size_rows_oldest_first(
@@ -107,7 +112,7 @@ async def test_each_batch_deletes_at_most_batch_size_rows_oldest_first(
     await add_inbox(engine, [*old, ("recent-a", timedelta(hours=1)), ("recent-b", KEEP / 2)])
 
     async with engine.begin() as conn:
-        assert await prune_inbox_batch(conn, KEEP, batch_size=3) == 3
+        assert await prune_inbox_batch(conn, CLOCK, KEEP, batch_size=3) == 3
     assert await inbox_ids(engine) == {f"old-{n:02}" for n in range(3, 10)} | {
         "recent-a",
         "recent-b",
@@ -115,13 +120,13 @@ async def test_each_batch_deletes_at_most_batch_size_rows_oldest_first(
 
     # a run is capped at max_batches: two batches of three, the rest waits for the next run
     with deleted_per_statement(engine) as counts:
-        assert await prune_inbox(engine, KEEP, batch_size=3, max_batches=2) == 6
+        assert await prune_inbox(engine, CLOCK, KEEP, batch_size=3, max_batches=2) == 6
     assert counts == [3, 3]
     assert await inbox_ids(engine) == {"old-09", "recent-a", "recent-b"}
 
     # uncapped, it stops at the first short batch
     with deleted_per_statement(engine) as counts:
-        assert await prune_inbox(engine, KEEP, batch_size=3) == 1
+        assert await prune_inbox(engine, CLOCK, KEEP, batch_size=3) == 1
     assert counts == [1]
     assert await inbox_ids(engine) == {"recent-a", "recent-b"}
 
@@ -131,15 +136,15 @@ async def test_a_large_backlog_goes_in_bounded_batches(engine: AsyncEngine) -> N
         await conn.execute(
             text(
                 "INSERT INTO inbox (consumer, source, event_id, received_at) "
-                "SELECT 'tests', :source, 'old-' || n, now() - interval '30 days' "
+                "SELECT 'tests', :source, 'old-' || n, :received_at "
                 "FROM generate_series(1, 2500) AS n"
             ),
-            {"source": SOURCE},
+            {"source": SOURCE, "received_at": CLOCK.now() - timedelta(days=30)},
         )
     await add_inbox(engine, [("recent", timedelta(days=1))])
 
     with deleted_per_statement(engine) as counts:
-        assert await prune_inbox(engine, KEEP, batch_size=1000) == 2500
+        assert await prune_inbox(engine, CLOCK, KEEP, batch_size=1000) == 2500
 
     assert counts == [1000, 1000, 500]
     assert await inbox_ids(engine) == {"recent"}
@@ -202,22 +207,22 @@ def incoming(event_id: str) -> Incoming[Any]:
 async def test_a_redelivery_within_the_retention_is_still_a_duplicate(
     engine: AsyncEngine,
 ) -> None:
+    clock = FrozenClock(datetime(2026, 3, 1, tzinfo=UTC))  # far from the database's now()
     handler = Recording()
-    pipeline = Pipeline(engine, "tests", handler, SystemClock(), "dlq", "/tests")
-    first = await pipeline.transact([incoming("within"), incoming("beyond")])
-    assert first.handled == 2
-    async with engine.begin() as conn:  # the events were first received long ago
-        await conn.execute(
-            text(
-                "UPDATE inbox SET received_at = now() - CAST(:age AS interval) WHERE event_id = :id"
-            ),
-            [
-                {"id": "within", "age": KEEP - timedelta(hours=1)},
-                {"id": "beyond", "age": KEEP + timedelta(hours=1)},
-            ],
-        )
+    pipeline = Pipeline(engine, "tests", handler, clock, "dlq", "/tests")
+    assert (await pipeline.transact([incoming("beyond")])).handled == 1
+    clock.advance(timedelta(hours=2))
+    assert (await pipeline.transact([incoming("within")])).handled == 1
+    async with engine.connect() as conn:
+        received = dict((await conn.execute(select(inbox.c.event_id, inbox.c.received_at))).all())
+    # stamped by the injected clock, not the database's
+    assert received == {
+        "beyond": datetime(2026, 3, 1, tzinfo=UTC),
+        "within": datetime(2026, 3, 1, 2, tzinfo=UTC),
+    }
+    clock.advance(KEEP - timedelta(hours=1))  # "beyond" is KEEP + 1 h old, "within" KEEP - 1 h
 
-    assert await prune_inbox(engine, KEEP, batch_size=100) == 1
+    assert await prune_inbox(engine, clock, KEEP, batch_size=100) == 1
 
     again = await pipeline.transact([incoming("within"), incoming("beyond")])
     # within the retention: still a duplicate, no second effect
@@ -225,7 +230,7 @@ async def test_a_redelivery_within_the_retention_is_still_a_duplicate(
     # past it the inbox has forgotten the event: this is why the retention must outlast any
     # redelivery Kafka can make (RetentionSettings)
     assert again.handled == 1
-    assert handler.handled == ["within", "beyond", "beyond"]
+    assert handler.handled == ["beyond", "within", "beyond"]
 
 
 def retention_settings(migrated_url: str, **retention: Any) -> Settings:
@@ -268,8 +273,8 @@ async def test_every_service_prunes_periodically_with_its_settings(
         try:
             await asyncio.sleep(0.2)  # a few runs with nothing to do
             # 12 days: past this service's 10 (the default 14 would keep it)
-            await add_inbox(engine, [(f"old-{n}", timedelta(days=12)) for n in range(5)])
-            await add_inbox(engine, [("recent", timedelta(days=8))])
+            await add_inbox(engine, [(f"old-{n}", timedelta(days=12)) for n in range(5)], now)
+            await add_inbox(engine, [("recent", timedelta(days=8))], now)
             async with engine.begin() as conn:
                 for published_at in (now - timedelta(hours=7), now - timedelta(hours=5), None):
                     await conn.execute(outbox.insert().values(topic="t", published_at=published_at))
