@@ -35,7 +35,6 @@ import contextlib
 import multiprocessing
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +60,8 @@ from shared.db.engine import make_engine, normalise_url
 from shared.db.tables import deliveries
 from shared.messaging.kafka import KafkaTransport
 from shared.settings import Settings, load_settings
+from tests.support.procs import as_env, peak_rss_mb, spawn_winback, stop_process
+from tests.support.procs import cpu_seconds as process_cpu_seconds
 
 HEADERS = [("content-type", b"application/cloudevents+json")]
 
@@ -293,18 +294,6 @@ def settings_overrides(
     }
 
 
-def as_env(overrides: dict[str, Any], prefix: str = "WINBACK_") -> dict[str, str]:
-    """The same settings as environment variables (``__`` nests), for ``winback dispatcher``."""
-    env: dict[str, str] = {}
-    for key, value in overrides.items():
-        name = f"{prefix}{key.upper()}"
-        if isinstance(value, dict):
-            env.update(as_env(value, name + "__"))
-        else:
-            env[name] = str(value)
-    return env
-
-
 # --- dispatcher processes (--processes N > 1) -----------------------------------------------
 
 
@@ -313,14 +302,10 @@ class Workers:
     outbox relay in each, one of them leading), with their CPU time and peak RSS from /proc."""
 
     def __init__(self, n: int, env: dict[str, str], logs: Path) -> None:
-        winback = str(Path(sys.executable).with_name("winback"))
         self.logs = logs
-        self.procs: list[subprocess.Popen[bytes]] = []
-        for i in range(n):
-            with (logs / f"dispatcher-{i}.log").open("ab") as out:
-                self.procs.append(
-                    subprocess.Popen([winback, "dispatcher"], env=env, stdout=out, stderr=out)
-                )
+        self.procs = [
+            spawn_winback("dispatcher", env, logs / f"dispatcher-{i}.log") for i in range(n)
+        ]
 
     def check(self) -> None:
         for proc in self.procs:
@@ -330,30 +315,17 @@ class Workers:
                 raise SystemExit(f"a dispatcher process exited with {proc.returncode}")
 
     def cpu_seconds(self) -> float:
-        ticks = os.sysconf("SC_CLK_TCK")
-        total = 0.0
-        for proc in self.procs:
-            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
-        return total
+        return sum(process_cpu_seconds(proc.pid) for proc in self.procs)
 
     def rss_mb(self) -> list[float]:
         """Peak resident memory (VmHWM) of each process."""
-        peaks = []
-        for proc in self.procs:
-            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peaks.append(int(line.split()[1]) / 1024)
-        return peaks
+        return [peak_rss_mb(proc.pid) for proc in self.procs]
 
     def stop(self) -> None:
         for proc in self.procs:
             proc.terminate()
         for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc)
 
 
 # --- the run -------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import os
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -37,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from shared.db import migrate
 from shared.db.engine import make_engine, normalise_url
 from shared.messaging.kafka import KafkaTransport
+from tests.support.procs import spawn_winback, stop_process
 
 HEADERS = [("content-type", b"application/cloudevents+json")]
 
@@ -135,9 +135,7 @@ async def wait_for(
 
 
 def spawn(command: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    winback = str(Path(sys.executable).with_name("winback"))
-    with log.open("ab") as out:
-        return subprocess.Popen([winback, command], env=env, stdout=out, stderr=out)
+    return spawn_winback(command, env, log)
 
 
 async def run(args: argparse.Namespace, db_url: str, servers: str, logs: Path) -> None:
@@ -211,10 +209,7 @@ async def run(args: argparse.Namespace, db_url: str, servers: str, logs: Path) -
         for p in procs:
             p.terminate()
         for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop_process(p)
         await engine.dispose()
 
     print(

@@ -147,6 +147,7 @@ class LocalKafka:
             if not _port_free(self.broker_port) or not _port_free(self.controller_port):
                 self.broker_port, self.controller_port = free_port(), free_port()
         props.write_text(_properties(self.data_dir, self.broker_port, self.controller_port))
+        started_at = len(_read(self.log_path))  # a restart finds the marker of the last start
         with self.log_path.open("ab") as log:
             if not formatted:
                 fmt = subprocess.run(
@@ -178,7 +179,8 @@ class LocalKafka:
                 raise BrokerStartError(
                     f"the Kafka broker exited with {self.process.returncode}:\n{self.log_tail()}"
                 )
-            if not _port_free(self.broker_port) and b"Kafka Server started" in _read(self.log_path):
+            started = b"Kafka Server started" in _read(self.log_path)[started_at:]
+            if started and not _port_free(self.broker_port):
                 return self
             time.sleep(0.2)
         self.stop()
@@ -187,6 +189,27 @@ class LocalKafka:
     def log_tail(self, lines: int = 60) -> str:
         text = _read(self.log_path).decode(errors="replace")
         return "\n".join(text.splitlines()[-lines:])
+
+    def kill(self) -> None:
+        """SIGKILL the broker's JVM, as a crash would: no controlled shutdown, the next start
+        recovers its logs."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def restart(self, timeout: float = 90.0) -> LocalKafka:
+        """Start again (after ``kill`` or ``stop``) on the same ports and data directory, so
+        clients find it where it was; waits for the old process's ports to be released."""
+        self.kill()
+        deadline = time.monotonic() + timeout
+        while not (_port_free(self.broker_port) and _port_free(self.controller_port)):
+            if time.monotonic() > deadline:
+                raise BrokerStartError(
+                    f"ports {self.broker_port}/{self.controller_port} still taken after {timeout}s"
+                )
+            time.sleep(0.1)
+        return self.start(timeout=max(1.0, deadline - time.monotonic()))
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -32,3 +32,18 @@ def to_asyncpg_url(uri: str) -> str:
         return f"postgresql+asyncpg://{user}@/{db}?host={host}"
     netloc = parsed.netloc.split("@")[-1]
     return f"postgresql+asyncpg://{user}@{netloc}/{db}"
+
+
+def crash(server: Any) -> None:
+    """Stop the server at once, as a crash would: ``pg_ctl stop -m immediate`` (no shutdown
+    checkpoint; every connection drops; the next start runs crash recovery)."""
+    import pgserver
+
+    pgserver.pg_ctl(  # type: ignore[attr-defined]
+        ["-w", "stop", "-m", "immediate"], pgdata=server.pgdata, user=server.system_user
+    )
+
+
+def restart(server: Any) -> None:
+    """Start the server again on its data directory, on the same socket (after ``crash``)."""
+    server.ensure_postgres_running()
