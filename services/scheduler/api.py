@@ -5,6 +5,9 @@ token; errors are problem+json."""
 from __future__ import annotations
 
 import base64
+import functools
+import logging
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
@@ -42,7 +45,11 @@ from shared.contracts.customer import CustomerErased
 from shared.db.tables import case_steps, cases, scheduler_customers
 from shared.http.problems import Problem
 from shared.http.types import INTEGRAL, IsoDateTime
-from shared.messaging.pipeline import Tx, write_outbox
+from shared.messaging.transport import DEFAULT_MAX_RECORD_BYTES
+from shared.messaging.uow import UnitOfWork
+from shared.retry import REQUEST
+
+log = logging.getLogger(__name__)
 
 CustomerId = Annotated[str, Path(min_length=1, max_length=200)]
 CaseId = Annotated[str, Path(min_length=1, max_length=36)]
@@ -226,7 +233,12 @@ def router(
     outcomes_topic: str,
     source: str,
     fallback_timezone: str = "UTC",
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
 ) -> APIRouter:
+    def unit(name: str) -> UnitOfWork:
+        """One unit of work of the API (``max_record_bytes``: kafka.max_record_bytes)."""
+        return UnitOfWork(engine, clock, source, max_record_bytes, name=f"scheduler.{name}")
+
     api = APIRouter(prefix="/v1", tags=["win-back status"], dependencies=[Depends(auth)])
     responses: dict[int | str, dict[str, Any]] = {
         401: {"description": "missing bearer token (problem+json)"},
@@ -471,8 +483,12 @@ def router(
         return CasePage(items=items, next_cursor=next_cursor)
 
     async def _control(case_id: str, action: str) -> CaseOut:
-        now = clock.now()
-        async with engine.begin() as conn:
+        once = functools.partial(_control_once, case_id, action)
+        return await REQUEST.call(once, f"case {action}", log)
+
+    async def _control_once(case_id: str, action: str) -> CaseOut:
+        async with unit(f"{action}_case") as tx:
+            conn, now = tx.conn, tx.now
             case = await store.load_case(conn, case_id, lock=True)
             if case is None:
                 raise Problem(404, "Not found", f"no case {case_id!r}")
@@ -483,9 +499,7 @@ def router(
                     raise Problem(409, "Case is closed", result.detail)
                 # pausing a paused case or resuming an open one: already so, nothing to do
             else:
-                tx = Tx(conn=conn, now=now, source=source)
                 await store.save_cases(tx, outcomes_topic, [result])
-                await write_outbox(conn, tx.outgoing)
             row = await store.case_by_id(conn, case_id)
             steps = (
                 await conn.execute(
@@ -502,14 +516,17 @@ def router(
         assert row is not None
         return case_out(row, list(steps), tz, now)
 
+    def control_route(action: str) -> Callable[[str], Awaitable[CaseOut]]:
+        # a closure, not a default argument: FastAPI would publish that as a query parameter
+        async def control(case_id: CaseId) -> CaseOut:
+            return await _control(case_id, action)
+
+        return control
+
     for action in ("pause", "resume", "cancel"):
-
-        async def control(case_id: CaseId, _action: str = action) -> CaseOut:
-            return await _control(case_id, _action)
-
         api.add_api_route(
             f"/cases/{{case_id}}/{action}",
-            control,
+            control_route(action),
             methods=["POST"],
             response_model=CaseOut,
             responses={**responses, 409: {"description": "the case is closed (problem+json)"}},
@@ -518,7 +535,13 @@ def router(
         )
 
     migrator = CaseMigrator(
-        engine, clock, playbooks, outcomes_topic, source, fallback_timezone=fallback_timezone
+        engine,
+        clock,
+        playbooks,
+        outcomes_topic,
+        source,
+        fallback_timezone=fallback_timezone,
+        max_record_bytes=max_record_bytes,
     )
 
     @api.post(
@@ -562,8 +585,11 @@ def router(
         summary="GDPR erasure: every service removes the person's data",
     )
     async def erase(customer_id: CustomerId) -> dict[str, Any]:
-        now = clock.now()
-        async with engine.begin() as conn:
+        return await REQUEST.call(functools.partial(_erase, customer_id), "erasure", log)
+
+    async def _erase(customer_id: str) -> dict[str, Any]:
+        async with unit("erase_customer") as tx:
+            conn, now = tx.conn, tx.now
             person = await store.customer(conn, customer_id)
             if person is None:
                 raise Problem(404, "Not found", f"no customer {customer_id!r}")
@@ -572,7 +598,6 @@ def router(
                 hashes["email"] = store.address_hash("email", person.email)
             if person.phone:
                 hashes["sms"] = store.address_hash("sms", person.phone)
-            tx = Tx(conn=conn, now=now, source=source)
             case = await store.load_open_case(conn, customer_id)
             if case is not None:
                 closed = case.erase(now)
@@ -588,7 +613,6 @@ def router(
                 ).to_data(),
                 subject=customer_id,
             )
-            await write_outbox(conn, tx.outgoing)
         return {"customer_id": customer_id, "erased": True}
 
     return api

@@ -82,6 +82,7 @@ def bootstrap(
         poll_seconds=settings.scheduler.poll_seconds,
         offer_valid=timedelta(days=settings.scheduler.offer_valid_days),
         outcomes_topic=topics.outcomes,
+        max_record_bytes=settings.kafka.max_record_bytes,
     )
     core.runtime.consumers.append(consumer)
     core.runtime.extra_parts += [
@@ -112,6 +113,7 @@ def bootstrap(
                 outcomes_topic=topics.outcomes,
                 source=SOURCE,
                 fallback_timezone=settings.scheduler.fallback_timezone,
+                max_record_bytes=settings.kafka.max_record_bytes,
             ),
             reports.router(core.engine, core.clock, auth),
         ],

@@ -2,17 +2,18 @@
 
 The decisions are the case aggregate's (:meth:`~services.scheduler.domain.case.Case.migrate`,
 over the pure :func:`~services.scheduler.domain.plan_migration`); this module loads what it
-needs and writes the answer with :func:`~services.scheduler.store.save_cases`. One
-transaction per case, as the API's pause / resume / cancel do: lock the case row, then its
-step rows (a timer deciding one of them is waited for, so an in-flight step is seen as
-dispatched and kept), check the case is still open and on the old version, plan, write the
-steps and ``cases.playbook_version``, and put ``case.migrated`` in the outbox — all or
-nothing. A dry run plans the same way and
-writes nothing (and locks nothing).
+needs and writes the answer with :func:`~services.scheduler.store.save_cases`. One unit of
+work per case (``shared.messaging.uow``), as the API's pause / resume / cancel do: lock the
+case row, then its step rows (a timer deciding one of them is waited for, so an in-flight
+step is seen as dispatched and kept), check the case is still open and on the old version,
+plan, write the steps and ``cases.playbook_version``, and put ``case.migrated`` in the
+outbox — all or nothing; a transient failure (a deadlock) is retried by ``retry.REQUEST``.
+A dry run plans the same way and writes nothing (and locks nothing).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ from services.scheduler.domain import CustomerView, Migration, Playbook
 from services.scheduler.domain.case import CaseChange, CaseMigrated
 from services.scheduler.views import customer_view
 from shared.clock import Clock
-from shared.messaging.pipeline import Tx, write_outbox
+from shared.messaging.transport import DEFAULT_MAX_RECORD_BYTES
+from shared.messaging.uow import UnitOfWork
+from shared.retry import REQUEST
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ class CaseMigrator:
         topic: str,
         source: str,
         fallback_timezone: str = "UTC",
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     ) -> None:
         self.engine = engine
         self.clock = clock
@@ -82,6 +86,7 @@ class CaseMigrator:
         self.topic = topic
         self.source = source
         self.fallback_timezone = fallback_timezone
+        self.max_record_bytes = max_record_bytes  # kafka.max_record_bytes
 
     async def target(self, name: str, from_version: int, to_version: int | None) -> Playbook:
         """The version to migrate to (default: the latest loaded), after checking the request.
@@ -124,7 +129,8 @@ class CaseMigrator:
             total = await store.count_open_cases_on_version(conn, name, from_version)
         run = MigrationRun(name, from_version, target.version, dry_run)
         for case_id in ids:
-            result = await self._one(case_id, target, from_version, dry_run)
+            one = functools.partial(self._one, case_id, target, from_version, dry_run)
+            result = await REQUEST.call(one, "case migration", log)
             if result is None:
                 run.skipped += 1
             else:
@@ -150,8 +156,15 @@ class CaseMigrator:
     async def _one(
         self, case_id: str, target: Playbook, from_version: int, dry_run: bool
     ) -> CaseResult | None:
-        async with self.engine.begin() as conn:
-            now = self.clock.now()
+        unit = UnitOfWork(
+            self.engine,
+            self.clock,
+            self.source,
+            self.max_record_bytes,
+            name="scheduler.migrate_case",
+        )
+        async with unit as tx:
+            conn, now = tx.conn, tx.now
             case = await store.load_case(conn, case_id, lock=not dry_run)
             if (
                 case is None
@@ -169,8 +182,6 @@ class CaseMigrator:
             change = case.migrate(target, view, now, fallback_timezone=self.fallback_timezone)
             assert isinstance(change, CaseChange)  # open, and on the target's playbook
             if not dry_run:
-                tx = Tx(conn=conn, now=now, source=self.source)
                 await store.save_cases(tx, self.topic, [change])
-                await write_outbox(conn, tx.outgoing)
         migrated = next(e for e in change.events if isinstance(e, CaseMigrated))
         return CaseResult(case_id, case.customer_id, case.status, migrated.migration)
