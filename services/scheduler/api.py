@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import functools
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
@@ -515,14 +516,17 @@ def router(
         assert row is not None
         return case_out(row, list(steps), tz, now)
 
+    def control_route(action: str) -> Callable[[str], Awaitable[CaseOut]]:
+        # a closure, not a default argument: FastAPI would publish that as a query parameter
+        async def control(case_id: CaseId) -> CaseOut:
+            return await _control(case_id, action)
+
+        return control
+
     for action in ("pause", "resume", "cancel"):
-
-        async def control(case_id: CaseId, _action: str = action) -> CaseOut:
-            return await _control(case_id, _action)
-
         api.add_api_route(
             f"/cases/{{case_id}}/{action}",
-            control,
+            control_route(action),
             methods=["POST"],
             response_model=CaseOut,
             responses={**responses, 409: {"description": "the case is closed (problem+json)"}},

@@ -16,9 +16,9 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -40,16 +40,21 @@ from services.dispatcher.signatures import (
 from services.ingest import bootstrap as ingest
 from services.scheduler import bootstrap as scheduler
 from shared.clock import SystemClock
+from shared.runtime import Runtime
 from shared.settings import DEV_SECRET, DEV_UNSUBSCRIBE_KEY, Settings, load_settings
 from tests.support.http import free_port
+from tests.support.kafka import cloudevent
 
 pytestmark = pytest.mark.integration
+T = TypeVar("T")
 
 MAX_EXAMPLES = 20
 BATCH_LIMIT = 5
 SEED = 20_260_509
 BEARER = {"Authorization": f"Bearer {DEV_SECRET}"}
 POSTMARK = ("postmark-hooks", "postmark-hook-password")
+CUSTOMER = "schemathesis-customer"
+SEEDED_CASE = "00000000-0000-4000-8000-00000000c0de"
 TWILIO_TOKEN = "twilio-auth-token-for-schemathesis"
 
 
@@ -59,6 +64,8 @@ class Stack:
 
     settings: Settings
     urls: dict[str, str] = field(default_factory=dict)
+    case_id: str | None = None
+    runtimes: list[Runtime] = field(default_factory=list)
     _ready: threading.Event = field(default_factory=threading.Event)
     _failed: list[BaseException] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
@@ -79,6 +86,11 @@ class Stack:
         if self._thread is not None:
             self._thread.join(60)
 
+    def call(self, work: Callable[[], Coroutine[Any, Any, T]], timeout: float = 120) -> T:
+        """Run ``work`` in the services' event loop and wait for its result."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(work(), self._loop).result(timeout)
+
     def _run(self) -> None:
         try:
             asyncio.run(self._serve())
@@ -94,9 +106,11 @@ class Stack:
         dis = dispatcher.bootstrap(self.settings)
         apps: dict[str, FastAPI] = {"ingest": ing.app, "scheduler": sch.app, "dispatcher": dis.app}
         servers: list[uvicorn.Server] = []  # off the main thread: no signal handlers
+        # consumers, relays and timers run only while the test seeds (``call``): Hypothesis
+        # refuses to generate while another thread draws from ``random`` (aiokafka does)
+        self.runtimes = [ing.core.runtime, sch.core.runtime]
         for name, app in apps.items():
             port = free_port()
-            # the HTTP surface only: the consumers, relay and timers are not what is tested
             config = uvicorn.Config(
                 app, host="127.0.0.1", port=port, log_config=None, lifespan="off"
             )
@@ -153,18 +167,21 @@ def _settings(database_url: str, kafka: str) -> Settings:
     )
 
 
-def _documents() -> dict[str, dict[str, Any]]:
+def _documents() -> tuple[dict[str, dict[str, Any]], str]:
     """The OpenAPI documents, from the same bootstrap the servers run (Schemathesis makes its
-    tests at collection; nothing connects here). The test checks the servers serve these."""
+    tests at collection; nothing connects here; the test checks the servers serve these),
+    and the name of a playbook they load."""
     settings = _settings("postgresql+asyncpg://unused@127.0.0.1:9/unused", "127.0.0.1:9")
-    return {
+    sch = scheduler.bootstrap(settings)
+    documents = {
         "ingest": ingest.bootstrap(settings).app.openapi(),
-        "scheduler": scheduler.bootstrap(settings).app.openapi(),
+        "scheduler": sch.app.openapi(),
         "dispatcher": dispatcher.bootstrap(settings).app.openapi(),
     }
+    return documents, sch.playbooks[0].name
 
 
-DOCUMENTS = _documents()
+DOCUMENTS, PLAYBOOK = _documents()
 # Schema-valid requests that the API may still refuse with 422, because the rule is not
 # one JSON Schema can state: an event time in the future, a phone number that does not exist,
 # an unknown IANA zone (POST /v1/events); a cursor this API did not issue or a window no
@@ -216,7 +233,7 @@ CONFIG = SchemathesisConfig.from_dict(
                 # its coverage phase alone is some 9,000 requests (every boundary of every
                 # attribute of ten event types in three content types): fuzz it instead
                 "phases": {"coverage": {"enabled": False}},
-                "generation": {"max-examples": 10 * MAX_EXAMPLES},
+                "generation": {"max-examples": 5 * MAX_EXAMPLES},
             },
             *(
                 {
@@ -235,26 +252,56 @@ CONFIG = SchemathesisConfig.from_dict(
     }
 )
 ingest_api = schemathesis.openapi.from_dict(DOCUMENTS["ingest"], config=CONFIG)
-scheduler_api = schemathesis.openapi.from_dict(DOCUMENTS["scheduler"], config=CONFIG)
 # a real unsubscribe link (the dispatcher's development key) as the token's example, so the
 # page and the unsubscribe itself are exercised, not only the refusal of a forged token
-TOKEN = UnsubscribeTokens([DEV_UNSUBSCRIBE_KEY.encode()], SystemClock()).issue(
-    "schemathesis-customer", "email"
-)
+TOKEN = UnsubscribeTokens([DEV_UNSUBSCRIBE_KEY.encode()], SystemClock()).issue(CUSTOMER, "email")
 
 
-def _with_token_example(document: dict[str, Any]) -> dict[str, Any]:
+# path parameters that name something real, as examples: the seeded customer, its case
+# (the id is known once the scheduler opened it: the test puts it in place of SEEDED_CASE),
+# a loaded playbook, a valid unsubscribe link
+EXAMPLES = {"customer_id": CUSTOMER, "case_id": SEEDED_CASE, "name": PLAYBOOK, "token": TOKEN}
+
+
+def _with_examples(document: dict[str, Any]) -> dict[str, Any]:
     document = copy.deepcopy(document)
-    for operation in document["paths"]["/u/{token}"].values():
-        for parameter in operation.get("parameters", []):
-            if parameter["name"] == "token":
-                parameter["example"] = TOKEN
+    for item in document["paths"].values():
+        for operation in item.values():
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "path" and parameter["name"] in EXAMPLES:
+                    parameter["example"] = EXAMPLES[parameter["name"]]
     return document
 
 
-dispatcher_api = schemathesis.openapi.from_dict(
-    _with_token_example(DOCUMENTS["dispatcher"]), config=CONFIG
+scheduler_api = schemathesis.openapi.from_dict(
+    _with_examples(DOCUMENTS["scheduler"]), config=CONFIG
 )
+dispatcher_api = schemathesis.openapi.from_dict(
+    _with_examples(DOCUMENTS["dispatcher"]), config=CONFIG
+)
+
+
+def _seed(running: Stack) -> str:
+    """A churned customer, posted to ingest; returns the case the scheduler opened for it."""
+    event = cloudevent(
+        "subscription.cancelled",
+        {
+            "customer_id": CUSTOMER,
+            "reason": "too_expensive",
+            "customer": {"email": "seed@example.com", "timezone": "Europe/Helsinki"},
+        },
+    )
+    with httpx.Client(headers=BEARER, timeout=30) as http:
+        posted = http.post(f"{running.urls['ingest']}/v1/events", json=event)
+        assert posted.status_code == 202, posted.text
+        status = f"{running.urls['scheduler']}/v1/customers/{CUSTOMER}/winback"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # until the scheduler has consumed it
+            answer = http.get(status)
+            if answer.status_code == 200 and answer.json()["open_case"]:
+                return str(answer.json()["open_case"]["id"])
+            time.sleep(0.2)
+    raise AssertionError(f"the scheduler opened no case for {CUSTOMER}: {answer.text}")
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +310,14 @@ def stack(migrated_url: str, kafka_bootstrap: str) -> Iterator[Stack]:
         for name, document in DOCUMENTS.items():
             served = httpx.get(f"{running.urls[name]}/openapi.json", timeout=30).json()
             assert served == document, f"{name} serves another OpenAPI document"
+        # the seeded customer goes from ingest to the scheduler over Kafka, as in production
+        for runtime in running.runtimes:
+            running.call(runtime.start)
+        try:
+            running.case_id = _seed(running)
+        finally:
+            for runtime in running.runtimes:
+                running.call(runtime.stop)
         yield running
 
 
@@ -273,6 +328,9 @@ def test_ingest_conforms_to_its_openapi(case: schemathesis.Case[Any], stack: Sta
 
 @scheduler_api.parametrize()
 def test_scheduler_conforms_to_its_openapi(case: schemathesis.Case[Any], stack: Stack) -> None:
+    if case.path_parameters and case.path_parameters.get("case_id") == SEEDED_CASE:
+        assert stack.case_id is not None
+        case.path_parameters["case_id"] = stack.case_id
     case.call_and_validate(base_url=stack.urls["scheduler"], headers=BEARER)
 
 
