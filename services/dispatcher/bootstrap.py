@@ -206,6 +206,7 @@ def bootstrap(
             rounds=d.retry.rounds,
             round_delay=timedelta(seconds=d.retry.round_delay_seconds),
             late_grace=timedelta(seconds=d.late_send_grace_seconds),
+            max_record_bytes=limit,
         ),
     )
     names: dict[str, list[str]] = {}

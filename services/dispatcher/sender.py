@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -58,11 +58,18 @@ from services.dispatcher.model import (
 from services.dispatcher.providers import OutboundMessage, SendResult
 from shared.clock import Clock
 from shared.logging import throttled
-from shared.messaging.pipeline import Tx, is_transient, write_outbox
+from shared.messaging.transport import DEFAULT_MAX_RECORD_BYTES
+from shared.messaging.uow import Tx, UnitOfWork
+from shared.retry import TRANSIENT
 
 log = logging.getLogger(__name__)
 # retry loops: one line per log_repeat_interval_seconds, with the count
 retrying = throttled(log)
+
+RECORD_RETRY = replace(TRANSIENT, max_attempts=12)
+"""Recording a batch of results that failed for now: 0.1 s, then windows doubling to 5 s,
+twelve attempts (at most about half a minute); then the rows stay ``sending`` and crash
+recovery settles them (never a blind second send)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +104,8 @@ class SenderConfig:
     """Seconds the recorder waits to gather more results into one transaction."""
     late_grace: timedelta = timedelta(minutes=15)
     """How long after the customer's send window closes a late delivery may still go."""
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    """``kafka.max_record_bytes``: an outcome event over it is parked when written."""
 
 
 class DeliverySender:
@@ -125,16 +134,21 @@ class DeliverySender:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
+    def _unit(self, name: str) -> UnitOfWork:
+        cfg = self.config
+        return UnitOfWork(
+            self.engine, self.clock, cfg.source, cfg.max_record_bytes, name=f"dispatcher.{name}"
+        )
+
     # -- 1. claim ------------------------------------------------------------------------------
     async def claim(self, limit: int | None = None) -> list[Claimed]:
         """Claim, re-check and render up to ``limit`` due deliveries; commit them ``sending``."""
         cfg = self.config
-        async with self.engine.begin() as conn:
-            now = self.clock.now()
+        async with self._unit("claim") as tx:
+            conn, now = tx.conn, tx.now
             rows = await store.claim_queued(conn, now, limit or cfg.batch_size)
             if not rows:
                 return []
-            tx = Tx(conn=conn, now=now, source=cfg.source)
             keys = {row["id"]: suppression_keys(*_target(row)) for row in rows}
             listed = await store.suppressed(conn, [k for ks in keys.values() for k in ks])
             updates: list[store.ClaimUpdate] = []
@@ -180,7 +194,6 @@ class DeliverySender:
                 )
                 claimed.append(Claimed(delivery, row["attempts"] + 1, message))
             await store.mark_claimed(conn, updates, now)
-            await write_outbox(conn, tx.outgoing)
         self.claimed_total += len(claimed)
         return claimed
 
@@ -203,10 +216,8 @@ class DeliverySender:
     async def record(self, outcomes: Sequence[Outcome]) -> int:
         """Store the results and their outcome events in one transaction; returns how many
         rows were still ours to update."""
-        cfg = self.config
-        async with self.engine.begin() as conn:
-            now = self.clock.now()
-            tx = Tx(conn=conn, now=now, source=cfg.source)
+        async with self._unit("record") as tx:
+            conn, now = tx.conn, tx.now
             finishes = [self._finish(o, now) for o in outcomes]
             mine = await store.finish(conn, finishes, now)
             suppress: list[store.Suppression] = []
@@ -239,7 +250,6 @@ class DeliverySender:
                     "requeued" if finish.state == store.QUEUED else finish.state,
                 ).inc()
             await store.add_suppressions(conn, suppress, now)
-            await write_outbox(conn, tx.outgoing)
         return len(mine)
 
     def _finish(self, outcome: Outcome, now: datetime) -> store.Finish:
@@ -280,8 +290,8 @@ class DeliverySender:
         """Deliveries left ``sending`` by a dispatcher that died mid-send: queue them again
         where every provider deduplicates on our key, else fail them as outcome unknown."""
         cfg = self.config
-        async with self.engine.begin() as conn:
-            now = self.clock.now()
+        async with self._unit("recover_stale") as tx:
+            conn, now = tx.conn, tx.now
             rows = [
                 r
                 for r in await store.stale_sending(conn, now - cfg.stale_after, cfg.batch_size)
@@ -289,7 +299,6 @@ class DeliverySender:
             ]
             if not rows:
                 return 0
-            tx = Tx(conn=conn, now=now, source=cfg.source)
             again = [r["id"] for r in rows if self._resendable(r["channel"])]
             lost = [r for r in rows if not self._resendable(r["channel"])]
             await store.requeue(conn, again, now)
@@ -300,7 +309,6 @@ class DeliverySender:
                     tx, delivery, MESSAGE_FAILED, None, None, reason=OUTCOME_UNKNOWN_AFTER_CRASH
                 )
                 metrics.MESSAGES.labels(delivery.channel, "-", "failed").inc()
-            await write_outbox(conn, tx.outgoing)
         log.warning(
             "recovered deliveries left sending by a crashed dispatcher",
             extra={"requeued": len(again), "failed": len(lost)},
@@ -400,22 +408,14 @@ class DeliverySender:
                 self._room.set()
 
     async def _record_reliably(self, batch: list[Outcome]) -> None:
-        delay = 0.1
-        for _ in range(12):
-            try:
-                await self.record(batch)
-                return
-            except Exception as exc:
-                if not is_transient(exc):
-                    log.exception("recording send results failed", extra={"count": len(batch)})
-                    return
-                retrying.warning(
-                    "recording send results failed; retrying", extra={"error": repr(exc)}
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        # The rows stay "sending": crash recovery settles them (never a blind second send).
-        log.error("could not record send results", extra={"count": len(batch)})
+        try:
+            await RECORD_RETRY.call(lambda: self.record(batch), "recording send results", log)
+        except Exception as exc:
+            # The rows stay "sending": crash recovery settles them (never a blind second send).
+            if RECORD_RETRY.retry_on(exc):
+                log.error("could not record send results", extra={"count": len(batch)})
+            else:
+                log.exception("recording send results failed", extra={"count": len(batch)})
 
     async def _guard(self, work: Any) -> Any:
         try:

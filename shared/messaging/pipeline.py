@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 
 from sqlalchemy import text
@@ -39,9 +39,7 @@ from shared.messaging.transport import (
 from shared.messaging.uow import Tx as Tx
 from shared.messaging.uow import UnitOfWork
 from shared.messaging.uow import header_name as _header_name
-from shared.messaging.uow import write_outbox as _write_outbox
 from shared.retry import TRANSIENT, RetryPolicy
-from shared.retry import is_transient as is_transient
 
 log = logging.getLogger(__name__)
 
@@ -246,18 +244,6 @@ class Pipeline:
 def _short_type(event_type: str) -> str:
     parts = event_type.split(".")
     return ".".join(parts[-2:]) if len(parts) >= 2 else event_type
-
-
-async def write_outbox(
-    conn: AsyncConnection,
-    records: Sequence[OutgoingRecord],
-    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
-    *,
-    now: datetime | None = None,
-) -> None:
-    """Transitional: for callers not yet on ``UnitOfWork`` (the dispatcher's sender); the
-    system clock stamps the rows when ``now`` is not given. Use the unit of work."""
-    await _write_outbox(conn, records, max_record_bytes, now=now or datetime.now(UTC))
 
 
 def dead_letter_record(
