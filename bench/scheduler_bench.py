@@ -29,7 +29,7 @@ from services.scheduler.timers import StepFirer
 from services.scheduler.views import policy
 from shared.clock import FrozenClock
 from shared.db import migrate
-from shared.db.engine import make_engine, normalise_url
+from shared.db.engine import make_engine, normalise_url, with_database
 from shared.settings import SchedulerSettings
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -221,8 +221,24 @@ async def main(args: argparse.Namespace) -> None:
                 await conn.execution_options(isolation_level="AUTOCOMMIT")
                 await conn.execute(text(f'CREATE DATABASE "{name}"'))
             await admin.dispose()
-            url = url.rsplit("/", 1)[0] + f"/{name}"
-        await run(args, normalise_url(url))
+            url = with_database(url, name)
+        try:
+            await run(args, normalise_url(url))
+        finally:
+            if os.environ.get("DATABASE_URL"):
+                await drop_database(os.environ["DATABASE_URL"], url)
+
+
+async def drop_database(server_url: str, url: str) -> None:
+    """Drop the bench's own database (``url``) on the server of ``server_url``."""
+    name = url.partition("?")[0].rsplit("/", 1)[1]
+    admin = make_engine(server_url, pool_size=1)
+    try:
+        async with admin.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        await admin.dispose()
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.db.engine import make_engine, normalise_url
+from shared.db.engine import make_engine, normalise_url, with_database
 from shared.settings import Settings, load_settings
 
 
@@ -53,15 +53,9 @@ def migrated_url(pg_url: str) -> str:
         await engine.dispose()
 
     asyncio.run(create())
-    url = _with_database(pg_url, name)
+    url = with_database(pg_url, name)
     migrate.upgrade(url)
     return url
-
-
-def _with_database(url: str, name: str) -> str:
-    head, _, tail = url.partition("?")
-    base = head.rsplit("/", 1)[0]
-    return f"{base}/{name}" + (f"?{tail}" if tail else "")
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +69,7 @@ def new_database(pg_url: str) -> object:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
             await conn.execute(text(f'CREATE DATABASE "{name}"'))
         await engine.dispose()
-        return _with_database(pg_url, name)
+        return with_database(pg_url, name)
 
     return make
 

@@ -13,6 +13,14 @@ def normalise_url(url: str) -> str:
     return url
 
 
+def with_database(url: str, name: str) -> str:
+    """``url`` naming the database ``name`` instead, its query kept: a Unix-socket URL
+    (``postgresql+asyncpg://user@/postgres?host=/run/pg``) keeps its socket path."""
+    head, _, query = url.partition("?")
+    base = head.rsplit("/", 1)[0]
+    return f"{base}/{name}" + (f"?{query}" if query else "")
+
+
 def make_engine(url: str, pool_size: int = 10) -> AsyncEngine:
     return create_async_engine(
         normalise_url(url),
