@@ -1,15 +1,27 @@
 """The scheduler's handler for the shared loop: domain events from ingest and outcome events
 from the dispatcher become cases, step timers, closes and win-backs.
 
-The decisions (segment, playbook, plan, attribution) are the pure domain's; this module only
-loads what they need, calls them and stores the answer.
+The decisions (segment, playbook, plan, attribution) are the pure domain's and the case
+aggregate's; this module only loads what they need, calls them and stores the answer.
+
+Set-based: a batch costs a handful of statements, whatever its size. First the rows the batch
+needs, one statement each — its customers (locked), their open cases and then those cases'
+steps (locked), the episodes that already have a case. Then each event, in order, is decided
+over that state in memory, so events of one customer in one batch see each other's effects as
+they would one by one. Then the writes: every case change through one ``store.save_cases``
+(one insert for all new cases, one for all their steps), every ``message.*`` outcome through
+one ``UPDATE … FROM unnest``, every customer through one upsert. Two things write earlier, to
+stay the same as one by one: an event that reads what the events before it wrote (a return
+reads the case's sent steps, a feature release its cases) flushes the pending writes first,
+and a case changed a second time in a batch (opened, then superseded) has its first change
+saved before the second is queued.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -92,48 +104,52 @@ class SchedulerHandler:
         return Event(event.type, model.to_data(), event.time, model)
 
     async def handle(self, tx: Tx, items: Sequence[Incoming[Any]]) -> None:
+        batch = Batch(tx, self.topic)
+        await batch.load(item.payload for item in items)
         for item in items:
             event: Event = item.payload
             handler = self._routes.get(event.type)
             with correlated(item.event.correlation_id):
                 if handler is not None:
-                    await handler(self, tx, event, item.event)
+                    await handler(self, batch, event, item.event)
                 elif event.type in OUTCOME_EVENTS:
-                    await self._outcome(tx, event)
+                    self._outcome(batch, event)
+        await batch.finish()
 
     # -- ingest's events ----------------------------------------------------------------------
-    async def _churn(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
+    async def _churn(self, b: Batch, event: Event, cause: CloudEvent) -> None:
         snapshot, ep = event.data["customer"], event.data["episode"]
         cid = snapshot["id"]
-        await store.upsert_customer(tx.conn, snapshot, tx.now)
-        if await store.case_exists_for_episode(tx.conn, ep["id"]):
+        now = b.tx.now
+        b.take_snapshot(snapshot)
+        if ep["id"] in b.episodes:
             return
-        row = await store.customer(tx.conn, cid)
-        if row is None or row.erased_at is not None:
+        row = b.customers.get(cid)
+        if row is None or row["erased_at"] is not None:
             return
-        current = await store.load_open_case(tx.conn, cid)
+        current = await b.open_case(cid)
         if current is not None:
-            superseded = await self._apply(tx, current.supersede(tx.now), cause)
+            superseded = await b.apply(current.supersede(now), cause)
             current = superseded.after if superseded is not None else current
-        prior = row.last_won_back_at
-        episode = episode_from_event(ep, prior if prior is not None else None)
+        prior = row["last_won_back_at"]
+        episode = episode_from_event(ep, prior)
         if prior is not None and prior > episode.occurred_at:
             episode = episode_from_event(ep, None)
-        view = customer_view(row._mapping)
-        seg = segment(view, episode, tx.now)
+        view = customer_view(row)
+        seg = segment(view, episode, now)
         playbook = choose_playbook(self.playbooks, seg)
         if playbook is None:
             log.info("no playbook matches", extra={"customer_id": cid})
             return
         expires = case_expires_at(playbook, episode)
-        if tx.now >= expires:
+        if now >= expires:
             return  # churned longer ago than the horizon: not on the list any more
         steps = plan_steps(
-            playbook, view, episode, tx.now, segment=seg, fallback_timezone=self.fallback_timezone
+            playbook, view, episode, now, segment=seg, fallback_timezone=self.fallback_timezone
         )
         case_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"winback-case|{episode.episode_id}"))
         await self._open_case(
-            tx,
+            b,
             cause,
             case_id=case_id,
             customer_id=cid,
@@ -148,29 +164,30 @@ class SchedulerHandler:
             feature_key=normalise_feature(episode.feature) if episode.feature else None,
         )
 
-    async def _returned(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
+    async def _returned(self, b: Batch, event: Event, cause: CloudEvent) -> None:
         snapshot = event.data["customer"]
         cid = snapshot["id"]
-        await store.upsert_customer(tx.conn, snapshot, tx.now)
-        case = await store.load_open_case(tx.conn, cid)
+        b.take_snapshot(snapshot)
+        case = await b.open_case(cid)
         if case is None:
             return
         playbook = self._playbook(case)
         returned_at = datetime.fromisoformat(event.data["returned_at"])
         by_activity = event.data.get("kind") == "activity"
-        closed = await self._apply(
-            tx,
+        closed = await b.apply(
             case.customer_returned(
-                tx.now, returned_at=returned_at, by_activity=by_activity, playbook=playbook
+                b.tx.now, returned_at=returned_at, by_activity=by_activity, playbook=playbook
             ),
             cause,
         )
         if closed is None or not closed.closed:
             return  # the exit rules (e.g. a return during re-onboarding changes nothing)
         episode = case.episode
-        row = await store.customer(tx.conn, cid)
-        owner = row.crm_owner if row is not None else None
-        sent = await store.sent_steps(tx.conn, case.id, owner)
+        row = b.customers.get(cid)
+        owner = row["crm_owner"] if row is not None else None
+        await b.flush()  # the sent steps as the events before this one left them
+        conn = b.tx.conn
+        sent = await store.sent_steps(conn, case.id, owner)
         window = playbook.attribution_window if playbook else None
         credit = attribute_reactivation(
             [s for _, s in sent],
@@ -182,7 +199,7 @@ class SchedulerHandler:
         step_id = next((i for i, s in sent if s is credit.credited), None)
         credited = credit.credited
         await store.record_win_back(
-            tx.conn,
+            conn,
             {
                 "case_id": case.id,
                 "customer_id": cid,
@@ -202,8 +219,8 @@ class SchedulerHandler:
             },
         )
         if credit.is_win_back and credited is not None:
-            await store.set_last_won_back(tx.conn, cid, returned_at)
-            tx.emit(
+            b.set_last_won_back(cid, returned_at)
+            b.tx.emit(
                 self.topic,
                 cid,
                 de.CASE_WON_BACK,
@@ -229,38 +246,39 @@ class SchedulerHandler:
                 cause=cause,
                 subject=cid,
             )
-        await self._reonboard(tx, cid, closed.after, returned_at, cause)
+        await self._reonboard(b, cid, closed.after, returned_at, cause)
 
     async def _reonboard(
-        self, tx: Tx, cid: str, closed: Case, returned_at: datetime, cause: CloudEvent
+        self, b: Batch, cid: str, closed: Case, returned_at: datetime, cause: CloudEvent
     ) -> None:
         """Open the re-onboarding case of a customer whose win-back case just closed as
         ``returned``: the original churn's segment (what went wrong the first time) picks a
         ``starts_on: returned`` playbook, and its steps are timed from the return."""
-        row = await store.customer(tx.conn, cid)
-        if row is None or row.erased_at is not None:
+        row = b.customers.get(cid)
+        if row is None or row["erased_at"] is not None:
             return
+        now = b.tx.now
         episode, seg = closed.episode, closed.segment
         playbook = choose_playbook(self.playbooks, seg, starts_on="returned")
         if playbook is None:
             return
         anchored = reonboarding_anchor(episode, returned_at)
         expires = case_expires_at(playbook, anchored)
-        if tx.now >= expires:
+        if now >= expires:
             return  # returned longer ago than the re-onboarding horizon
-        view = customer_view(row._mapping)
+        view = customer_view(row)
         steps = plan_reonboarding(
             playbook,
             view,
             episode,
             returned_at,
-            tx.now,
+            now,
             segment=seg,
             fallback_timezone=self.fallback_timezone,
         )
         case_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"winback-reonboarding|{episode.episode_id}"))
         await self._open_case(
-            tx,
+            b,
             cause,
             case_id=case_id,
             customer_id=cid,
@@ -278,7 +296,7 @@ class SchedulerHandler:
 
     async def _open_case(
         self,
-        tx: Tx,
+        b: Batch,
         cause: CloudEvent,
         *,
         case_id: str,
@@ -296,7 +314,8 @@ class SchedulerHandler:
         after_case_id: str | None = None,
     ) -> None:
         """Open a case with its planned steps (the aggregate's ``open_case``: refused while
-        ``current`` is open) and store it; ``case.opened`` goes to the outbox."""
+        ``current`` is open); it is stored, and ``case.opened`` goes to the outbox, with the
+        batch's writes."""
         opened = open_case(
             case_id=case_id,
             customer_id=customer_id,
@@ -307,89 +326,93 @@ class SchedulerHandler:
             episode=episode,
             expires_at=expires,
             steps=steps,
-            now=tx.now,
+            now=b.tx.now,
             current=current,
             feature_key=feature_key,
             return_anchor=return_anchor,
             after_case_id=after_case_id,
         )
-        await self._apply(tx, opened, cause)
+        await b.apply(opened, cause)
 
-    async def _activity(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
+    async def _activity(self, b: Batch, event: Event, cause: CloudEvent) -> None:
         cid = event.data["customer_id"]
         if event.data.get("at"):
-            await store.set_last_active(tx.conn, cid, datetime.fromisoformat(event.data["at"]))
-        case = await store.load_open_case(tx.conn, cid)
+            b.set_last_active(cid, datetime.fromisoformat(event.data["at"]))
+        case = await b.open_case(cid)
         if case is not None:
-            closing = case.customer_active(tx.now, playbook=self._playbook(case))
-            await self._apply(tx, closing, cause)
+            closing = case.customer_active(b.tx.now, playbook=self._playbook(case))
+            await b.apply(closing, cause)
 
-    async def _consent(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
+    async def _consent(self, b: Batch, event: Event, cause: CloudEvent) -> None:
         cid = event.data["customer_id"]
         channel = event.data.get("channel", "all")
-        await store.set_consent(tx.conn, cid, channel, bool(event.data.get("granted")), tx.now)
+        b.set_consent(cid, channel, bool(event.data.get("granted")))
         if not event.data.get("granted"):
-            case = await store.load_open_case(tx.conn, cid)
+            case = await b.open_case(cid)
             if case is not None:  # withdrawn on every channel, the case ends
-                await self._apply(tx, case.withdraw_consent(channel, tx.now), cause)
+                await b.apply(case.withdraw_consent(channel, b.tx.now), cause)
 
-    async def _updated(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
-        await store.upsert_customer(tx.conn, event.data["customer"], tx.now)
+    async def _updated(self, b: Batch, event: Event, cause: CloudEvent) -> None:
+        b.take_snapshot(event.data["customer"])
 
-    async def _feature(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
+    async def _feature(self, b: Batch, event: Event, cause: CloudEvent) -> None:
+        # rare: the cases waiting for the feature are read (and extended) from the database,
+        # as the events before this one left them
+        await b.flush()
+        conn, now = b.tx.conn, b.tx.now
         feature = event.data["feature"]
-        for case in await store.open_cases_for_feature(tx.conn, normalise_feature(feature)):
+        due = False
+        for case in await store.open_cases_for_feature(conn, normalise_feature(feature)):
             playbook = self._playbook(case)
-            row = await store.customer(tx.conn, case.customer_id)
+            row = await b.customer(case.customer_id)
             if playbook is None or row is None or case.status != "open":
                 continue
             steps = plan_triggered(
                 playbook,
-                customer_view(row._mapping),
+                customer_view(row),
                 episode_from_json(case.episode),
-                tx.now,
+                now,
                 feature=feature,
                 segment=segment_from_json(case.segment),
-                already_planned=await store.step_keys(tx.conn, case.id),
+                already_planned=await store.step_keys(conn, case.id),
             )
             context = {
                 "feature": event.data.get("name") or feature,
                 "feature_description": event.data.get("description"),
             }
             await store.insert_steps(
-                tx.conn, [step_row(case.id, case.customer_id, s, context) for s in steps]
+                conn, [step_row(case.id, case.customer_id, s, context) for s in steps]
             )
+            b.forget_case(case.customer_id)  # it has new steps: read again when next needed
+            due = due or any(s.due_at <= now for s in steps)
+        if due:
+            await store.steps_due(conn)
 
     # -- the dispatcher's outcomes ----------------------------------------------------------
-    async def _outcome(self, tx: Tx, event: Event) -> None:
+    def _outcome(self, b: Batch, event: Event) -> None:
         data = event.data
         if not data.get("case_id") or not data.get("step_key"):
             return
         name = event.type.rsplit(".", 1)[-1]
-        outcome = {name: (event.time or tx.now).isoformat()}
+        outcome = {name: (event.time or b.tx.now).isoformat()}
         for key in ("provider", "provider_message_id", "reason"):
             if data.get(key):
                 outcome[f"{name}_{key}" if key == "reason" else key] = data[key]
-        await store.record_outcome(
-            tx.conn,
-            data["case_id"],
-            data["step_key"],
-            OUTCOME_STATE.get(event.type),
-            outcome,
-            tx.now,
+        b.outcomes.append(
+            store.Outcome(data["case_id"], data["step_key"], OUTCOME_STATE.get(event.type), outcome)
         )
 
-    async def _unsubscribed(self, tx: Tx, event: Event, cause: CloudEvent) -> None:
+    async def _unsubscribed(self, b: Batch, event: Event, cause: CloudEvent) -> None:
         # from a message (link, reply STOP, provider report): the step records it too, so
         # the results report can count unsubscribes per step and variant
-        await self._outcome(tx, event)
+        self._outcome(b, event)
         cid = event.data["customer_id"]
         channel = event.data.get("channel") or "all"
-        await store.set_consent(tx.conn, cid, channel, False, tx.now)
-        case = await store.load_open_case(tx.conn, cid)
+        b.set_consent(cid, channel, False)
+        case = await b.open_case(cid)
         if case is not None:
             # An unsubscribe is the customer saying stop: the case ends, whatever the channel.
-            await self._apply(tx, case.unsubscribe(tx.now), cause)
+            await b.apply(case.unsubscribe(b.tx.now), cause)
 
     # -- helpers ------------------------------------------------------------------------------
     def _playbook(self, case: Any) -> Playbook | None:
@@ -397,20 +420,6 @@ class SchedulerHandler:
             return find_playbook(self.playbooks, case.playbook, case.playbook_version)
         except KeyError:
             return None
-
-    async def _apply(
-        self, tx: Tx, result: CaseChange | Refused, cause: CloudEvent | None
-    ) -> CaseChange | None:
-        """Store what a case command returned (its events go to the outbox, caused by
-        ``cause``); a refusal changes nothing."""
-        if isinstance(result, Refused):
-            log.info(
-                "case command refused",
-                extra={"case_id": result.case_id, "command": result.command, "code": result.code},
-            )
-            return None
-        await store.save_cases(tx, self.topic, [result], cause)
-        return result
 
     _routes: dict[str, Any] = {
         de.CHURN_RECORDED: _churn,
@@ -421,6 +430,181 @@ class SchedulerHandler:
         de.FEATURE_RELEASED: _feature,
         UNSUBSCRIBED: _unsubscribed,
     }
+
+
+# the events that carry a customer snapshot, name a customer, may change an open case
+_SNAPSHOT = frozenset({de.CHURN_RECORDED, de.CUSTOMER_RETURNED, de.CUSTOMER_UPDATED})
+_BY_ID = frozenset({de.CUSTOMER_ACTIVITY, de.CONSENT_CHANGED, UNSUBSCRIBED})
+_CASE_EVENTS = frozenset(
+    {
+        de.CHURN_RECORDED,
+        de.CUSTOMER_RETURNED,
+        de.CUSTOMER_ACTIVITY,
+        de.CONSENT_CHANGED,
+        UNSUBSCRIBED,
+    }
+)
+
+
+class Batch:
+    """What one batch of events works on: its rows, loaded set-based and changed in memory
+    event by event, and the writes not made yet (made by :meth:`flush` and :meth:`finish`).
+
+    ``customers``: each customer's row as the events so far left it (``None``: no row);
+    ``cases``: each customer's open (or paused) case as the events so far left it (``None``:
+    none; a customer not in it is read when first needed); ``episodes``: the episodes that
+    have a case; ``outcomes``: message outcomes to record, in order.
+    """
+
+    def __init__(self, tx: Tx, topic: str) -> None:
+        self.tx = tx
+        self.topic = topic
+        self.customers: dict[str, dict[str, Any] | None] = {}
+        self.cases: dict[str, Case | None] = {}
+        self.episodes: set[str] = set()
+        self.outcomes: list[store.Outcome] = []
+        self._changed_customers: set[str] = set()
+        self._changes: list[CaseChange] = []
+        self._causes: list[CloudEvent | None] = []
+        self._pending: set[str] = set()  # ids of the cases with a change in _changes
+
+    async def load(self, events: Iterable[Event]) -> None:
+        """Read what the events need: their customers (locked), the open cases of the
+        customers whose case they may change (cases and steps locked), and which of their
+        churn episodes already have a case — one statement each."""
+        people: set[str] = set()
+        with_cases: set[str] = set()
+        episodes: set[str] = set()
+        for event in events:
+            if event.type in _SNAPSHOT:
+                cid = event.data["customer"]["id"]
+            elif event.type in _BY_ID:
+                cid = event.data["customer_id"]
+            else:
+                continue
+            people.add(cid)
+            if event.type in _CASE_EVENTS:
+                with_cases.add(cid)
+            if event.type == de.CHURN_RECORDED:
+                episodes.add(event.data["episode"]["id"])
+        conn = self.tx.conn
+        rows = await store.lock_customers(conn, list(people))
+        self.customers = {cid: rows.get(cid) for cid in people}
+        cases = await store.load_open_cases(conn, list(with_cases))
+        self.cases = {cid: cases.get(cid) for cid in with_cases}
+        self.episodes = await store.episodes_with_cases(conn, list(episodes))
+
+    # -- customers ---------------------------------------------------------------------------
+    async def customer(self, customer_id: str) -> dict[str, Any] | None:
+        """The customer's row (read, unlocked, if no event of the batch named them)."""
+        if customer_id not in self.customers:
+            found = await store.customers(self.tx.conn, [customer_id])
+            row = found.get(customer_id)
+            self.customers[customer_id] = dict(row._mapping) if row is not None else None
+        return self.customers[customer_id]
+
+    def take_snapshot(self, snapshot: dict[str, Any]) -> None:
+        """The profile as ingest published it (``store.upsert_customer``): an erased
+        customer's row is not written again."""
+        cid = snapshot["id"]
+        row = self.customers[cid]
+        if row is None:
+            row = self.customers[cid] = store.new_customer(cid)
+        elif row["erased_at"] is not None:
+            return
+        for name in store.PROFILE:
+            if name in snapshot:
+                value = snapshot[name]
+                if name == "customer_since" and isinstance(value, str):
+                    value = datetime.fromisoformat(value)
+                row[name] = value
+        if "consent" in snapshot:
+            row["consent"] = snapshot["consent"] or {}
+        if "opted_out_all" in snapshot:
+            row["opted_out_all"] = bool(snapshot["opted_out_all"])
+        row["updated_at"] = self.tx.now
+        self._changed_customers.add(cid)
+
+    def set_consent(self, customer_id: str, channel: str, granted: bool) -> None:
+        """Consent on a channel, or on every channel (``all``); a customer without a row
+        gets one (``store.set_consent``)."""
+        row = self.customers[customer_id]
+        if row is None:
+            row = self.customers[customer_id] = store.new_customer(customer_id)
+        if channel == "all":
+            row["opted_out_all"] = not granted
+        else:
+            row["consent"] = {**(row["consent"] or {}), channel: granted}
+        row["updated_at"] = self.tx.now
+        self._changed_customers.add(customer_id)
+
+    def set_last_active(self, customer_id: str, at: datetime) -> None:
+        """Activity at ``at`` (the register only moves forward: events may arrive late)."""
+        self._forward(customer_id, "last_active_at", at)
+
+    def set_last_won_back(self, customer_id: str, at: datetime) -> None:
+        self._forward(customer_id, "last_won_back_at", at)
+
+    def _forward(self, customer_id: str, column: str, at: datetime) -> None:
+        row = self.customers[customer_id]
+        if row is None:
+            return
+        if row[column] is None or row[column] <= at:
+            row[column] = at
+            self._changed_customers.add(customer_id)
+
+    # -- cases -------------------------------------------------------------------------------
+    async def open_case(self, customer_id: str) -> Case | None:
+        """The customer's open (or paused) case, as the events so far left it."""
+        if customer_id not in self.cases:
+            self.cases[customer_id] = await store.load_open_case(self.tx.conn, customer_id)
+        return self.cases[customer_id]
+
+    def forget_case(self, customer_id: str) -> None:
+        """The customer's case was changed outside the aggregate: read it again when needed."""
+        self.cases.pop(customer_id, None)
+
+    async def apply(
+        self, result: CaseChange | Refused, cause: CloudEvent | None
+    ) -> CaseChange | None:
+        """Take what a case command returned: the case as it is now, its writes and events
+        queued (caused by ``cause``); a refusal changes nothing."""
+        if isinstance(result, Refused):
+            log.info(
+                "case command refused",
+                extra={"case_id": result.case_id, "command": result.command, "code": result.code},
+            )
+            return None
+        after = result.after
+        if result.changed:
+            if after.id in self._pending:
+                await self.flush()  # one change per case in a save: the earlier one first
+            self._changes.append(result)
+            self._causes.append(cause)
+            self._pending.add(after.id)
+            if result.before is None:
+                self.episodes.add(after.episode_id)
+        self.cases[after.customer_id] = after if after.is_open else None
+        return result
+
+    # -- writing -----------------------------------------------------------------------------
+    async def flush(self) -> None:
+        """Write the queued outcomes (first: a step they moved is then not cancelled as
+        pending by mistake, the case change conflicts instead) and case changes."""
+        tx = self.tx
+        if self.outcomes:
+            await store.record_outcomes(tx.conn, self.outcomes, tx.now)
+            self.outcomes = []
+        if self._changes:
+            await store.save_cases(tx, self.topic, self._changes, causes=self._causes)
+            self._changes, self._causes, self._pending = [], [], set()
+
+    async def finish(self) -> None:
+        """Write everything the batch changed."""
+        await self.flush()
+        rows = [self.customers[cid] for cid in sorted(self._changed_customers)]
+        await store.write_customers(self.tx.conn, [r for r in rows if r is not None])
+        self._changed_customers = set()
 
 
 CONSUMED = frozenset({*SchedulerHandler._routes, *OUTCOME_EVENTS})

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import Row, bindparam, func, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -228,6 +231,180 @@ async def record_outcome(
     await conn.execute(update(case_steps).where(*where).values(**values))
 
 
+# -- a batch of events at a time (the handler): one statement per kind of row ----------------
+# Module-level textual statements: each is compiled once per process (SQLAlchemy's compiled
+# cache) and prepared once per connection (asyncpg's statement cache), whatever the batch size.
+_CUSTOMER_COLUMNS = (*PROFILE, "consent", "opted_out_all", "last_won_back_at", "last_active_at")
+_LOCK_CUSTOMERS = text(
+    "SELECT * FROM scheduler_customers WHERE id = ANY(CAST(:ids AS text[])) ORDER BY id FOR UPDATE"
+)
+_WRITE_CUSTOMERS = text(
+    "INSERT INTO scheduler_customers (id, email, phone, name, locale, timezone, plan, "
+    "mrr_minor, currency, customer_since, engagement, crm_owner, status, consent, "
+    "opted_out_all, last_won_back_at, last_active_at, updated_at) "
+    "SELECT u.id, u.email, u.phone, u.name, u.locale, u.timezone, u.plan, u.mrr_minor, "
+    "u.currency, u.customer_since, u.engagement, u.crm_owner, u.status, "
+    "CAST(u.consent AS jsonb), u.opted_out_all, u.last_won_back_at, u.last_active_at, "
+    "u.updated_at "
+    "FROM unnest(CAST(:id AS text[]), CAST(:email AS text[]), CAST(:phone AS text[]), "
+    "CAST(:name AS text[]), CAST(:locale AS text[]), CAST(:timezone AS text[]), "
+    "CAST(:plan AS text[]), CAST(:mrr_minor AS bigint[]), CAST(:currency AS text[]), "
+    "CAST(:customer_since AS timestamptz[]), CAST(:engagement AS text[]), "
+    "CAST(:crm_owner AS text[]), CAST(:status AS text[]), CAST(:consent AS text[]), "
+    "CAST(:opted_out_all AS boolean[]), CAST(:last_won_back_at AS timestamptz[]), "
+    "CAST(:last_active_at AS timestamptz[]), CAST(:updated_at AS timestamptz[])) "
+    "AS u(id, email, phone, name, locale, timezone, plan, mrr_minor, currency, "
+    "customer_since, engagement, crm_owner, status, consent, opted_out_all, "
+    "last_won_back_at, last_active_at, updated_at) "
+    "ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email, phone = EXCLUDED.phone, "
+    "name = EXCLUDED.name, locale = EXCLUDED.locale, timezone = EXCLUDED.timezone, "
+    "plan = EXCLUDED.plan, mrr_minor = EXCLUDED.mrr_minor, currency = EXCLUDED.currency, "
+    "customer_since = EXCLUDED.customer_since, engagement = EXCLUDED.engagement, "
+    "crm_owner = EXCLUDED.crm_owner, status = EXCLUDED.status, consent = EXCLUDED.consent, "
+    "opted_out_all = EXCLUDED.opted_out_all, last_won_back_at = EXCLUDED.last_won_back_at, "
+    "last_active_at = EXCLUDED.last_active_at, updated_at = EXCLUDED.updated_at"
+)
+_OPEN_CASES = text(
+    "SELECT * FROM cases WHERE customer_id = ANY(CAST(:ids AS text[])) "
+    "AND status IN ('open', 'paused') ORDER BY customer_id FOR UPDATE"
+)
+_CASE_STEPS = text(
+    "SELECT case_id, step_key, state, state_reason, channel, template, offer, is_discount, "
+    'discount_fallback_template, variant, "window", on_cap, holdout, "trigger", '
+    "inactive_for, due_at, original_due_at, expires_at "
+    "FROM case_steps WHERE case_id = ANY(CAST(:ids AS text[])) "
+    "ORDER BY case_id, due_at, id FOR UPDATE"
+)
+_EPISODES = text("SELECT episode_id FROM cases WHERE episode_id = ANY(CAST(:ids AS text[]))")
+_RECORD_OUTCOMES = text(
+    "UPDATE case_steps AS s SET state = COALESCE(u.state, s.state), "
+    "outcome = s.outcome || CAST(u.patch AS jsonb), updated_at = :now "
+    "FROM unnest(CAST(:case_ids AS text[]), CAST(:keys AS text[]), CAST(:states AS text[]), "
+    "CAST(:patches AS text[])) AS u(case_id, step_key, state, patch) "
+    "WHERE s.case_id = u.case_id AND s.step_key = u.step_key "
+    # a late "sent" never overwrites a final answer that came first
+    "AND (u.state IS DISTINCT FROM 'sent' OR s.state IN ('dispatched', 'pending'))"
+)
+
+
+async def lock_customers(conn: AsyncConnection, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The stored customers among ``ids`` (as plain dicts, to fold a batch's events into),
+    locked for this transaction so that :func:`write_customers` can write what the batch
+    made of them without losing a concurrent change (an erasure waits, or is waited for)."""
+    if not ids:
+        return {}
+    rows = await conn.execute(_LOCK_CUSTOMERS, {"ids": sorted(set(ids))})
+    return {r["id"]: dict(r) for r in rows.mappings()}
+
+
+def new_customer(customer_id: str) -> dict[str, Any]:
+    """A customer row as inserted with only its id (the columns' defaults)."""
+    row: dict[str, Any] = {name: None for name in _CUSTOMER_COLUMNS}
+    row.update(
+        id=customer_id, consent={}, opted_out_all=False, suppressed_channels=[], erased_at=None
+    )
+    return row
+
+
+async def write_customers(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write customers as a batch left them (rows from :func:`lock_customers` or
+    :func:`new_customer`, changed in memory): one statement. ``erased_at`` and
+    ``suppressed_channels`` are not written (others own them)."""
+    if not rows:
+        return
+    params: dict[str, list[Any]] = {"id": [r["id"] for r in rows]}
+    for name in _CUSTOMER_COLUMNS:
+        params[name] = [r.get(name) for r in rows]
+    params["consent"] = [orjson.dumps(r.get("consent") or {}).decode() for r in rows]
+    params["opted_out_all"] = [bool(r.get("opted_out_all")) for r in rows]
+    params["updated_at"] = [r["updated_at"] for r in rows]
+    await conn.execute(_WRITE_CUSTOMERS, params)
+
+
+async def load_open_cases(conn: AsyncConnection, customer_ids: Sequence[str]) -> dict[str, Case]:
+    """The open (or paused) case of each of these customers that has one, with its steps:
+    two statements, the case rows and then their step rows locked for this transaction."""
+    if not customer_ids:
+        return {}
+    rows = (await conn.execute(_OPEN_CASES, {"ids": sorted(set(customer_ids))})).mappings().all()
+    if not rows:
+        return {}
+    by_case: dict[str, list[Any]] = {}
+    steps = await conn.execute(_CASE_STEPS, {"ids": [r["id"] for r in rows]})
+    for step in steps.mappings():
+        by_case.setdefault(step["case_id"], []).append(step)
+    return {r["customer_id"]: case_from_rows(r, by_case.get(r["id"], [])) for r in rows}
+
+
+async def episodes_with_cases(conn: AsyncConnection, episode_ids: Sequence[str]) -> set[str]:
+    """Which of these episodes already have a case."""
+    if not episode_ids:
+        return set()
+    rows = await conn.execute(_EPISODES, {"ids": sorted(set(episode_ids))})
+    return set(rows.scalars())
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A delivery outcome for a step: ``patch`` is merged into its ``outcome`` JSON; a final
+    ``state`` (``sent``, ``failed``, ``suppressed``) moves the step."""
+
+    case_id: str
+    step_key: str
+    state: str | None
+    patch: Mapping[str, Any]
+
+
+async def record_outcomes(
+    conn: AsyncConnection, outcomes: Sequence[Outcome], now: datetime
+) -> None:
+    """Record outcomes in their order (:func:`record_outcome` each): one ``UPDATE … FROM
+    unnest`` per round, where round k holds the k-th outcome of each step — one round unless a
+    step has several outcomes in the batch (an update joins a row once)."""
+    rounds: list[list[Outcome]] = []
+    seen: Counter[tuple[str, str]] = Counter()
+    for outcome in outcomes:
+        key = (outcome.case_id, outcome.step_key)
+        if seen[key] == len(rounds):
+            rounds.append([])
+        rounds[seen[key]].append(outcome)
+        seen[key] += 1
+    for batch in rounds:
+        await conn.execute(
+            _RECORD_OUTCOMES,
+            {
+                "now": now,
+                "case_ids": [o.case_id for o in batch],
+                "keys": [o.step_key for o in batch],
+                "states": [o.state for o in batch],
+                "patches": [orjson.dumps(dict(o.patch)).decode() for o in batch],
+            },
+        )
+
+
+# -- waking the step timers when steps are written due now -----------------------------------
+STEPS_DUE_CHANNEL = "winback_steps_due"
+"""The PostgreSQL notification channel of "steps are due now" (``LISTEN`` in the timers)."""
+STEPS_DUE = "winback.steps_due"
+"""The key set in a connection's ``info`` by a transaction that wrote steps due now: the
+timers of this process (``services.scheduler.timers``) are woken when the connection goes
+back to the pool, after the commit."""
+_NOTIFY = text("SELECT pg_notify(:channel, '')")
+
+
+async def steps_due(conn: AsyncConnection) -> None:
+    """This transaction writes steps that are due now: wake the step timers when it commits
+    instead of at their next poll. ``pg_notify`` is delivered on commit to every listening
+    timer (any process), and the connection is marked for this process's timers (the pool
+    hands it back after the commit). Once per transaction."""
+    sync = conn.sync_connection
+    transaction = sync.get_transaction() if sync is not None else None
+    if transaction is not None and conn.info.get(STEPS_DUE) is transaction:
+        return
+    conn.info[STEPS_DUE] = transaction if transaction is not None else True
+    await conn.execute(_NOTIFY, {"channel": STEPS_DUE_CHANNEL})
+
+
 async def erase_customer(conn: AsyncConnection, customer_id: str, now: datetime) -> None:
     await conn.execute(
         update(scheduler_customers)
@@ -381,18 +558,30 @@ _CANCEL_STEPS = text(
 
 
 async def save_cases(
-    tx: Tx, topic: str, changes: Sequence[CaseChange], cause: CloudEvent | None = None
+    tx: Tx,
+    topic: str,
+    changes: Sequence[CaseChange],
+    cause: CloudEvent | None = None,
+    *,
+    causes: Sequence[CloudEvent | None] | None = None,
 ) -> None:
     """Persist what case commands returned — the one way a case's state is written: update
     the changed case rows, cancel / retime / update / add their steps, insert opened cases,
     and put every domain event in the outbox on ``topic`` (keyed by customer, caused by
-    ``cause``). Set-based: a batch of changes costs a few statements, not a few per case.
+    ``cause``, or change by change by ``causes``). Set-based: a batch of changes costs a few
+    statements, not a few per case. Each case appears at most once in ``changes``. A change
+    that leaves steps of an open case due now wakes the step timers (:func:`steps_due`).
 
     Raises:
         CaseConflict: a row was not in the state the change was decided on.
     """
     conn, now = tx.conn, tx.now
-    changes = [c for c in changes if c.changed]
+    if causes is None:
+        causes = [cause] * len(changes)
+    elif len(causes) != len(changes):
+        raise ValueError(f"{len(causes)} causes for {len(changes)} changes")
+    kept = [(c, why) for c, why in zip(changes, causes, strict=True) if c.changed]
+    changes = [c for c, _ in kept]
     moved = [c for c in changes if c.before is not None]
     opened = [c.after for c in changes if c.before is None]
     if moved:
@@ -435,11 +624,13 @@ async def save_cases(
     for change in moved:
         await _change_steps(conn, change, now)
     if opened:
-        await conn.execute(cases.insert(), [case_row(case) for case in opened])
+        await _insert_cases(conn, [case_row(case) for case in opened])
     added = [step_row(c.after.id, c.after.customer_id, step) for c in changes for step in c.added]
     if added:
         await _add_steps(conn, added, now)
-    for change in changes:
+    if any(_leaves_due(change, now) for change in changes):
+        await steps_due(conn)
+    for change, why in kept:
         for event in change.events:
             kind, data = event_message(event)
             tx.emit(
@@ -447,9 +638,75 @@ async def save_cases(
                 event.customer_id,
                 kind,
                 data,
-                cause=cause,
+                cause=why,
                 subject=event.customer_id,
             )
+
+
+def _leaves_due(change: CaseChange, now: datetime) -> bool:
+    """Whether the change leaves a step that fires now: the case is open after it, and it
+    opened or resumed the case, or added or retimed steps, one of them pending and due."""
+    after = change.after
+    if after.status != "open":
+        return False
+    before = change.before
+    if before is not None and before.status == "open" and not change.added and not change.retimed:
+        return False
+    return any(s.pending and s.planned.due_at <= now for s in after.steps)
+
+
+_INSERT_CASES = text(
+    "INSERT INTO cases (id, customer_id, episode_id, status, purpose, playbook, "
+    "playbook_version, segment, episode, feature_key, holdout, is_rechurn, churned_at, "
+    "opened_at, expires_at, close_reason, closed_at, returned_at) "
+    "SELECT u.id, u.customer_id, u.episode_id, u.status, u.purpose, u.playbook, "
+    "u.playbook_version, CAST(u.segment AS jsonb), CAST(u.episode AS jsonb), u.feature_key, "
+    "u.holdout, u.is_rechurn, u.churned_at, u.opened_at, u.expires_at, u.close_reason, "
+    "u.closed_at, u.returned_at "
+    "FROM unnest(CAST(:id AS text[]), CAST(:customer_id AS text[]), "
+    "CAST(:episode_id AS text[]), CAST(:status AS text[]), CAST(:purpose AS text[]), "
+    "CAST(:playbook AS text[]), CAST(:playbook_version AS integer[]), "
+    "CAST(:segment AS text[]), CAST(:episode AS text[]), CAST(:feature_key AS text[]), "
+    "CAST(:holdout AS boolean[]), CAST(:is_rechurn AS boolean[]), "
+    "CAST(:churned_at AS timestamptz[]), CAST(:opened_at AS timestamptz[]), "
+    "CAST(:expires_at AS timestamptz[]), CAST(:close_reason AS text[]), "
+    "CAST(:closed_at AS timestamptz[]), CAST(:returned_at AS timestamptz[])) "
+    "AS u(id, customer_id, episode_id, status, purpose, playbook, playbook_version, segment, "
+    "episode, feature_key, holdout, is_rechurn, churned_at, opened_at, expires_at, "
+    "close_reason, closed_at, returned_at)"
+)
+_CASE_JSON = ("segment", "episode")
+_CASE_COLUMNS = (
+    "id",
+    "customer_id",
+    "episode_id",
+    "status",
+    "purpose",
+    "playbook",
+    "playbook_version",
+    "segment",
+    "episode",
+    "feature_key",
+    "holdout",
+    "is_rechurn",
+    "churned_at",
+    "opened_at",
+    "expires_at",
+    "close_reason",
+    "closed_at",
+    "returned_at",
+)
+
+
+async def _insert_cases(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert case rows (:func:`~services.scheduler.views.case_row`): one statement."""
+    params: dict[str, list[Any]] = {}
+    for name in _CASE_COLUMNS:
+        if name in _CASE_JSON:
+            params[name] = [orjson.dumps(r[name]).decode() for r in rows]
+        else:
+            params[name] = [r[name] for r in rows]
+    await conn.execute(_INSERT_CASES, params)
 
 
 async def _change_steps(conn: AsyncConnection, change: CaseChange, now: datetime) -> None:
@@ -472,22 +729,65 @@ async def _change_steps(conn: AsyncConnection, change: CaseChange, now: datetime
             raise CaseConflict(f"case {case_id}: cannot change {step.step_key}")
 
 
-async def _add_steps(conn: AsyncConnection, rows: list[dict[str, Any]], now: datetime) -> None:
-    """Insert new step rows; a row a migration cancelled (never fired) is planned again."""
-    stmt = insert(case_steps).values(rows)
-    revive = {name: stmt.excluded[name] for name in (*_PLANNED_COLUMNS, "state", "context")}
-    result = await conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[case_steps.c.case_id, case_steps.c.step_key],
-            set_={
-                **revive,
-                "state_reason": None,
-                "fired_at": None,
-                "defer_count": 0,
-                "updated_at": now,
-            },
-            where=(case_steps.c.state == "cancelled") & (case_steps.c.state_reason == MIGRATED),
-        ).returning(case_steps.c.id)
+_STEP_INSERT_COLUMNS = (
+    "case_id",
+    "customer_id",
+    "step_key",
+    "channel",
+    "template",
+    "offer",
+    "is_discount",
+    "discount_fallback_template",
+    "variant",
+    "window",
+    "on_cap",
+    "holdout",
+    "trigger",
+    "inactive_for",
+    "state",
+    "due_at",
+    "original_due_at",
+    "expires_at",
+    "context",
+)
+_STEP_TYPES = {
+    "is_discount": "boolean",
+    "holdout": "boolean",
+    "inactive_for": "interval",
+    "due_at": "timestamptz",
+    "original_due_at": "timestamptz",
+    "expires_at": "timestamptz",
+}
+_REVIVED = (*_PLANNED_COLUMNS, "state", "context")
+_ADD_STEPS = text(
+    "INSERT INTO case_steps ({columns}) SELECT {values} FROM unnest({arrays}) AS u({names}) "
+    "ON CONFLICT (case_id, step_key) DO UPDATE SET {revive}, state_reason = NULL, "
+    "fired_at = NULL, defer_count = 0, updated_at = :now "
+    "WHERE case_steps.state = 'cancelled' AND case_steps.state_reason = :migrated "
+    "RETURNING case_steps.id".format(
+        columns=", ".join(f'"{c}"' for c in _STEP_INSERT_COLUMNS),
+        values=", ".join(
+            "CAST(u.context AS jsonb)" if c == "context" else f'u."{c}"'
+            for c in _STEP_INSERT_COLUMNS
+        ),
+        arrays=", ".join(
+            f"CAST(:{c} AS {_STEP_TYPES.get(c, 'text')}[])" for c in _STEP_INSERT_COLUMNS
+        ),
+        names=", ".join(f'"{c}"' for c in _STEP_INSERT_COLUMNS),
+        revive=", ".join(f'"{c}" = EXCLUDED."{c}"' for c in _REVIVED),
     )
+)
+
+
+async def _add_steps(conn: AsyncConnection, rows: list[dict[str, Any]], now: datetime) -> None:
+    """Insert new step rows (one statement); a row a migration cancelled (never fired) is
+    planned again."""
+    params: dict[str, Any] = {"now": now, "migrated": MIGRATED}
+    for name in _STEP_INSERT_COLUMNS:
+        if name == "context":
+            params[name] = [orjson.dumps(r["context"]).decode() for r in rows]
+        else:
+            params[name] = [r[name] for r in rows]
+    result = await conn.execute(_ADD_STEPS, params)
     if len(result.all()) != len(rows):
         raise CaseConflict(f"cannot add {[(r['case_id'], r['step_key']) for r in rows]}")

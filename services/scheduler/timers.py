@@ -6,6 +6,13 @@ In one transaction per batch: claim due steps of open cases, run the guardrails 
 schedulers on one database never fire a step twice (the row lock, and ``state`` moves on in
 the same transaction); a scheduler killed mid-batch loses nothing (the transaction rolls
 back and the rows are claimable again). ``asyncio.sleep`` only paces the polling.
+
+A step written already due (a churn's day-0 message) fires at once, not at the next poll: the
+transaction that writes it (``store.steps_due``) marks its connection for this process's timers
+— woken when the pool takes the connection back after the commit — and sends ``pg_notify`` on
+``store.STEPS_DUE_CHANNEL``, which PostgreSQL delivers on commit to every timer that listens
+(one connection each, in any process). The poll stays the safety net (a lost connection, a
+notification missed while reconnecting).
 """
 
 from __future__ import annotations
@@ -14,14 +21,16 @@ import asyncio
 import contextlib
 import functools
 import logging
+import weakref
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import Engine, event, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.scheduler import metrics, store
 from services.scheduler.domain import (
@@ -96,6 +105,7 @@ class StepFirer:
         offer_valid: timedelta = timedelta(days=14),
         outcomes_topic: str = TopicSettings().outcomes,
         max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        listen: bool = True,
     ) -> None:
         self.engine = engine
         self.clock = clock
@@ -107,10 +117,14 @@ class StepFirer:
         self.offer_valid = offer_valid
         self.outcomes_topic = outcomes_topic  # where a case closed at its horizon is announced
         self.max_record_bytes = max_record_bytes  # kafka.max_record_bytes
+        # LISTEN for steps written due now by other processes (False: a connection pooler
+        # that cannot LISTEN; this process's commits still wake the timer, the poll the rest)
+        self.listen = listen
         self._lookback = max(
             [policy.discount_period, *(cap.period for cap in policy.caps)], default=timedelta(0)
         )
         self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()  # steps written due now (or stop): claim without waiting
 
     def _unit(self, name: str) -> UnitOfWork:
         return UnitOfWork(
@@ -282,23 +296,121 @@ class StepFirer:
         return _window_spec(window, resolve_zone(timezone, self.policy.fallback_timezone).key)
 
     async def run(self) -> None:
+        """Fire due steps until stopped: a full batch is followed by the next at once;
+        otherwise the timer waits ``poll_seconds``, or until woken by steps written due now
+        (in this process, or — ``LISTEN`` — in any)."""
         loop = asyncio.get_running_loop()
         expired_at = 0.0
-        while not self._stopping.is_set():
-            try:
-                if loop.time() - expired_at > 60:
-                    expired_at = loop.time()
-                    await self.expire_cases()
-                result = await self.fire_once()
-            except Exception:
-                retrying.exception("firing due steps failed; retrying")
-                result = FireResult(0, 0, 0, 0)
-            if result.claimed < self.batch_size:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self.poll_seconds)
+        listener = _Listener(self.engine, self._wake.set) if self.listen else None
+        signal = _commit_signal(self.engine)
+        waker = functools.partial(_call_soon, loop, self._wake.set)
+        signal.wakers.add(waker)
+        try:
+            while not self._stopping.is_set():
+                self._wake.clear()  # a wake while this pass runs makes the next one start at once
+                try:
+                    if listener is not None:
+                        await listener.ensure()
+                except Exception:
+                    retrying.exception("listening for due steps failed; polling meanwhile")
+                try:
+                    if loop.time() - expired_at > 60:
+                        expired_at = loop.time()
+                        await self.expire_cases()
+                    result = await self.fire_once()
+                except Exception:
+                    retrying.exception("firing due steps failed; retrying")
+                    result = FireResult(0, 0, 0, 0)
+                if result.claimed < self.batch_size:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+        finally:
+            signal.wakers.discard(waker)
+            if listener is not None:
+                await listener.close()
 
     def stop(self) -> None:
         self._stopping.set()
+        self._wake.set()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """Run ``callback`` on ``loop`` (from any thread); nothing if the loop has closed."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback)
+
+
+class _CommitSignal:
+    """The commits on one engine that wrote steps due now: a connection ``store.steps_due``
+    marked is checked back into the pool after its transaction ended, and every timer of this
+    process on the engine is woken (after a rollback too: the claim then finds nothing)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.wakers: set[Callable[[], None]] = set()
+        event.listen(engine, "checkin", self._checked_in)
+
+    def _checked_in(self, dbapi_connection: Any, record: Any) -> None:
+        if record.info.pop(store.STEPS_DUE, None) is not None:
+            for wake in tuple(self.wakers):
+                wake()
+
+
+_SIGNALS: weakref.WeakKeyDictionary[Engine, _CommitSignal] = weakref.WeakKeyDictionary()
+
+
+def _commit_signal(engine: AsyncEngine) -> _CommitSignal:
+    signal = _SIGNALS.get(engine.sync_engine)
+    if signal is None:
+        signal = _SIGNALS[engine.sync_engine] = _CommitSignal(engine.sync_engine)
+    return signal
+
+
+class _Listener:
+    """``LISTEN`` on ``store.STEPS_DUE_CHANNEL`` on a connection of its own (taken from the
+    engine's pool for as long as the timer runs; asyncpg's ``add_listener``): a commit that
+    wrote due steps, in any process, calls ``wake``."""
+
+    def __init__(self, engine: AsyncEngine, wake: Callable[[], None]) -> None:
+        self.engine = engine
+        self.wake = wake
+        self._conn: AsyncConnection | None = None
+        self._driver: Any = None
+
+    def _notified(self, *_: Any) -> None:
+        self.wake()
+
+    async def ensure(self) -> None:
+        """Listen, on a new connection if there is none or it was lost."""
+        if self._driver is not None and not self._driver.is_closed():
+            return
+        await self.close()
+        conn = await self.engine.connect()
+        try:
+            driver: Any = (await conn.get_raw_connection()).driver_connection  # asyncpg's
+            await driver.add_listener(store.STEPS_DUE_CHANNEL, self._notified)
+        except BaseException:
+            await conn.invalidate()
+            await conn.close()
+            raise
+        self._conn, self._driver = conn, driver
+        self.wake()  # anything committed while nobody listened is claimed now
+
+    async def close(self) -> None:
+        conn, driver = self._conn, self._driver
+        self._conn = self._driver = None
+        if conn is None:
+            return
+        try:
+            if driver.is_closed():
+                await conn.invalidate()
+            else:
+                await driver.remove_listener(store.STEPS_DUE_CHANNEL, self._notified)
+        except Exception:
+            log.debug("unlisten failed; the connection is dropped", exc_info=True)
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+        with contextlib.suppress(Exception):
+            await conn.close()
 
 
 @functools.lru_cache(maxsize=1024)
