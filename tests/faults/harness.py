@@ -23,8 +23,11 @@ and crashes injected while it flows — then what came out, checked against what
   timeout passes) and returns a ``Report``: what was lost, duplicated, missed, stuck or
   dead-lettered wrongly, the faults, and the figures.
 
-Used by ``tests/faults/test_faults.py`` (a short run in the default suite) and
-``bench/fault_bench.py`` (a longer run beside a fault-free reference).
+Used by ``tests/faults/test_faults.py`` (a short run in the default suite),
+``bench/fault_bench.py`` (a longer run beside a fault-free reference) and
+``bench/pipeline_bench.py`` (no faults: ``System`` with a ``Setup`` of its own — the number of
+ingest processes, the file or the fake HTTP provider, the relay apart or in the services, the
+product's settings instead of the fault tuning).
 """
 
 from __future__ import annotations
@@ -38,11 +41,11 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -83,6 +86,29 @@ HEADERS = [("content-type", b"application/cloudevents+json")]
 STARTUP_FAILED = 3  # uvicorn's exit code when the application's start-up fails
 BROKER_GRACE = 5.0  # seconds after the broker is back when a refused start-up is still its
 MAX_IN_FLIGHT = 64  # the dispatcher's concurrent sends
+FAULT_TUNING: dict[str, Any] = {
+    "kafka": {
+        "session_timeout_ms": 6000,  # a SIGKILLed member leaves its group in 6 s
+        "poll_timeout_ms": 200,
+    },
+    "scheduler": {"poll_seconds": 0.2},
+    "dispatcher": {
+        # short timeouts, so a delivery left "sending" by a killed dispatcher is recovered
+        # within the run (stale_sending_seconds must cover the longest send)
+        "http": {"connect_timeout": 1, "read_timeout": 2},
+        "retry": {
+            "max_attempts": 2,
+            "base_delay": 0.1,
+            "max_delay": 1,
+            "max_retry_after": 1,
+            "round_delay_seconds": 1,
+        },
+        "stale_sending_seconds": 10,
+        "claim_batch": 50,
+        "max_in_flight": MAX_IN_FLIGHT,
+    },
+}
+"""The settings that let a crashed part recover within a fault run (``Setup.fault_tuning``)."""
 
 # one zone per UTC offset, so some zone always has its local time mid-window
 ZONES = (
@@ -115,6 +141,31 @@ ZONES = (
 
 class HarnessError(RuntimeError):
     """The harness itself could not do its part (infrastructure, producing): not a finding."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the system is put together; the defaults are the fault suite's."""
+
+    ingest_workers: int = 2
+    provider: Literal["http", "file"] = "http"  # the fake provider process, or files on disk
+    provider_latency: float = 0.0  # seconds the fake provider waits before each answer
+    relay_process: bool = True  # False: no ``winback relay``, each service relays its outbox
+    # short timeouts, small batches and fast polls, so a crashed part recovers within a run;
+    # False: the product's defaults
+    fault_tuning: bool = True
+    settings: Mapping[str, Any] = field(default_factory=dict)  # merged over the rest, last
+
+
+def merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested settings ``base`` with ``over`` on top (mappings merged, other values replaced)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -326,8 +377,11 @@ def due_now(playbook: Playbook) -> list[str]:
 class System:
     """PostgreSQL, the broker, the fake provider and the five ``winback`` processes."""
 
-    def __init__(self, workdir: Path, partitions: int, say: Say) -> None:
+    def __init__(
+        self, workdir: Path, partitions: int, say: Say, setup: Setup | None = None
+    ) -> None:
         self.workdir = workdir
+        self.setup = setup or Setup()
         self.partitions = partitions
         self.say = say
         self.topics = TopicSettings(partitions=partitions)
@@ -360,6 +414,15 @@ class System:
 
     async def start(self) -> None:
         started = time.monotonic()
+        await self.start_infrastructure()
+        self.start_processes()
+        self.say(
+            f"infrastructure and processes up in {time.monotonic() - started:.1f} s "
+            f"(broker {self.servers}, database {self.db_url})"
+        )
+
+    async def start_infrastructure(self) -> None:
+        """PostgreSQL, the broker, the topics and the provider; no ``winback`` process yet."""
         url, self.pg = await asyncio.to_thread(
             postgres.start_embedded, self.workdir / "pg", "delete"
         )
@@ -373,65 +436,62 @@ class System:
             self.partitions,
         )
         self.engine = make_engine(self.db_url, pool_size=2)
-        await self._start_provider()
-        env = self._env()
-        service_env = {**env, "WINBACK_OUTBOX__RELAY_ENABLED": "false"}
+        if self.setup.provider == "http":
+            await self._start_provider()
+
+    def start_processes(self) -> None:
+        """The ``winback`` processes (ingest x N, scheduler, dispatcher, relay)."""
+        env = self.env()
+        relay_apart = self.setup.relay_process
+        service_env = {**env, "WINBACK_OUTBOX__RELAY_ENABLED": "false"} if relay_apart else env
+        kinds = [(f"ingest-{i + 1}", "ingest") for i in range(self.setup.ingest_workers)]
+        kinds += [("scheduler", "scheduler"), ("dispatcher", "dispatcher")]
+        kinds += [("relay", "relay")] if relay_apart else []
         self.procs = [
             WinbackProcess(
                 name, kind, env if kind == "relay" else service_env, self.logs, self.workdir
             )
-            for name, kind in (
-                ("ingest-1", "ingest"),
-                ("ingest-2", "ingest"),
-                ("scheduler", "scheduler"),
-                ("dispatcher", "dispatcher"),
-                ("relay", "relay"),
-            )
+            for name, kind in kinds
         ]
         for proc in self.procs:
             proc.start()
-        self.say(
-            f"infrastructure and processes up in {time.monotonic() - started:.1f} s "
-            f"(broker {self.servers}, database {self.db_url})"
-        )
 
-    def _env(self) -> dict[str, str]:
-        settings = {
+    async def stop_processes(self, timeout: float = 20) -> None:
+        """SIGTERM every ``winback`` process (each finishes its batch), SIGKILL after
+        ``timeout``."""
+        for proc in self.procs:
+            if proc.proc is not None and proc.proc.poll() is None:
+                proc.proc.terminate()
+        await asyncio.gather(*(asyncio.to_thread(p.stop, timeout) for p in self.procs))
+
+    def env(self, overrides: Mapping[str, Any] | None = None) -> dict[str, str]:
+        """The processes' environment: the settings, ``Setup.settings`` and ``overrides`` on
+        top, as ``WINBACK_`` variables."""
+        if self.setup.provider == "file":
+            email: dict[str, Any] = {
+                "kind": "file",
+                "directory": str(self.workdir / "messages"),
+                "from_address": "hello@acme.example",
+            }
+        else:
+            email = {
+                "kind": "sendgrid",
+                "base_url": f"http://127.0.0.1:{self.provider_port}",
+                "api_key": "SG.faults",
+                "from_address": "hello@acme.example",
+            }
+        settings: dict[str, Any] = {
             "environment": "test",
             "log_level": "WARNING",
             "database": {"url": self.db_url, "pool_size": 4},
-            "kafka": {
-                "bootstrap_servers": self.servers,
-                "session_timeout_ms": 6000,  # a SIGKILLed member leaves its group in 6 s
-                "poll_timeout_ms": 200,
-            },
+            "kafka": {"bootstrap_servers": self.servers},
             "topics": {"partitions": self.partitions},
             "http": {"ingest_port": 0, "scheduler_port": 0, "dispatcher_port": 0, "relay_port": 0},
-            "scheduler": {"poll_seconds": 0.2},
-            "dispatcher": {
-                "email": {
-                    "primary": {
-                        "kind": "sendgrid",
-                        "base_url": f"http://127.0.0.1:{self.provider_port}",
-                        "api_key": "SG.faults",
-                        "from_address": "hello@acme.example",
-                    }
-                },
-                # short timeouts, so a delivery left "sending" by a killed dispatcher is
-                # recovered within the run (stale_sending_seconds must cover the longest send)
-                "http": {"connect_timeout": 1, "read_timeout": 2},
-                "retry": {
-                    "max_attempts": 2,
-                    "base_delay": 0.1,
-                    "max_delay": 1,
-                    "max_retry_after": 1,
-                    "round_delay_seconds": 1,
-                },
-                "stale_sending_seconds": 10,
-                "claim_batch": 50,
-                "max_in_flight": MAX_IN_FLIGHT,
-            },
+            "dispatcher": {"email": {"primary": email}},
         }
+        if self.setup.fault_tuning:
+            settings = merged(settings, FAULT_TUNING)
+        settings = merged(merged(settings, self.setup.settings), overrides or {})
         inherited = {
             k: v
             for k, v in os.environ.items()
@@ -444,6 +504,7 @@ class System:
             sys.executable,
             "-m",
             "tests.faults.provider",
+            str(self.setup.provider_latency),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             cwd=ROOT,
@@ -468,10 +529,7 @@ class System:
         return [p for p in self.procs if p.command == kind]
 
     async def stop(self) -> None:
-        for proc in self.procs:
-            if proc.proc is not None and proc.proc.poll() is None:
-                proc.proc.terminate()
-        await asyncio.gather(*(asyncio.to_thread(p.stop, 20) for p in self.procs))
+        await self.stop_processes()
         if self.provider is not None:
             assert self.provider.stdin is not None
             self.provider.stdin.close()
@@ -510,7 +568,8 @@ class System:
     # -- observing ------------------------------------------------------------------------------
     async def groups_ready(self) -> bool:
         """Every consumer group Stable with all its members."""
-        want = {"ingest": 2, "ingest-erasure": 2, "scheduler": 1, "dispatcher": 1}
+        ingest = self.setup.ingest_workers
+        want = {"ingest": ingest, "ingest-erasure": ingest, "scheduler": 1, "dispatcher": 1}
         admin = AIOKafkaAdminClient(bootstrap_servers=self.servers)
         try:
             await admin.start()

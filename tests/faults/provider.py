@@ -1,5 +1,6 @@
 """The fake provider (``tests.fakes.provider_server``) as a process of its own, for the fault
-suite: ``python -m tests.faults.provider``.
+suite: ``python -m tests.faults.provider [LATENCY]`` (seconds it waits before each answer,
+default 0).
 
 It prints ``{"port": N}`` on a line when it listens; each ``stats`` line on stdin is answered
 with one JSON line: requests per idempotency key (every request, and the accepted first-time
@@ -14,7 +15,7 @@ from collections import Counter
 
 import orjson
 
-from tests.fakes.provider_server import FakeProviderServer
+from tests.fakes.provider_server import PROVIDERS, FakeProviderServer
 
 
 def stats(server: FakeProviderServer) -> dict[str, object]:
@@ -27,8 +28,10 @@ def stats(server: FakeProviderServer) -> dict[str, object]:
     }
 
 
-async def serve() -> None:
+async def serve(latency: float) -> None:
     async with FakeProviderServer(keep_bodies=False) as server:
+        for provider in PROVIDERS:
+            server.set_latency(provider, latency)
         print(orjson.dumps({"port": server.port}).decode(), flush=True)
         loop = asyncio.get_running_loop()
         while (line := await loop.run_in_executor(None, sys.stdin.readline)) != "":
@@ -37,4 +40,4 @@ async def serve() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve())
+    asyncio.run(serve(float(sys.argv[1]) if len(sys.argv) > 1 else 0.0))
