@@ -388,6 +388,8 @@ class _Listener:
         try:
             driver: Any = (await conn.get_raw_connection()).driver_connection  # asyncpg's
             await driver.add_listener(store.STEPS_DUE_CHANNEL, self._notified)
+            # a lost connection (a database restart) is listened again on the next pass
+            driver.add_termination_listener(self._notified)
         except BaseException:
             await conn.invalidate()
             await conn.close()
@@ -401,6 +403,7 @@ class _Listener:
         if conn is None:
             return
         try:
+            driver.remove_termination_listener(self._notified)
             if driver.is_closed():
                 await conn.invalidate()
             else:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -304,44 +305,45 @@ async def test_a_batch_costs_the_same_statements_whatever_its_size(engine: Async
     assert opened == 3 + 5 + 60
 
 
-async def _fire_after_a_churn(
-    handler_engine: AsyncEngine, timer: StepFirer, clock: FrozenClock, cid: str, idle_after: int
-) -> Any:
-    """Run the timer (a long poll); once it has made its first ``idle_after`` passes and gone
-    to sleep, commit a churn whose day-0 step is due at once; return that step as soon as it
-    is dispatched (or after a while, as it is)."""
-    passes: list[FireResult] = []
+@asynccontextmanager
+async def idle(timer: StepFirer, passes: int) -> AsyncIterator[list[FireResult]]:
+    """Run the timer (a long poll) until it has made its first ``passes`` passes, found
+    nothing and gone to sleep; yield the list of its passes (it grows as the timer works)."""
+    done: list[FireResult] = []
     fire_once = timer.fire_once
 
     async def counted() -> FireResult:
         result = await fire_once()
-        passes.append(result)
+        done.append(result)
         return result
 
     timer.fire_once = counted  # type: ignore[method-assign]
     running = asyncio.create_task(timer.run())
     try:
-        # the first passes (start-up, and the one the listener's start asks for) find nothing
-        await eventually(
-            lambda: asyncio.sleep(0, len(passes)), lambda n: n >= idle_after, timeout=30
-        )
-        assert [p.claimed for p in passes] == [0] * idle_after
-        pipe = pipeline(handler_engine, clock)
-        await pipe.transact(incoming(pipe, [churn(cid, f"{cid}-e1", T0)]))
-        return await eventually(
-            lambda: dispatched_step(handler_engine, cid), lambda s: s is not None, timeout=15
-        )
+        await eventually(lambda: asyncio.sleep(0, len(done)), lambda n: n >= passes, timeout=30)
+        assert [p.claimed for p in done] == [0] * passes
+        yield done
     finally:
         timer.stop()
         await running
+
+
+async def churn_fired(engine: AsyncEngine, clock: FrozenClock, cid: str) -> Any:
+    """Commit a churn whose day-0 step is due at once; that step as soon as it is dispatched
+    (or, after a while, as it is)."""
+    pipe = pipeline(engine, clock)
+    await pipe.transact(incoming(pipe, [churn(cid, f"{cid}-e1", T0)]))
+    return await eventually(
+        lambda: dispatched_step(engine, cid), lambda s: s is not None, timeout=15
+    )
 
 
 async def test_a_step_due_now_wakes_the_timer_in_the_same_process(engine: AsyncEngine) -> None:
     """The handler and the timer share the engine (as in ``winback scheduler``); the timer
     does not LISTEN and polls every 10 minutes: the commit itself wakes it."""
     clock = FrozenClock(T0)
-    timer = firer(engine, clock, poll_seconds=600, listen=False)
-    step = await _fire_after_a_churn(engine, timer, clock, "woken-in-process", idle_after=1)
+    async with idle(firer(engine, clock, poll_seconds=600, listen=False), passes=1):
+        step = await churn_fired(engine, clock, "woken-in-process")
     assert step is not None
     assert step.fired_at == T0
 
@@ -350,12 +352,47 @@ async def test_a_step_due_now_wakes_a_listening_timer_elsewhere(
     engine: AsyncEngine, migrated_url: str
 ) -> None:
     """The timer has an engine (pool, connections) of its own, as another process would, and
-    polls every 10 minutes: PostgreSQL's notification on commit wakes it."""
+    polls every 10 minutes: PostgreSQL's notification on commit wakes it — the first pass
+    after it starts listening is the one the listener asks for."""
     clock = FrozenClock(T0)
     elsewhere = make_engine(migrated_url, pool_size=2)
     try:
-        timer = firer(elsewhere, clock, poll_seconds=600)
-        step = await _fire_after_a_churn(engine, timer, clock, "woken-by-notify", idle_after=2)
+        async with idle(firer(elsewhere, clock, poll_seconds=600), passes=2):
+            step = await churn_fired(engine, clock, "woken-by-notify")
+    finally:
+        await elsewhere.dispose()
+    assert step is not None
+    assert step.fired_at == T0
+
+
+async def test_a_timer_that_lost_its_listening_connection_listens_again(
+    engine: AsyncEngine, migrated_url: str
+) -> None:
+    """The listening connection is killed (as by a database restart): the timer notices,
+    listens on a new one, and the next due step still wakes it at once."""
+    clock = FrozenClock(T0)
+    elsewhere = make_engine(migrated_url, pool_size=2)
+
+    async def listening() -> list[int]:
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND query = :listen"
+                ),
+                {"listen": 'LISTEN "winback_steps_due"'},
+            )
+            return list(rows.scalars())
+
+    try:
+        async with idle(firer(elsewhere, clock, poll_seconds=600), passes=2) as passes:
+            [first] = await listening()
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
+            again = await eventually(listening, lambda pids: bool(pids) and first not in pids)
+            assert len(again) == 1
+            await eventually(lambda: asyncio.sleep(0, len(passes)), lambda n: n >= 4)
+            step = await churn_fired(engine, clock, "woken-after-reconnect")
     finally:
         await elsewhere.dispose()
     assert step is not None
