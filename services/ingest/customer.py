@@ -12,12 +12,16 @@ active. A return ends every open episode that began before it.
 
 Profile fields are last-writer-wins by event time, field by field. Consent withdrawal always
 applies, whatever its time: an objection to direct marketing is absolute.
+
+Events are applied to a ``Draft``: the customer's state, changed in place while a batch's
+events are folded into it (``apply_to``), so no event rebuilds a frozen state register by
+register. ``apply`` is the same step on a frozen ``CustomerState``.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -79,21 +83,113 @@ class CustomerState:
     @property
     def status(self) -> str:
         """One word for people and queries: churned-like lifecycle first, then inactivity."""
-        if self.lifecycle in CHURNED:
-            return self.lifecycle
-        if self.activity == "inactive":
-            return "inactive"
-        if "active" in (self.lifecycle, self.activity):
-            return "active"
-        return "unknown"
+        return status_of(self.lifecycle, self.activity)
 
     def snapshot(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.id}
-        for name in PROFILE_FIELDS:
-            value = self.profile.get(name)
+        return _snapshot(self)
+
+
+class Draft:
+    """A customer's state while events are applied to it, changed in place; ``freeze()`` makes
+    the ``CustomerState``. Holds copies: the state it was made from is never changed."""
+
+    __slots__ = (
+        "activity",
+        "activity_at",
+        "consent",
+        "id",
+        "lifecycle",
+        "lifecycle_at",
+        "open_episodes",
+        "opted_out_all",
+        "profile",
+        "profile_times",
+    )
+
+    def __init__(self, state: CustomerState) -> None:
+        self.id = state.id
+        self.profile = dict(state.profile)
+        self.profile_times = dict(state.profile_times)
+        self.lifecycle: Lifecycle = state.lifecycle
+        self.lifecycle_at = state.lifecycle_at
+        self.activity: Activity = state.activity
+        self.activity_at = state.activity_at
+        self.consent = dict(state.consent)
+        self.opted_out_all = state.opted_out_all
+        self.open_episodes = list(state.open_episodes)
+
+    @classmethod
+    def new(cls, customer_id: str) -> Draft:
+        """A customer not seen before."""
+        draft = cls(_UNKNOWN)
+        draft.id = customer_id
+        return draft
+
+    @property
+    def status(self) -> str:
+        return status_of(self.lifecycle, self.activity)
+
+    def snapshot(self) -> dict[str, Any]:
+        return _snapshot(self)
+
+    def freeze(self) -> CustomerState:
+        return CustomerState(
+            id=self.id,
+            profile=dict(self.profile),
+            profile_times=dict(self.profile_times),
+            lifecycle=self.lifecycle,
+            lifecycle_at=self.lifecycle_at,
+            activity=self.activity,
+            activity_at=self.activity_at,
+            consent=dict(self.consent),
+            opted_out_all=self.opted_out_all,
+            open_episodes=tuple(self.open_episodes),
+        )
+
+    def differs_from(self, state: CustomerState | None) -> bool:
+        """Whether this draft holds anything ``state`` (where it started) does not."""
+        return (
+            state is None
+            or self.lifecycle != state.lifecycle
+            or self.lifecycle_at != state.lifecycle_at
+            or self.activity != state.activity
+            or self.activity_at != state.activity_at
+            or self.opted_out_all != state.opted_out_all
+            or self.profile != state.profile
+            or self.profile_times != state.profile_times
+            or self.consent != state.consent
+            or tuple(self.open_episodes) != state.open_episodes
+        )
+
+
+_UNKNOWN = CustomerState(id="")
+
+
+def status_of(lifecycle: str, activity: str) -> str:
+    """One word for people and queries: churned-like lifecycle first, then inactivity."""
+    if lifecycle in CHURNED:
+        return lifecycle
+    if activity == "inactive":
+        return "inactive"
+    if "active" in (lifecycle, activity):
+        return "active"
+    return "unknown"
+
+
+_NO_PROFILE: dict[str, Any] = dict.fromkeys(PROFILE_FIELDS)
+
+
+def _snapshot(customer: CustomerState | Draft) -> dict[str, Any]:
+    """The customer as published: id, every profile field (times as ISO strings), status,
+    consent."""
+    out: dict[str, Any] = {"id": customer.id, **_NO_PROFILE}
+    for name, value in customer.profile.items():
+        if name in _NO_PROFILE:
             out[name] = value.isoformat() if isinstance(value, datetime) else value
-        out.update(status=self.status, consent=dict(self.consent), opted_out_all=self.opted_out_all)
-        return out
+    out["status"] = status_of(customer.lifecycle, customer.activity)
+    out["consent"] = dict(customer.consent)
+    out["opted_out_all"] = customer.opted_out_all
+    return out
 
 
 @dataclass(frozen=True)
@@ -133,7 +229,8 @@ class Episode:
 
 @dataclass
 class Effects:
-    """What applying one event changes: the new state, rows to write, events to emit."""
+    """What applying one event changes: the new state (``apply``; ``apply_to`` changes its
+    draft instead), rows to write, events to emit."""
 
     state: CustomerState | None
     new_episode: Episode | None = None
@@ -145,32 +242,32 @@ def episode_id(source: str, event_id: str) -> str:
     return hashlib.sha256(f"{source}|{event_id}".encode()).hexdigest()[:32]
 
 
-def _merge_fields(state: CustomerState, fields: dict[str, Any], at: datetime) -> CustomerState:
-    """Take each field whose last write is older than ``at`` (ties: the later arrival)."""
-    fresh = {k: v for k, v in fields.items() if at >= state.profile_times.get(k, EPOCH)}
-    if not fresh:
-        return state
-    return replace(
-        state,
-        profile={**state.profile, **fresh},
-        profile_times={**state.profile_times, **dict.fromkeys(fresh, at)},
-    )
-
-
-def _merge_profile(state: CustomerState, profile: ev.Profile, at: datetime) -> CustomerState:
-    return _merge_fields(state, profile.fields_set(), at)
+def _merge_fields(draft: Draft, fields: dict[str, Any], at: datetime) -> bool:
+    """Take each field whose last write is older than ``at`` (ties: the later arrival);
+    whether any was taken."""
+    taken = False
+    times = draft.profile_times
+    for name, value in fields.items():
+        if at >= times.get(name, EPOCH):
+            draft.profile[name] = value
+            times[name] = at
+            taken = True
+    return taken
 
 
 def _end_before(
-    state: CustomerState, at: datetime, reason: str, kinds: set[str] | None = None
-) -> tuple[CustomerState, list[tuple[str, datetime, str]]]:
+    draft: Draft, at: datetime, reason: str, kinds: set[str] | None = None
+) -> list[tuple[str, datetime, str]]:
+    """End the open episodes (of ``kinds``) that began at or before ``at``."""
     keep, ended = [], []
-    for episode in state.open_episodes:
+    for episode in draft.open_episodes:
         if episode.occurred_at <= at and (kinds is None or episode.kind in kinds):
             ended.append((episode.id, at, reason))
         else:
             keep.append(episode)
-    return replace(state, open_episodes=tuple(keep)), ended
+    if ended:
+        draft.open_episodes = keep
+    return ended
 
 
 def apply(
@@ -181,62 +278,81 @@ def apply(
 ) -> Effects:
     """Apply one validated inbound event to a customer's state (``None`` = unknown)."""
     payload = inbound.payload
-    at = inbound.occurred_at
-    if inbound.name == "feature.released":
-        assert isinstance(payload, ev.FeatureReleased)
-        return Effects(
-            state=None,
-            emit=[
-                (
-                    "feature.released",
-                    {
-                        "feature": payload.feature,
-                        "name": payload.name,
-                        "description": payload.description,
-                        "released_at": at.isoformat(),
-                    },
-                )
-            ],
-        )
-    assert isinstance(payload, ev.CustomerEvent)
-    before = state or CustomerState(id=payload.customer_id)
-    current = _merge_profile(before, payload.customer, at)
-    effects = Effects(state=current)
+    if not isinstance(payload, ev.CustomerEvent):
+        return _feature_released(inbound)
+    draft = Draft(state) if state is not None else Draft.new(payload.customer_id)
+    effects = apply_to(draft, inbound, source, event_id)
+    effects.state = draft.freeze()
+    return effects
 
-    if inbound.name in LIFECYCLE_CHURN:
-        _churn(effects, current, inbound, source, event_id)
-    elif inbound.name == "user.inactive":
-        _inactive(effects, current, inbound, source, event_id)
-    elif inbound.name in ("subscription.reactivated", "subscription.created"):
-        _reactivated(effects, current, inbound)
-    elif inbound.name == "user.active":
-        _active(effects, current, at)
-    elif inbound.name == "consent.withdrawn":
+
+def apply_to(draft: Draft, inbound: ev.Inbound, source: str, event_id: str) -> Effects:
+    """Apply one validated customer event to ``draft`` in place (``effects.state`` stays
+    ``None``): the effects of ``apply`` with the same state."""
+    payload = inbound.payload
+    assert isinstance(payload, ev.CustomerEvent)
+    at = inbound.occurred_at
+    name = inbound.name
+    merged = _merge_fields(draft, payload.customer.fields_set(), at)
+    effects = Effects(state=None)
+    if name in LIFECYCLE_CHURN:
+        _churn(effects, draft, inbound, source, event_id)
+    elif name == "user.inactive":
+        _inactive(effects, draft, inbound, source, event_id)
+    elif name in ("subscription.reactivated", "subscription.created"):
+        _reactivated(effects, draft, inbound)
+    elif name == "user.active":
+        _active(effects, draft, at)
+    elif name == "consent.withdrawn":
         assert isinstance(payload, ev.ConsentWithdrawn)
         if payload.channel == "all":
-            current = replace(current, opted_out_all=True)
+            draft.opted_out_all = True
         else:
-            current = replace(current, consent={**current.consent, payload.channel: False})
-        effects.state = current
+            draft.consent[payload.channel] = False
         effects.emit.append(
             (
                 "consent.changed",
                 {
-                    "customer_id": current.id,
+                    "customer_id": draft.id,
                     "channel": payload.channel,
                     "granted": False,
                     "at": at.isoformat(),
-                    "customer": current.snapshot(),
+                    "customer": draft.snapshot(),
                 },
             )
         )
-    elif inbound.name == "customer.updated" and current is not before:
-        effects.emit.append(("customer.updated", {"customer": current.snapshot()}))
+    elif name == "customer.updated" and merged:
+        effects.emit.append(("customer.updated", {"customer": draft.snapshot()}))
     return effects
 
 
+def _feature_released(inbound: ev.Inbound) -> Effects:
+    payload = inbound.payload
+    assert isinstance(payload, ev.FeatureReleased)
+    return Effects(
+        state=None,
+        emit=[
+            (
+                "feature.released",
+                {
+                    "feature": payload.feature,
+                    "name": payload.name,
+                    "description": payload.description,
+                    "released_at": inbound.occurred_at.isoformat(),
+                },
+            )
+        ],
+    )
+
+
 def _episode(
-    state: CustomerState, inbound: ev.Inbound, kind: str, source: str, event_id: str
+    draft: Draft,
+    inbound: ev.Inbound,
+    kind: str,
+    source: str,
+    event_id: str,
+    ended_at: datetime | None = None,
+    end_reason: str | None = None,
 ) -> Episode:
     payload = inbound.payload
     at = inbound.occurred_at
@@ -245,11 +361,11 @@ def _episode(
         reason_raw = reason_raw or "unused"
     mrr = getattr(payload, "mrr_minor", None)
     if mrr is None:
-        mrr = state.profile.get("mrr_minor")
-    since = state.profile.get("customer_since")
+        mrr = draft.profile.get("mrr_minor")
+    since = draft.profile.get("customer_since")
     return Episode(
         id=episode_id(source, event_id),
-        customer_id=state.id,
+        customer_id=draft.id,
         kind=kind,
         reason=normalise_reason(reason_raw),
         reason_raw=reason_raw,
@@ -258,31 +374,26 @@ def _episode(
         competitor=getattr(payload, "competitor", None),
         occurred_at=at,
         mrr_at_churn_minor=mrr,
-        currency=getattr(payload, "currency", None) or state.profile.get("currency"),
+        currency=getattr(payload, "currency", None) or draft.profile.get("currency"),
         tenure_days=(at - since).days if isinstance(since, datetime) and since <= at else None,
         source=source,
         source_event_id=event_id,
+        ended_at=ended_at,
+        end_reason=end_reason,
     )
 
 
-def _open(effects: Effects, state: CustomerState, episode: Episode) -> None:
+def _open(effects: Effects, draft: Draft, episode: Episode) -> None:
     """Open ``episode``; it supersedes every open episode that began before it."""
-    current, ended = _end_before(state, episode.occurred_at, "superseded")
-    current = replace(
-        current,
-        open_episodes=(
-            *current.open_episodes,
-            OpenEpisode(episode.id, episode.kind, episode.occurred_at),
-        ),
-    )
-    effects.state = current
+    ended = _end_before(draft, episode.occurred_at, "superseded")
+    draft.open_episodes.append(OpenEpisode(episode.id, episode.kind, episode.occurred_at))
     effects.new_episode = episode
     effects.ended.extend(ended)
     effects.emit.append(
         (
             "churn.recorded",
             {
-                "customer": current.snapshot(),
+                "customer": draft.snapshot(),
                 "episode": episode.public(),
                 "superseded": [e[0] for e in ended],
             },
@@ -290,41 +401,43 @@ def _open(effects: Effects, state: CustomerState, episode: Episode) -> None:
     )
 
 
-def _churn(
-    effects: Effects, state: CustomerState, inbound: ev.Inbound, source: str, event_id: str
-) -> None:
+def _churn(effects: Effects, draft: Draft, inbound: ev.Inbound, source: str, event_id: str) -> None:
     at = inbound.occurred_at
     kind, lifecycle = LIFECYCLE_CHURN[inbound.name]
-    episode = _episode(state, inbound, kind, source, event_id)
-    if at < state.lifecycle_at:
+    if at < draft.lifecycle_at:
         # Stale: something newer already decided the lifecycle. Keep the history only.
-        end_reason = "returned" if state.lifecycle == "active" else "superseded"
-        effects.new_episode = replace(episode, ended_at=state.lifecycle_at, end_reason=end_reason)
+        end_reason = "returned" if draft.lifecycle == "active" else "superseded"
+        effects.new_episode = _episode(
+            draft, inbound, kind, source, event_id, draft.lifecycle_at, end_reason
+        )
         return
-    _open(effects, replace(state, lifecycle=lifecycle, lifecycle_at=at), episode)
+    episode = _episode(draft, inbound, kind, source, event_id)
+    draft.lifecycle = lifecycle
+    draft.lifecycle_at = at
+    _open(effects, draft, episode)
 
 
 def _inactive(
-    effects: Effects, state: CustomerState, inbound: ev.Inbound, source: str, event_id: str
+    effects: Effects, draft: Draft, inbound: ev.Inbound, source: str, event_id: str
 ) -> None:
     at = inbound.occurred_at
-    if at < state.activity_at:
+    if at < draft.activity_at:
         return  # activity seen after this: the customer was not inactive
-    state = replace(state, activity="inactive", activity_at=at)
-    effects.state = state
-    if state.lifecycle in CHURNED:
+    draft.activity = "inactive"
+    draft.activity_at = at
+    if draft.lifecycle in CHURNED:
         return  # already churned: an open case covers them
-    if any(e.kind == "user_inactive" for e in state.open_episodes):
+    if any(e.kind == "user_inactive" for e in draft.open_episodes):
         return  # still the same spell of inactivity
-    _open(effects, state, _episode(state, inbound, "user_inactive", source, event_id))
+    _open(effects, draft, _episode(draft, inbound, "user_inactive", source, event_id))
 
 
-def _reactivated(effects: Effects, state: CustomerState, inbound: ev.Inbound) -> None:
+def _reactivated(effects: Effects, draft: Draft, inbound: ev.Inbound) -> None:
     payload = inbound.payload
     assert isinstance(payload, ev.SubscriptionReactivated)
     at = inbound.occurred_at
-    state = _merge_fields(
-        state,
+    _merge_fields(
+        draft,
         {
             n: getattr(payload, n)
             for n in ("plan", "mrr_minor", "currency")
@@ -332,57 +445,60 @@ def _reactivated(effects: Effects, state: CustomerState, inbound: ev.Inbound) ->
         },
         at,
     )
-    current, ended = _end_before(state, at, "returned")
-    if at >= state.activity_at:
-        current = replace(current, activity="active", activity_at=at)
-    if at >= state.lifecycle_at:
-        was = state.status
-        current = replace(current, lifecycle="active", lifecycle_at=at)
+    was = draft.status
+    activity_at, lifecycle_at = draft.activity_at, draft.lifecycle_at
+    ended = _end_before(draft, at, "returned")
+    if at >= activity_at:
+        draft.activity = "active"
+        draft.activity_at = at
+    if at >= lifecycle_at:
+        draft.lifecycle = "active"
+        draft.lifecycle_at = at
         if was in CHURNED or was == "inactive" or ended:
             effects.emit.append(
                 (
                     "customer.returned",
                     {
-                        "customer": current.snapshot(),
+                        "customer": draft.snapshot(),
                         "kind": "reactivated",
                         "returned_at": at.isoformat(),
                         "previous_status": was,
                         "ended_episodes": [e[0] for e in ended],
-                        "mrr_minor": current.profile.get("mrr_minor"),
+                        "mrr_minor": draft.profile.get("mrr_minor"),
                     },
                 )
             )
-    effects.state = current
     effects.ended.extend(ended)
 
 
-def _active(effects: Effects, state: CustomerState, at: datetime) -> None:
-    current, ended = _end_before(state, at, "returned", kinds={"user_inactive"})
-    if at >= state.activity_at:
-        current = replace(current, activity="active", activity_at=at)
+def _active(effects: Effects, draft: Draft, at: datetime) -> None:
+    lifecycle, activity_at, status = draft.lifecycle, draft.activity_at, draft.status
+    ended = _end_before(draft, at, "returned", kinds={"user_inactive"})
+    if at >= activity_at:
+        draft.activity = "active"
+        draft.activity_at = at
     if ended:
         effects.emit.append(
             (
                 "customer.returned",
                 {
-                    "customer": current.snapshot(),
+                    "customer": draft.snapshot(),
                     "kind": "activity",
                     "returned_at": at.isoformat(),
                     "previous_status": "inactive",
                     "ended_episodes": [e[0] for e in ended],
-                    "mrr_minor": current.profile.get("mrr_minor"),
+                    "mrr_minor": draft.profile.get("mrr_minor"),
                 },
             )
         )
     # a churned customer's case may exit on any activity; for everyone else (a returned
     # customer's re-onboarding watches for the lack of it) the first signal of each hour is
     # enough — a product that reports every page view must not become a stream of events
-    if state.lifecycle in CHURNED or _hour(at) > _hour(state.activity_at):
+    if lifecycle in CHURNED or _hour(at) > _hour(activity_at):
         effects.emit.append(
             (
                 "customer.activity",
-                {"customer_id": state.id, "at": at.isoformat(), "status": state.status},
+                {"customer_id": draft.id, "at": at.isoformat(), "status": status},
             )
         )
-    effects.state = current
     effects.ended.extend(ended)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.ingest import store
-from services.ingest.customer import CustomerState, Episode, apply
+from services.ingest.customer import Draft, Episode, apply, apply_to
 from services.ingest.events import Inbound, decode
 from shared import domain_events
 from shared.clock import Clock
@@ -33,17 +33,22 @@ class IngestHandler:
             if (cid := getattr(item.payload.payload, "customer_id", None)) is not None
         }
         loaded = await store.load(tx.conn, ids)
-        states: dict[str, CustomerState] = dict(loaded)
+        # each customer's state is changed in place while the batch is folded into it
+        drafts: dict[str, Draft] = {}
         new_episodes: list[Episode] = []
         ended: list[tuple[str, Any, str]] = []
         for item in items:
             inbound: Inbound = item.payload
+            event = item.event
             cid = getattr(inbound.payload, "customer_id", None)
-            effects = apply(
-                states.get(cid) if cid else None, inbound, item.event.source, item.event.id
-            )
-            if cid is not None and effects.state is not None:
-                states[cid] = effects.state
+            if cid is None:
+                effects = apply(None, inbound, event.source, event.id)
+            else:
+                draft = drafts.get(cid)
+                if draft is None:
+                    state = loaded.get(cid)
+                    draft = drafts[cid] = Draft(state) if state is not None else Draft.new(cid)
+                effects = apply_to(draft, inbound, event.source, event.id)
             if effects.new_episode is not None:
                 new_episodes.append(effects.new_episode)
             ended.extend(effects.ended)
@@ -54,8 +59,8 @@ class IngestHandler:
                     key,
                     f"{domain_events.PREFIX}.{name}",
                     data,
-                    cause=item.event,
+                    cause=event,
                     subject=cid,
                 )
-        changed = [s for cid, s in states.items() if loaded.get(cid) != s]
+        changed = [d for cid, d in drafts.items() if d.differs_from(loaded.get(cid))]
         await store.save(tx.conn, changed, new_episodes, ended, tx.now)

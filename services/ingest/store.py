@@ -10,7 +10,7 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.ingest.customer import PROFILE_FIELDS, CustomerState, Episode, OpenEpisode
+from services.ingest.customer import PROFILE_FIELDS, CustomerState, Draft, Episode, OpenEpisode
 from shared.db.tables import churn_episodes, customers
 
 
@@ -155,7 +155,7 @@ def _columns(
 
 async def save(
     conn: AsyncConnection,
-    states: Iterable[CustomerState],
+    states: Iterable[CustomerState | Draft],
     new_episodes: Sequence[Episode],
     ended: Sequence[tuple[str, datetime, str]],
     now: datetime,

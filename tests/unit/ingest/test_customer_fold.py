@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.ingest import events as ev
-from services.ingest.customer import CustomerState, apply
+from services.ingest.customer import CustomerState, Draft, apply, apply_to
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -201,3 +202,29 @@ def test_final_state_does_not_depend_on_arrival_order(events: list[ev.Inbound], 
     )
     assert a.status == b.status
     assert a.profile == b.profile
+
+
+# --- property: the handler's in-place fold is the pure fold ----------------------------------
+@settings(max_examples=300, deadline=None)
+@given(histories(), st.booleans())
+def test_a_draft_changed_in_place_gives_what_apply_gives_event_by_event(
+    events: list[ev.Inbound], stored: bool
+) -> None:
+    start = fold(events[:1]) if stored else None  # a customer loaded from the database, or new
+    rest = events[1:] if stored else events
+    loaded = copy.deepcopy(start)
+    draft = Draft(start) if start is not None else Draft.new("c1")
+    state = start
+    for i, item in enumerate(rest):
+        event_id = f"id-{i}"
+        expected = apply(state, item, "/src", event_id)
+        got = apply_to(draft, item, "/src", event_id)
+        assert (got.new_episode, got.ended, got.emit) == (
+            expected.new_episode,
+            expected.ended,
+            expected.emit,
+        )
+        assert draft.freeze() == expected.state
+        state = expected.state
+    assert draft.differs_from(start) == (state != start)
+    assert start == loaded, "the draft changed the state it was made from"
