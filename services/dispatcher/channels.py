@@ -133,7 +133,14 @@ class Instrumented:
         self._provider = provider
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._remember = remember
-        self._labels = (provider.channel.value, provider.name)
+        labels = (provider.channel.value, provider.name)
+        # the labelled children, looked up once (``labels()`` per call is a lock and a dict)
+        self._retries = metrics.RETRIES.labels(*labels)
+        self._seconds = metrics.PROVIDER_SECONDS.labels(*labels)
+        self._errors = {
+            kind: metrics.PROVIDER_ERRORS.labels(*labels, kind)
+            for kind in ("configuration", "permanent", "transient")
+        }
 
     @property
     def name(self) -> str:
@@ -146,7 +153,7 @@ class Instrumented:
     async def send(self, message: OutboundMessage) -> SendResult:
         key = message.idempotency_key
         if key in self._seen:
-            metrics.RETRIES.labels(*self._labels).inc()
+            self._retries.inc()
         else:
             self._seen[key] = None
             if len(self._seen) > self._remember:
@@ -155,16 +162,16 @@ class Instrumented:
         try:
             return await self._provider.send(message)
         except ProviderConfigurationError:
-            metrics.PROVIDER_ERRORS.labels(*self._labels, "configuration").inc()
+            self._errors["configuration"].inc()
             raise
         except PermanentSendError:
-            metrics.PROVIDER_ERRORS.labels(*self._labels, "permanent").inc()
+            self._errors["permanent"].inc()
             raise
         except TransientSendError:
-            metrics.PROVIDER_ERRORS.labels(*self._labels, "transient").inc()
+            self._errors["transient"].inc()
             raise
         finally:
-            metrics.PROVIDER_SECONDS.labels(*self._labels).observe(time.perf_counter() - started)
+            self._seconds.observe(time.perf_counter() - started)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +232,7 @@ def make_http_clients(settings: DispatcherSettings) -> list[httpx.AsyncClient]:
     """Clients for provider calls (used round robin); close them with ``aclose`` when done.
 
     ``http.transport = "pooled"`` (the default) puts each client over ``transport.
-    PooledTransport`` (h11 keep-alive connections, O(1) checkout); ``"httpx"`` keeps httpx's
+    PooledTransport`` (HTTP/1.1 keep-alive connections, O(1) checkout); ``"httpx"`` keeps httpx's
     own transport, whose cost per request grows with its pool (measured here: 8 connections
     per client about 0.6 ms of CPU per request, 32 about 2.6 ms), so prefer many small
     clients with it. All share one TLS context (the CA bundle is loaded once)."""
