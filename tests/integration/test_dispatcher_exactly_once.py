@@ -4,9 +4,7 @@ dispatchers on one database — each step reaches the (fake) provider exactly on
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -21,33 +19,20 @@ from shared.clock import FrozenClock
 from shared.messaging.kafka import KafkaTransport
 from shared.settings import Settings
 from tests.fakes.provider_server import FakeProviderServer
-from tests.integration.test_dispatcher_support import (
+from tests.support.dispatcher import (
     T0,
     command,
     delivery_rows,
-    dispatcher_config,
     emitted,
     seed,
     send_commands,
     service,
     started,
-    with_dispatcher,
 )
 from tests.support.kafka import event_of, read_all
 from tests.support.services import eventually
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeProviderServer]:
-    async with FakeProviderServer() as server:
-        yield server
-
-
-@pytest.fixture
-def configured(settings: Settings, fake: FakeProviderServer, tmp_path: Path) -> Settings:
-    return with_dispatcher(settings, dispatcher_config(fake, tmp_path))
 
 
 def duplicates() -> float:

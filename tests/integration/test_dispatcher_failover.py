@@ -26,7 +26,7 @@ from shared.db.tables import scheduler_customers
 from shared.messaging.pipeline import Incoming
 from shared.settings import Settings
 from tests.fakes.provider_server import FakeProviderServer, Fault, postmark_error, twilio_error
-from tests.integration.test_dispatcher_support import (
+from tests.support.dispatcher import (
     T0,
     command,
     delivery_rows,
@@ -39,35 +39,6 @@ from tests.integration.test_dispatcher_support import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeProviderServer]:
-    async with FakeProviderServer() as server:
-        yield server
-
-
-@pytest.fixture
-def clock() -> FrozenClock:
-    return FrozenClock(T0)
-
-
-@pytest.fixture
-async def dispatcher(
-    settings: Settings,
-    engine: AsyncEngine,
-    fake: FakeProviderServer,
-    tmp_path: Path,
-    clock: FrozenClock,
-    request: pytest.FixtureRequest,
-) -> AsyncIterator[DispatcherService]:
-    overrides = getattr(request, "param", {})
-    configured = with_dispatcher(settings, dispatcher_config(fake, tmp_path, **overrides))
-    svc = service(configured, engine, clock)
-    try:
-        yield svc
-    finally:
-        await svc.aclose()
 
 
 async def dispatch(svc: DispatcherService, *events: dict[str, object]) -> int:

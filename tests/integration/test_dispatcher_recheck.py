@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,10 @@ from shared.cloudevents import from_json_dict
 from shared.db.tables import cases
 from shared.settings import Settings
 from tests.fakes.provider_server import FakeProviderServer
-from tests.integration.test_dispatcher_support import (
+from tests.support.dispatcher import (
     T0,
     command,
     delivery_rows,
-    dispatcher_config,
     emitted,
     seed,
     send_commands,
@@ -41,25 +39,6 @@ from tests.integration.test_dispatcher_support import (
 from tests.support.services import eventually
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeProviderServer]:
-    async with FakeProviderServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def dispatcher(
-    settings: Settings, engine: AsyncEngine, fake: FakeProviderServer, tmp_path: Path
-) -> AsyncIterator[DispatcherService]:
-    svc = service(
-        with_dispatcher(settings, dispatcher_config(fake, tmp_path)), engine, FrozenClock(T0)
-    )
-    try:
-        yield svc
-    finally:
-        await svc.aclose()
 
 
 async def accept(svc: DispatcherService, *events: dict[str, Any]) -> None:

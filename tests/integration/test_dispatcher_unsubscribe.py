@@ -4,7 +4,6 @@ link — what a link scanner does — only shows the page; a forged token is ref
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from shared.cloudevents import from_json_dict
 from shared.db.tables import scheduler_customers
 from shared.settings import Settings
 from tests.fakes.provider_server import FakeProviderServer
-from tests.integration.test_dispatcher_support import (
+from tests.support.dispatcher import (
     T0,
     command,
     delivery_rows,
@@ -39,17 +38,6 @@ from tests.support.http import serve
 from tests.support.kafka import event_of, read_all
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeProviderServer]:
-    async with FakeProviderServer() as server:
-        yield server
-
-
-@pytest.fixture
-def configured(settings: Settings, fake: FakeProviderServer, tmp_path: Path) -> Settings:
-    return with_dispatcher(settings, dispatcher_config(fake, tmp_path))
 
 
 async def link_in_a_sent_email(

@@ -29,7 +29,7 @@ from shared.clock import FrozenClock
 from shared.cloudevents import from_json_dict
 from shared.settings import Settings
 from tests.fakes.provider_server import FakeProviderServer
-from tests.integration.test_dispatcher_support import (
+from tests.support.dispatcher import (
     T0,
     TWILIO_TOKEN,
     command,

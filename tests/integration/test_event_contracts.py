@@ -50,7 +50,7 @@ from shared.messaging.memory import MemoryBus
 from shared.messaging.transport import OutgoingRecord, Record
 from shared.settings import DEV_SECRET, Settings
 from tests.fakes.provider_server import FakeProviderServer, Fault
-from tests.integration.test_dispatcher_support import dispatcher_config, with_dispatcher
+from tests.support.dispatcher import dispatcher_config, with_dispatcher
 from tests.support.http import serve
 from tests.support.kafka import cloudevent, structured
 from tests.support.services import eventually, running

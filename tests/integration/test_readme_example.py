@@ -25,7 +25,7 @@ from shared import domain_events as de
 from shared.clock import FrozenClock
 from shared.db.tables import case_steps, deliveries
 from shared.settings import DEV_SECRET, Settings
-from tests.integration.test_dispatcher_support import with_dispatcher
+from tests.support.dispatcher import with_dispatcher
 from tests.support.http import serve
 from tests.support.kafka import event_of, read_all
 from tests.support.services import eventually, running

@@ -26,7 +26,8 @@ from shared import domain_events as de
 from shared.clock import FrozenClock
 from shared.db.tables import case_steps, cases, outbox, scheduler_customers, win_backs
 from shared.settings import Settings
-from tests.support.kafka import cloudevent, event_of, produce, read_all, structured
+from tests.support.buses import ServiceBus, event_of
+from tests.support.kafka import cloudevent, produce, structured
 from tests.support.services import eventually, running
 
 pytestmark = pytest.mark.integration
@@ -41,10 +42,10 @@ class System:
     clock: FrozenClock
     ingest: IngestService
     scheduler: SchedulerService
+    bus: ServiceBus
 
     async def send(self, *events: dict[str, Any]) -> None:
-        await produce(
-            self.settings.kafka.bootstrap_servers,
+        await self.bus.produce(
             self.settings.topics.inbound[0],
             [(e["data"].get("customer_id", "k").encode(), *structured(e)) for e in events],
         )
@@ -103,11 +104,13 @@ class System:
 
 @asynccontextmanager
 async def system(
-    settings: Settings, engine: AsyncEngine, start: datetime = T0
+    settings: Settings, engine: AsyncEngine, start: datetime = T0, bus: ServiceBus | None = None
 ) -> AsyncIterator[System]:
+    """Ingest and the scheduler running on ``bus`` (the real broker if none is given)."""
+    bus = bus or ServiceBus("kafka", settings.kafka.bootstrap_servers)
     clock = FrozenClock(start)
-    ingest = ingest_bootstrap(settings, engine=engine, clock=clock)
-    scheduler = scheduler_bootstrap(settings, engine=engine, clock=clock)
+    ingest = ingest_bootstrap(settings, engine=engine, clock=clock, transport=bus.transport)
+    scheduler = scheduler_bootstrap(settings, engine=engine, clock=clock, transport=bus.transport)
     # the test drives the timer itself, step by step
     scheduler.core.runtime.extra_parts = [
         p for p in scheduler.core.runtime.extra_parts if p[0] != "step-timer"
@@ -115,7 +118,7 @@ async def system(
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(running(ingest.core.runtime))
         await stack.enter_async_context(running(scheduler.core.runtime))
-        yield System(settings, engine, clock, ingest, scheduler)
+        yield System(settings, engine, clock, ingest, scheduler, bus)
 
 
 def not_in_holdout(prefix: str, playbook: str, share: float = 0.05) -> str:
@@ -151,10 +154,10 @@ def cancellation(
 
 
 async def test_a_cancellation_yields_dispatch_commands_at_the_right_local_times(
-    settings: Settings, engine: AsyncEngine
+    settings: Settings, engine: AsyncEngine, service_bus: ServiceBus
 ) -> None:
     cid = not_in_holdout("cus_p", "price_discount")
-    async with system(settings, engine) as s:
+    async with system(settings, engine, bus=service_bus) as s:
         await s.send(cancellation(cid, T0))
         case = await s.case(cid)
         assert case.playbook == "price_discount"
@@ -203,10 +206,10 @@ async def test_a_step_due_at_night_goes_at_the_start_of_the_local_send_window(
 
 
 async def test_a_reactivation_cancels_pending_steps_and_credits_the_last_touch(
-    settings: Settings, engine: AsyncEngine
+    settings: Settings, engine: AsyncEngine, service_bus: ServiceBus
 ) -> None:
     cid = not_in_holdout("cus_w", "price_discount")
-    async with system(settings, engine) as s:
+    async with system(settings, engine, bus=service_bus) as s:
         await s.send(cancellation(cid, T0))
         case = await s.case(cid)
         await s.fire_until(T0 + timedelta(days=4))
@@ -221,9 +224,7 @@ async def test_a_reactivation_cancels_pending_steps_and_credits_the_last_touch(
         await s.fire_until(back + timedelta(days=30), step=timedelta(hours=6))
         steps = await s.steps(cid)
         commands = await s.dispatched()
-        won = await read_all(
-            s.settings.kafka.bootstrap_servers, s.settings.topics.outcomes, expect=3, timeout=10
-        )
+        won = await s.bus.read(s.settings.topics.outcomes, expect=3, timeout=10)
     assert row.close_reason == "returned"
     # (the re-onboarding case the return opens has its own steps)
     assert [c["data"]["step_key"] for c in commands if c["data"]["case_id"] == case.id] == [
@@ -241,7 +242,7 @@ async def test_a_reactivation_cancels_pending_steps_and_credits_the_last_touch(
     assert credit.crm_owner == "owner-3"
     assert credit.mrr_regained_minor == 3900
     assert credit.days_to_return == 5
-    won_back = [event_of(r) for r in won if event_of(r)["type"] == de.CASE_WON_BACK]
+    won_back = [e for e in map(event_of, won) if e["type"] == de.CASE_WON_BACK]
     assert len(won_back) == 1
     assert won_back[0]["data"]["step_key"] == "d3_what_you_missed"
     assert won_back[0]["data"]["crm_owner"] == "owner-3"
@@ -299,13 +300,13 @@ async def test_an_unsubscribe_from_a_message_closes_the_case_and_marks_the_step(
 
 
 async def test_a_feature_release_wakes_exactly_the_customers_who_asked_for_it(
-    settings: Settings, engine: AsyncEngine
+    settings: Settings, engine: AsyncEngine, service_bus: ServiceBus
 ) -> None:
     sso = not_in_holdout("cus_sso", "missing_feature", 0.1)
     api = not_in_holdout("cus_api", "missing_feature", 0.1)
     price = not_in_holdout("cus_pr", "price_discount")
     long_ago = T0 - timedelta(days=200)
-    async with system(settings, engine) as s:
+    async with system(settings, engine, bus=service_bus) as s:
         await s.send(
             cancellation(sso, long_ago, "missing_features", feature="SSO login"),
             cancellation(api, long_ago, "missing_features", feature="public api"),
@@ -496,11 +497,11 @@ def outside_both_holdouts(prefix: str) -> str:
 
 
 async def test_a_won_back_customer_is_re_onboarded_and_watched_until_they_churn_again(
-    settings: Settings, engine: AsyncEngine
+    settings: Settings, engine: AsyncEngine, service_bus: ServiceBus
 ) -> None:
     active = outside_both_holdouts("cus_ra")
     quiet = outside_both_holdouts("cus_rq")
-    async with system(settings, engine) as s:
+    async with system(settings, engine, bus=service_bus) as s:
         await s.send(cancellation(active, T0), cancellation(quiet, T0))
         first = {cid: await s.case(cid) for cid in (active, quiet)}
         await s.fire_until(T0 + timedelta(days=4))

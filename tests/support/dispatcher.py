@@ -1,4 +1,4 @@
-"""Helpers shared by the dispatcher's integration tests (this module holds no tests).
+"""Helpers for tests that run the dispatcher (its fixtures are in tests/integration/conftest.py).
 
 A dispatcher wired to the fake provider server, rows the re-check reads (the scheduler's
 customer view and cases), dispatch commands on the real broker, and readers for what the
