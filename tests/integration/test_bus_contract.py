@@ -341,8 +341,15 @@ async def test_poll_returns_a_record_published_while_it_waits(bus: Bus) -> None:
     member = await bus.member(bus.group(), [topic])
     assert await member.poll(10, 200) == []
 
-    waiting = asyncio.create_task(member.poll(10, 10_000))
-    await asyncio.sleep(0.05)
+    polling = asyncio.Event()
+
+    async def poll() -> list[Record]:
+        polling.set()
+        return await member.poll(10, 10_000)
+
+    waiting = asyncio.create_task(poll())
+    await asyncio.wait_for(polling.wait(), 5)
+    assert not waiting.done()  # the record comes while this poll is in progress
     await bus.publish(topic, [(b"k", b"v")])
     started = asyncio.get_running_loop().time()
     got = await asyncio.wait_for(waiting, 15)

@@ -175,7 +175,15 @@ async def test_every_panel_query_and_alert_expression_evaluates_on_the_running_s
                     timeout=30,
                 )
                 assert [t["health"] for t in active] == ["up"] * 3
-                await asyncio.sleep(3)  # a few scrapes, so rate() has two samples
+
+                async def fewest_samples() -> float:
+                    """The fewest scrapes Prometheus holds of any target (rate() needs two)."""
+                    query = {"query": 'min(count_over_time(up{job="winback"}[5m]))'}
+                    result = (await http.get(f"{prom}/api/v1/query", params=query)).json()
+                    samples = result["data"]["result"]
+                    return float(samples[0]["value"][1]) if samples else 0.0
+
+                assert await eventually(fewest_samples, lambda n: n >= 2, timeout=30) >= 2
 
                 failures: list[str] = []
                 checked = 0

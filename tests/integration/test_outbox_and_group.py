@@ -99,7 +99,14 @@ async def test_a_rebalance_and_a_graceful_stop_lose_nothing_and_repeat_nothing(
             await produce(settings.kafka.bootstrap_servers, topic, events[n // 2 :])
             done = await eventually(episodes, lambda v: v >= n, timeout=60)
         # the second member stopped gracefully: its partitions return to the first
-        await asyncio.sleep(0.5)
+        everything = {
+            (t, p) for t in settings.topics.inbound for p in range(settings.topics.partitions)
+        }
+
+        async def owned() -> set[tuple[str, int]]:
+            return first.consumer.subscription.assignment()
+
+        assert await eventually(owned, lambda a: a == everything) == everything
     assert done == n
     async with engine.connect() as conn:
         emitted = int(await conn.scalar(select(func.count()).select_from(outbox)) or 0)

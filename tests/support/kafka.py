@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.structs import ConsumerRecord
+from aiokafka.structs import ConsumerRecord, TopicPartition
 
 PREFIX = "com.example"
 
@@ -96,6 +96,23 @@ async def read_all(
     finally:
         await consumer.stop()
     return out
+
+
+async def group_behind(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    """How many records of each partition of ``topic`` lie past ``group``'s committed position
+    (a partition without a commit counts from 0); empty once the group has committed to the end.
+    A consumer commits after its transaction, so then every record's effect is in the database."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        ends = await consumer.end_offsets(tps)
+        behind = {tp.partition: ends[tp] - (await consumer.committed(tp) or 0) for tp in tps}
+    finally:
+        await consumer.stop()
+    return {p: n for p, n in behind.items() if n > 0}
 
 
 def header(record: ConsumerRecord[bytes, bytes], name: str) -> str | None:

@@ -26,7 +26,7 @@ from shared.messaging.memory import (
     partition_for,
 )
 from shared.messaging.pipeline import BatchResult, DeadLetter, Incoming, Pipeline
-from shared.messaging.transport import OutgoingRecord, Record, TopicPartition
+from shared.messaging.transport import OutgoingRecord, Record, RevokeHook, TopicPartition
 from tests.support.services import eventually
 
 T = "orders"
@@ -200,10 +200,12 @@ async def test_a_join_waits_for_the_batch_in_flight_and_resumes_from_its_commit(
 ) -> None:
     await publish(bus, keyed(30))
     gate = asyncio.Event()
+    revoking = asyncio.Event()
     holder: list[MemorySubscription] = []
     read: dict[TopicPartition, int] = {}
 
     async def finish_batch(revoked: set[TopicPartition]) -> None:
+        revoking.set()
         await gate.wait()
         await holder[0].commit({tp: read[tp] for tp in revoked})
 
@@ -213,7 +215,7 @@ async def test_a_join_waits_for_the_batch_in_flight_and_resumes_from_its_commit(
         read[r.tp] = r.offset + 1
     newcomer = bus.subscription("g", [T])
     joining = asyncio.create_task(newcomer.start(no_hook))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(revoking.wait(), 2)  # the join reached the first member's hook
 
     assert not joining.done(), "the join did not wait for the on_revoke hook"
     assert newcomer.assignment() == set()
@@ -255,15 +257,17 @@ async def test_a_member_that_stops_while_its_hook_waits_does_not_block_the_rebal
 ) -> None:
     # ConsumerRunner's shape: the hook waits for a lock the member holds while it stops.
     lock = asyncio.Lock()
+    revoking = asyncio.Event()
 
     async def wait_for_batch(_: set[TopicPartition]) -> None:
+        revoking.set()
         async with lock:
             pass
 
     first = await member(bus, hook=wait_for_batch)
     async with lock:
         joining = asyncio.create_task(member(bus))
-        await asyncio.sleep(0.02)
+        await asyncio.wait_for(revoking.wait(), 2)  # the join waits on the hook, the hook on us
         assert not joining.done()
         await asyncio.wait_for(first.stop(), 2)
     second = await asyncio.wait_for(joining, 2)
@@ -342,7 +346,12 @@ async def test_poll_returns_at_most_max_records_and_waits_out_its_timeout(bus: M
 async def test_a_poll_in_progress_returns_empty_when_its_member_stops(bus: MemoryBus) -> None:
     sub = await member(bus)
     waiting = asyncio.create_task(sub.poll(10, 10_000))
-    await asyncio.sleep(0.01)
+
+    async def poll_waits() -> bool:  # the poll found nothing and waits for a wake-up
+        return not sub._wake.is_set()
+
+    assert await eventually(poll_waits, bool, timeout=2, interval=0.001)
+    assert not waiting.done()
     await sub.stop()
     assert await asyncio.wait_for(waiting, 1) == []
 
@@ -386,6 +395,21 @@ class RecordingPipeline(Pipeline):
         return BatchResult(len(items), 0, len(dead))
 
 
+class RevokeWatched(MemorySubscription):
+    """A member that tells when the group asks it to give partitions up."""
+
+    def __init__(self, bus: MemoryBus, group: str, topics: Sequence[str]) -> None:
+        super().__init__(bus, group, topics)
+        self.revoking = asyncio.Event()
+
+    async def start(self, on_revoke: RevokeHook) -> None:
+        async def hook(partitions: set[TopicPartition]) -> None:
+            self.revoking.set()
+            await on_revoke(partitions)
+
+        await super().start(hook)
+
+
 def decode(record: Record) -> Incoming[Any]:
     event = CloudEvent(id=f"{record.tp}-{record.offset}", source="/test", type="test")
     return Incoming(event=event, payload=record.value, key=record.key, record=record)
@@ -398,14 +422,15 @@ async def test_consumer_runners_hand_over_a_batch_in_flight_without_loss_or_repe
     await publish(bus, sent[:30])
     gate = asyncio.Event()
     pipelines = [RecordingPipeline("first", gate), RecordingPipeline("second", gate)]
+    watched = RevokeWatched(bus, "g", [T])
     runners = [
-        ConsumerRunner(bus.subscription("g", [T]), p, poll_timeout_ms=20, decode=decode)
-        for p in pipelines
+        ConsumerRunner(sub, p, poll_timeout_ms=20, decode=decode)
+        for sub, p in zip([watched, bus.subscription("g", [T])], pipelines, strict=True)
     ]
     first = asyncio.create_task(runners[0].run())
     await asyncio.wait_for(pipelines[0].entered.wait(), 2)  # a batch waits in "the transaction"
     second = asyncio.create_task(runners[1].run())
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(watched.revoking.wait(), 2)  # the join asks the first to let go
     assert not runners[1].started.is_set(), "the join did not wait for the batch in flight"
 
     gate.set()

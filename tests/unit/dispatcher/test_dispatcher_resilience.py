@@ -30,6 +30,7 @@ from services.dispatcher.resilience import (
     rate_limiter,
 )
 from shared.clock import FrozenClock
+from tests.support.services import eventually
 
 
 def state_of(breaker: CircuitBreaker) -> CircuitState:
@@ -424,7 +425,11 @@ async def test_a_cancelled_probe_does_not_wedge_the_circuit(clock: FrozenClock) 
     failover = sender([gp], RecordingSleep())
 
     task = asyncio.create_task(failover.send(MESSAGE))
-    await asyncio.sleep(0.01)
+
+    async def calls() -> int:  # the probe reached the provider, which hangs
+        return primary.calls
+
+    assert await eventually(calls, lambda n: n == 1, timeout=5, interval=0.001) == 1
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

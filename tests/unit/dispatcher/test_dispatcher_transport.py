@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -15,6 +16,7 @@ from services.dispatcher.providers import OutboundMessage, SendGridProvider
 from services.dispatcher.rendering import Channel, RenderedMessage
 from services.dispatcher.transport import PooledTransport
 from tests.fakes.provider_server import FakeProviderServer, Fault
+from tests.support.services import eventually
 
 BODY = {"personalizations": [{"to": [{"email": "a@example.com"}]}], "from": {"email": "b@x.io"}}
 AUTH = {"Authorization": "Bearer SG.key"}
@@ -110,7 +112,11 @@ async def test_waiting_too_long_for_a_free_connection_is_a_pool_timeout(
     async with client(transport, timeout=1.0) as http:
         url = f"{server.base_url}/v3/mail/send"
         hung = asyncio.create_task(http.post(url, json=BODY, headers=AUTH))
-        await asyncio.sleep(0.1)
+
+        async def received() -> int:  # the hung request holds the one connection
+            return len(server.requests_for("sendgrid"))
+
+        assert await eventually(received, lambda n: n == 1, timeout=5, interval=0.01) == 1
         with pytest.raises(httpx.PoolTimeout):
             await http.post(url, json=BODY, headers=AUTH, timeout=httpx.Timeout(1.0, pool=0.1))
         with pytest.raises(httpx.ReadTimeout):
@@ -126,6 +132,11 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(
         assert (await http.post(url, json=BODY, headers=AUTH)).status_code == 202
         for writer in list(server._writers):  # the server drops its idle keep-alive
             writer.transport.abort()
-        await asyncio.sleep(0.05)
+
+        async def seen_closed() -> bool:  # the client's end of the idle connection saw it
+            idle = [c for pooled in transport._idle.values() for c in pooled]
+            return bool(idle) and not any(c.usable(time.monotonic(), 30.0) for c in idle)
+
+        assert await eventually(seen_closed, bool, timeout=5, interval=0.01)
         assert (await http.post(url, json=BODY, headers=AUTH)).status_code == 202
     assert transport.connections_opened == 2
