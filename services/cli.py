@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,39 +24,58 @@ from shared import logging as winback_logging
 from shared.clock import AcceleratedClock, Clock
 from shared.errors import ConfigError
 from shared.messaging.transport import Transport
+from shared.runtime import Runtime
 from shared.settings import Settings, load_settings
 
 SERVICES = ("ingest", "scheduler", "dispatcher")
 
 
-def _app_for(
+EXIT_CONFIG = 2
+"""A configuration that can never work (``ConfigError``): one line on stderr."""
+EXIT_UNAVAILABLE = 69
+"""``winback migrate``: the database did not answer within ``--wait`` (sysexits' EX_UNAVAILABLE)."""
+
+
+@dataclass
+class Service:
+    name: str
+    app: Any
+    runtime: Runtime
+    port: int
+
+
+def _service_for(
     name: str, settings: Settings, transport: Transport | None = None, clock: Clock | None = None
-) -> Any:
+) -> Service:
+    port: int = getattr(settings.http, f"{name}_port")
     if name == "ingest":
         from services.ingest.bootstrap import bootstrap as ingest
 
-        return ingest(settings, transport=transport, clock=clock).app
+        svc = ingest(settings, transport=transport, clock=clock)
+        return Service(name, svc.app, svc.core.runtime, port)
     if name == "scheduler":
         from services.scheduler.bootstrap import bootstrap as scheduler
 
-        return scheduler(settings, transport=transport, clock=clock).app
+        sch = scheduler(settings, transport=transport, clock=clock)
+        return Service(name, sch.app, sch.core.runtime, port)
     if name == "dispatcher":
         from services.dispatcher.bootstrap import bootstrap as dispatcher
 
-        return dispatcher(settings, transport=transport, clock=clock).app
+        dsp = dispatcher(settings, transport=transport, clock=clock)
+        return Service(name, dsp.app, dsp.core.runtime, port)
     if name == "relay":
         from services.relay import bootstrap as relay
 
-        return relay(settings, transport=transport, clock=clock)[1]
+        core, app = relay(settings, transport=transport, clock=clock)
+        return Service(name, app, core.runtime, port)
     raise SystemExit(f"unknown service {name!r}")
 
 
-def _port(name: str, settings: Settings) -> int:
-    port: int = getattr(settings.http, f"{name}_port")
-    return port
-
-
-async def _serve(apps: list[tuple[str, Any, int]], host: str, demo: Any = None) -> None:
+async def _serve(services: list[Service], host: str, demo: Any = None) -> None:
+    """Serve every service's app until SIGINT/SIGTERM. Each runtime starts in the background
+    (``Runtime.lifespan``): the HTTP servers answer their probes while start-up waits for the
+    database and the broker, and a signal ends the waiting at once. A start-up that fails for
+    good stops every server; its failure is raised (a ``ConfigError``: exit code 2)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -65,10 +86,11 @@ async def _serve(apps: list[tuple[str, Any, int]], host: str, demo: Any = None) 
             yield
 
     servers = [
-        Server(uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="on"))
-        for _, app, port in apps
+        Server(uvicorn.Config(s.app, host=host, port=s.port, log_config=None, lifespan="on"))
+        for s in services
     ]
     loop = asyncio.get_running_loop()
+    failures: list[tuple[str, BaseException]] = []
 
     def _exit() -> None:
         for server in servers:
@@ -76,17 +98,85 @@ async def _serve(apps: list[tuple[str, Any, int]], host: str, demo: Any = None) 
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _exit)
+    for service in services:
+
+        def failed(exc: BaseException, name: str = service.name) -> None:
+            failures.append((name, exc))
+            _exit()
+
+        service.runtime.on_failure = failed
 
     async def feed() -> None:
-        while not all(s.started for s in servers):  # noqa: ASYNC110 - uvicorn has no event
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(2)  # the consumers join their groups
+        # once every consumer has joined its group (start-up may wait for the broker)
+        await asyncio.gather(*(s.runtime.wait_consuming(timeout=None) for s in services))
         await demo.run()
 
+    def fed(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            _exit()  # and the error is raised below
+
     tasks = [asyncio.create_task(s.serve()) for s in servers]
-    if demo is not None:
-        tasks.append(asyncio.create_task(feed()))
+    feeder = asyncio.create_task(feed()) if demo is not None else None
+    if feeder is not None:
+        feeder.add_done_callback(fed)
     await asyncio.gather(*tasks)
+    if feeder is not None:
+        if not feeder.done():
+            feeder.cancel()
+        await asyncio.wait([feeder])
+        if not feeder.cancelled():
+            feeder.result()
+    if failures:
+        name, exc = failures[0]
+        if isinstance(exc, ConfigError):
+            raise exc
+        raise SystemExit(f"winback: {name}: start-up failed: {type(exc).__name__}: {exc}")
+
+
+def wait_for_database(url: str, seconds: float | None) -> None:
+    """Return once the database at ``url`` answers, retrying by the start-up policy (one log
+    line per interval) for at most ``seconds`` (``None``: until it answers; ``0``: one try).
+    Still unreachable then: one line on stderr and exit code ``EXIT_UNAVAILABLE``; a server
+    that refuses us (credentials, no such database): ``ConfigError``."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from shared.db.engine import make_engine, normalise_url
+    from shared.runtime import STARTUP, database_answers
+
+    try:
+        where = make_url(normalise_url(url)).render_as_string(hide_password=True)
+    except ArgumentError as exc:
+        raise ConfigError(f"database.url (WINBACK_DATABASE__URL): {exc}") from None
+
+    async def answers() -> None:
+        engine = make_engine(url, pool_size=1)
+        stopping = asyncio.Event()
+        if seconds is not None:
+            asyncio.get_running_loop().call_later(seconds, stopping.set)
+        try:
+            await STARTUP.call(
+                lambda: database_answers(engine),
+                "reaching the database",
+                logging.getLogger("winback.migrate"),
+                stopping,
+            )
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(answers())
+    except ConfigError:
+        raise
+    except Exception as exc:
+        within = f" within {seconds:g} s" if seconds else ""
+        print(
+            f"winback: the database did not answer{within} ({where}): {type(exc).__name__}: {exc}"[
+                :500
+            ],
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_UNAVAILABLE) from None
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
@@ -97,6 +187,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
             from shared.local.embedded import with_local_database
 
             settings = with_local_database(settings, stack)
+        wait_for_database(settings.database.url, args.wait)
         if args.down:
             migrate.downgrade(settings.database.url, args.down)
         else:
@@ -130,8 +221,9 @@ def cmd_service(settings: Settings, args: argparse.Namespace) -> None:
             if args.demo:
                 clock = AcceleratedClock(factor=args.speed)
         if args.command == "run" or args.migrate:
+            wait_for_database(settings.database.url, None)  # as the services do: until it answers
             migrate.upgrade(settings.database.url)
-        apps = [(n, _app_for(n, settings, transport, clock), _port(n, settings)) for n in names]
+        services = [_service_for(n, settings, transport, clock) for n in names]
         if args.command == "run" and args.demo:
             from services.demo import DemoFeeder
             from shared.messaging.kafka import KafkaTransport
@@ -149,9 +241,12 @@ def cmd_service(settings: Settings, args: argparse.Namespace) -> None:
                 "events are on their way",
                 flush=True,
             )
-        for name, _, port in apps:
-            print(f"{name}: http://{settings.http.host}:{port}  (docs at /docs)", flush=True)
-        asyncio.run(_serve(apps, settings.http.host, demo))
+        for service in services:
+            print(
+                f"{service.name}: http://{settings.http.host}:{service.port}  (docs at /docs)",
+                flush=True,
+            )
+        asyncio.run(_serve(services, settings.http.host, demo))
 
 
 def cmd_publish(settings: Settings, args: argparse.Namespace) -> None:
@@ -198,8 +293,20 @@ def cmd_asyncapi(settings: Settings, args: argparse.Namespace) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="winback", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("migrate", help="apply the database migrations (or --down REV)")
+    m = sub.add_parser(
+        "migrate",
+        help="apply the database migrations (or --down REV); exit code 69 if the database "
+        "does not answer (within --wait), 2 if the configuration is wrong",
+    )
     m.add_argument("--down", help="downgrade to this revision (e.g. base)")
+    m.add_argument(
+        "--wait",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to this long for the database to answer, retrying with backoff "
+        "(default 0: one try; an init container or hook job wants a bounded wait, e.g. 120)",
+    )
     for name in (*SERVICES, "relay"):
         s = sub.add_parser(
             name,
@@ -238,13 +345,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be 0 or more")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
         settings = load_settings()
     except ConfigError as exc:
         print(f"winback: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_CONFIG) from None
     winback_logging.configure(
         settings.log_level, f"winback-{args.command}", settings.log_repeat_interval_seconds
     )
@@ -259,7 +376,9 @@ def main(argv: list[str] | None = None) -> None:
             cmd_service(settings, args)
     except (ConfigError, PlaybookError) as exc:
         print(f"winback: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_CONFIG) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

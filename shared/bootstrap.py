@@ -2,6 +2,10 @@
 
 A service's own ``bootstrap()`` calls ``build_core`` and adds its handlers and routes.
 Tests pass their own engine, transport or clock into the same functions.
+
+Nothing here connects to anything: a configuration that can never work (no database URL, one
+that does not parse, a broker address that is not ``host:port``) is a ``ConfigError`` at once;
+waiting for a database or broker that is down is the runtime's start-up (``shared.runtime``).
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.clock import Clock, SystemClock
@@ -41,7 +46,10 @@ def build_core(
     if engine is None:
         if not settings.database.url:
             raise ConfigError("database.url (WINBACK_DATABASE__URL): no database configured")
-        engine = make_engine(settings.database.url, settings.database.pool_size)
+        try:
+            engine = make_engine(settings.database.url, settings.database.pool_size)
+        except ArgumentError as exc:
+            raise ConfigError(f"database.url (WINBACK_DATABASE__URL): {exc}") from None
     if transport is None:
         if not settings.kafka.bootstrap_servers:
             raise ConfigError(

@@ -6,25 +6,46 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+import re
+import socket
+from collections.abc import Iterator, Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.conn import collect_hosts
 from aiokafka.errors import (
+    AuthenticationFailedError,
+    AuthenticationMethodNotSupported,
+    ClusterAuthorizationFailedError,
     CommitFailedError,
+    IllegalSaslStateError,
     IllegalStateError,
+    IncompatibleBrokerVersion,
+    InvalidConfigurationError,
+    InvalidPartitionsError,
+    InvalidReplicationAssignmentError,
+    InvalidReplicationFactorError,
     InvalidTimestampError,
     InvalidTopicError,
+    KafkaConfigurationError,
     KafkaError,
     MessageSizeTooLargeError,
+    PolicyViolationError,
     RecordListTooLargeError,
     RecordTooLargeError,
+    SaslAuthenticationFailed,
+    SecurityDisabled,
     TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    UnrecognizedBrokerVersion,
+    UnsupportedSaslMechanismError,
+    UnsupportedVersionError,
+    for_code,
 )
 from aiokafka.structs import OffsetAndMetadata
 from aiokafka.structs import TopicPartition as KafkaTP
 
-from shared.errors import InvalidEvent
+from shared.errors import ConfigError, InvalidEvent, TransientError
 from shared.messaging.kafka_raw import RawRecord, read_around
 from shared.messaging.transport import (
     DEFAULT_MAX_RECORD_BYTES,
@@ -279,8 +300,11 @@ class KafkaPublisher:
         )
 
     async def start(self) -> None:
+        """Start the producer; the broker unreachable is a ``TransientError``, a refusal the
+        configuration cannot get past a ``ConfigError`` (``startup_errors``)."""
         self._started = True
-        await self._open()
+        with startup_errors("starting the producer", str(self._options["bootstrap_servers"])):
+            await self._open()
 
     async def _open(self) -> AIOKafkaProducer:
         if self._producer is None:
@@ -379,6 +403,78 @@ class KafkaPublisher:
         await self._close()
 
 
+_SETTING = "kafka.bootstrap_servers (WINBACK_KAFKA__BOOTSTRAP_SERVERS)"
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+
+# What the same configuration will never get past: authentication, authorization, a broker
+# that does not speak our protocol, topic settings the cluster refuses. Every other Kafka error
+# at start-up (the broker unreachable, no leader yet, a timeout, one we do not know) is waited
+# out.
+_PERMANENT: tuple[type[KafkaError], ...] = (
+    AuthenticationFailedError,
+    AuthenticationMethodNotSupported,
+    ClusterAuthorizationFailedError,
+    IllegalSaslStateError,
+    IncompatibleBrokerVersion,
+    InvalidConfigurationError,
+    InvalidPartitionsError,
+    InvalidReplicationAssignmentError,
+    InvalidReplicationFactorError,
+    InvalidTopicError,
+    KafkaConfigurationError,
+    PolicyViolationError,
+    SaslAuthenticationFailed,
+    SecurityDisabled,
+    TopicAuthorizationFailedError,
+    UnrecognizedBrokerVersion,
+    UnsupportedSaslMechanismError,
+    UnsupportedVersionError,
+)
+
+
+def parse_bootstrap(servers: str) -> list[tuple[str, int]]:
+    """The ``host:port`` pairs of a bootstrap list (``[v6]:port`` for IPv6; the port defaults
+    to 9092), or ``ConfigError`` naming the setting and the entry that cannot be an address:
+    a configuration no retry can fix fails at once instead of being waited out."""
+    if not servers.strip():
+        raise ConfigError(f"{_SETTING}: empty")
+    pairs: list[tuple[str, int]] = []
+    for entry in servers.split(","):
+        try:
+            [(host, port, family)] = collect_hosts(entry, randomize=False)
+        except ValueError:
+            raise ConfigError(f"{_SETTING}: {entry.strip()!r} is not host:port") from None
+        if not 0 < port < 65536:
+            raise ConfigError(f"{_SETTING}: {entry.strip()!r}: port {port} is out of range")
+        if family != socket.AF_INET6 and not _HOSTNAME.fullmatch(host):
+            raise ConfigError(f"{_SETTING}: {entry.strip()!r}: {host!r} is not a host name")
+        pairs.append((host, port))
+    return pairs
+
+
+@contextlib.contextmanager
+def startup_errors(what: str, servers: str) -> Iterator[None]:
+    """Classify a Kafka client's failure while a service starts (creating topics, starting a
+    producer, a readiness ping), so the caller's retry policy can tell waiting from giving up:
+    a failure the same configuration can never get past (``_PERMANENT``) becomes a
+    ``ConfigError`` naming the setting; any other Kafka error — the broker unreachable first of
+    all (``KafkaConnectionError``) — a ``TransientError``."""
+    try:
+        yield
+    except _PERMANENT as exc:
+        raise ConfigError(f"{_SETTING}: {what} at {servers} refused: {_named(exc)}"[:500]) from exc
+    except KafkaError as exc:
+        raise TransientError(
+            f"{what}: the broker at {servers} is not available: {_named(exc)}"[:500]
+        ) from exc
+
+
+def _named(exc: BaseException) -> str:
+    """``"Type: message"`` (aiokafka's messages often start with their type already)."""
+    name, text = type(exc).__name__, str(exc)
+    return text if text.startswith(name) else f"{name}: {text}" if text else name
+
+
 class KafkaTransport:
     def __init__(
         self,
@@ -387,6 +483,7 @@ class KafkaTransport:
         session_timeout_ms: int = 30_000,
         max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     ) -> None:
+        parse_bootstrap(bootstrap)
         self.bootstrap = bootstrap
         self.client_id = client_id
         self.session_timeout_ms = session_timeout_ms
@@ -403,20 +500,28 @@ class KafkaTransport:
     async def ensure_topics(
         self, topics: Sequence[str], partitions: int, replication: int = 1
     ) -> None:
+        """Create the topics that do not exist yet and wait until each partition has a
+        leader. The broker unreachable is a ``TransientError``; the cluster refusing (a
+        replication factor over its brokers, no authorization) a ``ConfigError``
+        (``startup_errors``)."""
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id)
-        await admin.start()
         try:
-            existing = set(await admin.list_topics())
-            missing = [t for t in dict.fromkeys(topics) if t not in existing]
-            if missing:
-                with contextlib.suppress(TopicAlreadyExistsError):
-                    await admin.create_topics(
+            with startup_errors("creating the topics", self.bootstrap):
+                await admin.start()
+                existing = set(await admin.list_topics())
+                missing = [t for t in dict.fromkeys(topics) if t not in existing]
+                if missing:
+                    response = await admin.create_topics(
                         [
                             NewTopic(t, num_partitions=partitions, replication_factor=replication)
                             for t in missing
                         ]
                     )
-                await _until_led(admin, missing)
+                    for topic, code, *message in response.topic_errors:
+                        error = for_code(code)
+                        if code and error is not TopicAlreadyExistsError:
+                            raise error(f"topic {topic}: {''.join(message[:1]) or error.message}")
+                    await _until_led(admin, missing)
         finally:
             await admin.close()
 
@@ -425,8 +530,9 @@ class KafkaTransport:
             bootstrap_servers=self.bootstrap, client_id=self.client_id, request_timeout_ms=3000
         )
         try:
-            await asyncio.wait_for(admin.start(), timeout=5)
-            await asyncio.wait_for(admin.list_topics(), timeout=5)
+            with startup_errors("ping", self.bootstrap):
+                await asyncio.wait_for(admin.start(), timeout=5)
+                await asyncio.wait_for(admin.list_topics(), timeout=5)
         finally:
             await admin.close()
 

@@ -902,7 +902,11 @@ def test_helm_migrations_run_as_a_pre_install_and_pre_upgrade_hook(
     hooks = job["metadata"]["annotations"]["helm.sh/hook"]
     assert {h.strip() for h in hooks.split(",")} == {"pre-install", "pre-upgrade"}
     container = job["spec"]["template"]["spec"]["containers"][0]
-    assert list(container.get("args") or container.get("command")) == ["migrate"]
+    args = list(container.get("args") or container.get("command"))
+    # it waits a bounded time for the database (winback migrate --wait), within the deadline
+    assert args[:2] == ["migrate", "--wait"]
+    assert parses_as_winback(args) is None
+    assert 0 < float(args[2]) < job["spec"]["activeDeadlineSeconds"]
     assert "envFrom" not in container, "the hook runs before the release's ConfigMap exists"
     assert job["spec"]["template"]["spec"]["restartPolicy"] in ("Never", "OnFailure")
 

@@ -1,5 +1,6 @@
 """A service part that crashes is restarted by the runtime's retry policy until it ends, and
-not once the runtime stops. The policy here waits a millisecond (the real one: ``RESTART``)."""
+not once the runtime stops. The policy here waits a millisecond (the real one: ``RESTART``).
+The runtime starts its parts once the database answers: the test session's PostgreSQL."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.clock import FrozenClock
-from shared.db.engine import make_engine
 from shared.messaging.memory import MemoryBus
 from shared.messaging.outbox import OutboxRelay
 from shared.retry import RetryPolicy, any_exception
@@ -19,9 +20,8 @@ QUICK = RetryPolicy(first_delay=0.001, max_delay=0.001, retry_on=any_exception)
 
 
 @pytest.fixture
-async def runtime() -> AsyncIterator[Runtime]:
+async def runtime(engine: AsyncEngine) -> AsyncIterator[Runtime]:
     bus = MemoryBus(clock=FrozenClock())
-    engine = make_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none", pool_size=1)
     publisher = bus.publisher()
     rt = Runtime(
         engine=engine,
@@ -37,7 +37,6 @@ async def runtime() -> AsyncIterator[Runtime]:
         yield rt
     finally:
         await rt.stop()
-        await engine.dispose()
         bus.close()
 
 
