@@ -17,8 +17,9 @@ and crashes injected while it flows — then what came out, checked against what
 - Faults, at seeded random moments of the production window, one after another: ``kills``
   SIGKILLs of each process kind (ingest, scheduler, dispatcher, relay; each restarted at once),
   ``database_crashes`` PostgreSQL crashes and ``broker_kills`` broker SIGKILLs (each started
-  again after a seeded outage of a few seconds). A process that exits on its own is recorded
-  and started again, as a supervisor would.
+  again after a seeded outage of a few seconds). A process that exits on its own — during an
+  outage too: start-up waits for the broker and the database — is a finding (recorded, and
+  started again so the run goes on).
 - Then it polls the database, the broker and the fake until everything is settled (or the
   timeout passes) and returns a ``Report``: what was lost, duplicated, missed, stuck or
   dead-lettered wrongly, the faults, and the figures.
@@ -83,8 +84,7 @@ DLQ_OFFSET = "winback-dlq-source-offset"
 ROOT = Path(__file__).resolve().parents[2]
 FINAL_STEP_STATES = {"sent", "failed", "suppressed", "skipped", "cancelled"}
 HEADERS = [("content-type", b"application/cloudevents+json")]
-STARTUP_FAILED = 3  # uvicorn's exit code when the application's start-up fails
-BROKER_GRACE = 5.0  # seconds after the broker is back when a refused start-up is still its
+BROKER_GRACE = 5.0  # seconds after the broker is back when an exit is still during its outage
 MAX_IN_FLIGHT = 64  # the dispatcher's concurrent sends
 FAULT_TUNING: dict[str, Any] = {
     "kafka": {
@@ -197,13 +197,6 @@ class Exit:
     log_tail: str
     broker_down: bool  # it ended while the broker was down (or just back)
 
-    @property
-    def refused_start(self) -> bool:
-        """A service that cannot reach the broker at start-up exits with uvicorn's "startup
-        failed" code 3 (``Runtime.start`` creates its topics first); a supervisor starts it
-        again. Counted, not a finding; any other exit is one."""
-        return self.code == STARTUP_FAILED and self.broker_down
-
 
 @dataclass
 class Report:
@@ -288,7 +281,11 @@ class Report:
         add("dead letters of records that are not hostile", self.dlq_unexpected)
         add(
             "processes that exited on their own",
-            [f"{e.name} ({e.code}) at {e.at:.1f} s" for e in self.exits if not e.refused_start],
+            [
+                f"{e.name} ({e.code}) at {e.at:.1f} s"
+                + (" while the broker was down" if e.broker_down else "")
+                for e in self.exits
+            ],
         )
         return out
 
@@ -307,8 +304,7 @@ class Report:
             f"duplicates         {sum(n - 1 for n in self.duplicates.values())}",
             f"lost               {len(self.lost)}",
             f"missed             {len(self.missed)}",
-            f"restarts           {sum(e.refused_start for e in self.exits)} start-ups refused "
-            "while the broker was down (exit 3, started again)",
+            f"exits on their own {len(self.exits)}",
             f"settled            {'yes' if self.settled else 'NO'}, "
             f"{self.settle_seconds:.1f} s after the last fault",
             f"end-to-end rate    {self.e2e_rate:,.1f} messages/s (first event in → last send)",
@@ -782,8 +778,8 @@ async def inject(
 
 
 async def supervise(system: System, exits: list[Exit], started: float, say: Say) -> None:
-    """Start again any process that exited on its own, and record it: a finding, unless it
-    is a start-up refused while the broker was down (``Exit.refused_start``)."""
+    """Start again any process that exited on its own, and record it: every such exit is a
+    finding (a service started during an outage waits for the broker and the database)."""
     while True:
         for proc in system.procs:
             if proc.proc is None or proc.proc.pid in system.killed:
@@ -794,7 +790,7 @@ async def supervise(system: System, exits: list[Exit], started: float, say: Say)
                 down = down or not system.broker_up.is_set()
                 ended = Exit(proc.name, code, time.monotonic() - started, proc.log_tail(), down)
                 exits.append(ended)
-                why = " (start-up refused: the broker is down)" if ended.refused_start else ""
+                why = " (the broker is down)" if ended.broker_down else ""
                 say(f"process {proc.name} exited on its own with {code}{why}; starting it again")
                 proc.start()
         await asyncio.sleep(0.5)  # how often the supervisor looks
