@@ -18,6 +18,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from shared.channels import BUILTIN as BUILTIN_CHANNELS
 from shared.errors import ConfigError
 
 ENV_PREFIX = "WINBACK_"
@@ -190,13 +191,9 @@ class RetentionSettings(BaseModel):
 DEV_UNSUBSCRIBE_KEY = "dev-only-unsubscribe-key-not-a-secret"
 DEV_POSTAL_ADDRESS = "Example Street 1, 00100 Helsinki, Finland"
 ProviderKind = Literal["file", "sendgrid", "postmark", "twilio", "hubspot", "webhook"]
-CHANNEL_KINDS: dict[str, tuple[str, ...]] = {
-    "email": ("file", "sendgrid", "postmark"),
-    "sms": ("file", "twilio"),
-    "crm": ("file", "hubspot"),
-    "webhook": ("file", "webhook"),
-}
-"""The dispatcher's channels and the provider kinds that can serve each."""
+CHANNEL_KINDS: dict[str, tuple[str, ...]] = {s.name: s.provider_kinds for s in BUILTIN_CHANNELS}
+"""The dispatcher's channels and the provider kinds that can serve each (the channel registry's
+built-in channels: these are the ones ``DispatcherSettings`` has a section for)."""
 
 
 class ProviderSettings(BaseModel):

@@ -10,7 +10,9 @@ from datetime import datetime, time, timedelta
 from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from shared import channels
 from shared import domain_events as de
+from shared.channels import address_hash as address_hash  # the scheduler hashes with it too
 from shared.cloudevents import CORRELATION, CloudEvent
 from shared.errors import InvalidEvent
 from shared.localtime import SendWindow
@@ -26,7 +28,6 @@ MESSAGE_BOUNCED: Final = f"{de.PREFIX}.message.bounced"
 MESSAGE_COMPLAINED: Final = f"{de.PREFIX}.message.complained"
 CUSTOMER_UNSUBSCRIBED: Final = de.CUSTOMER_UNSUBSCRIBED
 
-CHANNELS: Final = ("email", "sms", "crm", "webhook")
 OUTCOME_UNKNOWN_AFTER_CRASH: Final = "outcome unknown after crash"
 
 _LIMITS: Final = {
@@ -62,9 +63,11 @@ def parse_command(data: Any) -> DispatchCommand:
             raise InvalidEvent("invalid_payload", "required string is missing", f"data.{name}")
         if len(value) > limit:
             raise InvalidEvent("invalid_payload", f"longer than {limit}", f"data.{name}")
-    if data.get("channel") not in CHANNELS:
+    if data.get("channel") not in channels.REGISTRY:
         raise InvalidEvent(
-            "invalid_payload", f"channel must be one of {', '.join(CHANNELS)}", "data.channel"
+            "invalid_payload",
+            f"channel must be one of {', '.join(channels.names())}",
+            "data.channel",
         )
     customer = data.get("customer")
     if not isinstance(customer, dict):
@@ -234,15 +237,6 @@ def outcome_data(
 # --- suppression keys -------------------------------------------------------------------------
 
 
-def address_hash(channel: str, address: str) -> str:
-    """The suppression-list key of a contact point: SHA-256 of the normalised address.
-
-    The same function as the scheduler's (``services.scheduler.store.address_hash``), so an
-    erasure's hashes and ours meet; a unit test holds them equal."""
-    normal = address.strip().lower() if channel == "email" else address.strip()
-    return hashlib.sha256(f"{channel}:{normal}".encode()).hexdigest()
-
-
 def customer_key_hash(channel: str, customer_id: str) -> str:
     """A suppression key for a *customer* on a channel (an unsubscribe click names the
     customer, not the address): it holds even when the address later changes."""
@@ -251,7 +245,7 @@ def customer_key_hash(channel: str, customer_id: str) -> str:
 
 def suppression_keys(channel: str, customer_id: str, address: str | None) -> list[str]:
     keys = [customer_key_hash(channel, customer_id)]
-    if address and channel in ("email", "sms"):
+    if address and channel in channels.address_fields():
         keys.append(address_hash(channel, address))
     return keys
 

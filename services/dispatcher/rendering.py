@@ -37,7 +37,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final, TypedDict
 from urllib.parse import urlsplit
@@ -61,37 +60,20 @@ from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from services.dispatcher.errors import TemplateError
+from shared.channels import Channel as Channel  # re-exported: the registry owns it
 
 TEMPLATES_DIR: Final = Path(__file__).parent / "templates"
 DEFAULT_LOCALE: Final = "en"
 SHIPPED_LOCALES: Final = ("en", "fi", "da", "ms")
 
 
-class Channel(StrEnum):
-    """How a message reaches the customer (or, for ``CRM``, a task for a person on our side).
-
-    The values are the scheduler's channel names, so ``Channel(step.channel)`` works."""
-
-    EMAIL = "email"
-    SMS = "sms"
-    CRM = "crm"
-    WEBHOOK = "webhook"
+def _parts(channel: Channel) -> tuple[str, ...]:
+    """Which template files make up a message on ``channel`` (from the channel registry)."""
+    return channel.spec.template_parts
 
 
-# Which template files make up a message on each channel; the webhook channel carries the
-# email parts (subject, text, HTML) to the receiving system.
-_PARTS: Final[Mapping[Channel, tuple[str, ...]]] = {
-    Channel.EMAIL: ("subject.txt", "html", "txt"),
-    Channel.WEBHOOK: ("subject.txt", "html", "txt"),
-    Channel.SMS: ("txt",),
-    Channel.CRM: ("subject.txt", "body.txt"),
-}
-_CHANNEL_DIR: Final[Mapping[Channel, str]] = {
-    Channel.EMAIL: "email",
-    Channel.WEBHOOK: "email",
-    Channel.SMS: "sms",
-    Channel.CRM: "crm",
-}
+def _channel_dir(channel: Channel) -> str:
+    return channel.spec.template_dir
 
 
 @dataclass(frozen=True, slots=True)
@@ -498,7 +480,7 @@ class TemplateRenderer:
         return values
 
     def _names(self, locale: str, template: str, channel: Channel) -> list[str]:
-        return [f"{locale}/{_CHANNEL_DIR[channel]}/{template}.{p}" for p in _PARTS[channel]]
+        return [f"{locale}/{_channel_dir(channel)}/{template}.{p}" for p in _parts(channel)]
 
     def _has_all_parts(self, locale: str, template: str, channel: Channel) -> bool:
         key = (locale, template, channel)
@@ -565,7 +547,7 @@ class TemplateRenderer:
         }
         parts: dict[str, str] = {}
         for part, name in zip(
-            _PARTS[channel], self._names(resolved.template_locale, template, channel), strict=True
+            _parts(channel), self._names(resolved.template_locale, template, channel), strict=True
         ):
             try:
                 out = self._template(name).render(variables)
@@ -610,7 +592,7 @@ class TemplateRenderer:
         else:
             lines = "\n".join(line.rstrip() for line in out.strip().splitlines())
             out = _MANY_BLANK_LINES.sub("\n\n", lines) + "\n"
-            if channel is Channel.SMS:
+            if channel == Channel.SMS:
                 out = out.strip()
         if not out.strip():
             raise TemplateError(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.scheduler.domain import MIGRATED, PlannedStep, SentStep
 from services.scheduler.domain.case import Case, CaseChange
 from services.scheduler.views import case_from_rows, case_row, event_message, step_row
+from shared.channels import address_hash as address_hash  # erasure hashes, as the dispatcher
 from shared.cloudevents import CloudEvent
 from shared.db.tables import case_steps, cases, scheduler_customers, win_backs
 from shared.messaging.pipeline import Tx
@@ -36,12 +36,6 @@ PROFILE = (
     "crm_owner",
     "status",
 )
-
-
-def address_hash(channel: str, address: str) -> str:
-    """The suppression-list key of a contact point: SHA-256 of the normalised address."""
-    normal = address.strip().lower() if channel == "email" else address.strip()
-    return hashlib.sha256(f"{channel}:{normal}".encode()).hexdigest()
 
 
 async def upsert_customer(

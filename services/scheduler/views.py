@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 from services.scheduler.domain import (
     CaseStep,
@@ -27,10 +27,11 @@ from services.scheduler.domain.case import (
 )
 from services.scheduler.domain.guardrails import FrequencyCap
 from shared import domain_events as de
+from shared.channels import ChannelName
 from shared.contracts import cases as contract
 from shared.settings import SchedulerSettings
 
-CHANNELS = ("email", "sms", "crm", "webhook")
+CHANNELS = get_args(ChannelName)
 
 
 def _time(value: Any) -> datetime | None:

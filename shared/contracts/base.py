@@ -35,6 +35,7 @@ from pydantic import (
     ValidationError,
 )
 
+from shared.channels import ChannelName, ChannelNameOrAll
 from shared.churn import ChurnReason
 from shared.errors import InvalidEvent
 
@@ -53,9 +54,9 @@ __all__ = [
     "invalid_payload",
 ]
 
-Channel: TypeAlias = Literal["email", "sms", "crm", "webhook"]
-"""The channels a message can go through."""
-ChannelOrAll: TypeAlias = Literal["email", "sms", "crm", "webhook", "all"]
+Channel: TypeAlias = ChannelName
+"""The channels a message can go through (``shared.channels``, the channel registry)."""
+ChannelOrAll: TypeAlias = ChannelNameOrAll
 """A channel, or ``all`` (a consent answer or opt-out that covers every channel)."""
 Engagement: TypeAlias = Literal["high", "medium", "low"]
 CustomerStatus: TypeAlias = Literal[

@@ -19,6 +19,7 @@ PURE = sorted(
         ROOT / "services/ingest/customer.py",
         ROOT / "services/ingest/reasons.py",
         ROOT / "services/ingest/events.py",
+        ROOT / "shared/channels.py",
         ROOT / "shared/churn.py",
         ROOT / "shared/localtime.py",
     ]

@@ -11,13 +11,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal, TypeAlias
+from typing import Literal, TypeAlias, get_args
 
+from shared.channels import ChannelName
 from shared.churn import CHURN_REASONS as CHURN_REASONS
 from shared.churn import ChurnReason as ChurnReason
 
-Channel: TypeAlias = Literal["email", "sms", "crm", "webhook"]
-CHANNELS: tuple[Channel, ...] = ("email", "sms", "crm", "webhook")
+Channel: TypeAlias = ChannelName
+"""A built-in channel (``shared.channels``, the channel registry, is the one table)."""
+CHANNELS: tuple[Channel, ...] = get_args(ChannelName)
 
 Engagement: TypeAlias = Literal["high", "medium", "low"]
 EpisodeKind: TypeAlias = Literal[

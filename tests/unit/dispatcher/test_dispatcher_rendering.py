@@ -26,6 +26,7 @@ from services.dispatcher.rendering import (
     TemplateRenderer,
     TemplateSpec,
 )
+from shared.channels import names as channel_names
 
 BRAND = Brand(company_name="Acme Oy", postal_address="Mannerheimintie 1, 00100 Helsinki")
 RENDERER = TemplateRenderer(BRAND)
@@ -284,7 +285,7 @@ def test_the_scheduler_playbooks_templates_and_offers_are_all_shipped() -> None:
 
     RENDERER.check_templates(TEMPLATE_NAMES)
     assert RENDERER.offer_codes >= OFFER_NAMES
-    assert {c.value for c in Channel} == {"email", "sms", "crm", "webhook"}
+    assert set(channel_names()) == {"email", "sms", "crm", "webhook"}
 
 
 @pytest.mark.parametrize(
