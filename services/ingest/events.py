@@ -25,6 +25,7 @@ from pydantic import (
     ValidationError,
 )
 
+from shared.channels import ChannelName, ChannelNameOrAll
 from shared.cloudevents import CloudEvent, control_character, utc_in_range
 from shared.errors import InvalidEvent
 
@@ -35,7 +36,7 @@ MAX_COMMENT = 5000
 MAX_DESCRIPTION = 2000
 MAX_DAYS = 100_000
 
-Channel = Literal["email", "sms", "crm", "webhook"]
+Channel = ChannelName  # the channel registry (shared.channels)
 Engagement = Literal["high", "medium", "low"]
 
 
@@ -207,7 +208,7 @@ class FeatureReleased(_Payload):
 
 class ConsentWithdrawn(CustomerEvent):
     # one Literal (not a union of two): an error names the field, not a union member
-    channel: Literal["email", "sms", "crm", "webhook", "all"] = "all"
+    channel: ChannelNameOrAll = "all"
 
 
 class CustomerUpdated(CustomerEvent):
