@@ -5,51 +5,26 @@ token; errors are problem+json."""
 from __future__ import annotations
 
 import base64
-import functools
-import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import (
-    TIMESTAMP,
-    ColumnElement,
-    Row,
-    and_,
-    cast,
-    false,
-    func,
-    or_,
-    select,
-    true,
-    tuple_,
-)
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import Row
 
 from services.scheduler import store
-from services.scheduler.case_migration import (
-    CaseMigrator,
-    InvalidMigration,
-    MigrationRun,
-    UnknownPlaybook,
-)
+from services.scheduler.case_migration import InvalidMigration, MigrationRun, UnknownPlaybook
+from services.scheduler.commands import Action, CaseClosed, NoSuchCase, NoSuchCustomer
+from services.scheduler.commands import control_case as run_control
+from services.scheduler.commands import erase_customer as run_erasure
+from services.scheduler.deps import ApiSettings, ClockDep, Engine, Migrator, Settings, UnitsOfWork
 from services.scheduler.domain import DEFAULT_LADDER, Playbook, WindowLadder, find_playbook
-from services.scheduler.domain.case import Refused
+from services.scheduler.queries import cases as queries
 from services.scheduler.views import migration_json, returned_at_of
-from shared import domain_events as de
-from shared.clock import Clock
-from shared.contracts.customer import CustomerErased
-from shared.db.tables import case_steps, cases, scheduler_customers
 from shared.http.problems import Problem
 from shared.http.types import INTEGRAL, IsoDateTime
-from shared.messaging.transport import DEFAULT_MAX_RECORD_BYTES
-from shared.messaging.uow import UnitOfWork
-from shared.retry import REQUEST
-
-log = logging.getLogger(__name__)
 
 CustomerId = Annotated[str, Path(min_length=1, max_length=200)]
 CaseId = Annotated[str, Path(min_length=1, max_length=36)]
@@ -223,396 +198,250 @@ def _local(when: datetime, tz: str | None, fallback: str) -> str:
     return when.astimezone(zone).isoformat()
 
 
-def router(
-    engine: AsyncEngine,
-    clock: Clock,
-    playbooks: list[Playbook],
-    auth: Any,
-    *,
-    erasure_topic: str,
-    outcomes_topic: str,
-    source: str,
-    fallback_timezone: str = "UTC",
-    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
-) -> APIRouter:
-    def unit(name: str) -> UnitOfWork:
-        """One unit of work of the API (``max_record_bytes``: kafka.max_record_bytes)."""
-        return UnitOfWork(engine, clock, source, max_record_bytes, name=f"scheduler.{name}")
+def _ladder_of(playbooks: Sequence[Playbook], name: str, version: int) -> WindowLadder:
+    try:
+        return find_playbook(playbooks, name, version).ladder
+    except KeyError:
+        return DEFAULT_LADDER
 
-    api = APIRouter(prefix="/v1", tags=["win-back status"], dependencies=[Depends(auth)])
-    responses: dict[int | str, dict[str, Any]] = {
-        401: {"description": "missing bearer token (problem+json)"},
-        403: {"description": "bad bearer token (problem+json)"},
-        404: {"description": "not found (problem+json)"},
-        422: {"description": "invalid parameter, named (problem+json)"},
-    }
 
-    def ladder_of(name: str, version: int) -> WindowLadder:
+def _window_of(playbooks: Sequence[Playbook], case: Row[Any], now: datetime) -> str | None:
+    ladder = _ladder_of(playbooks, case.playbook, case.playbook_version)
+    # a re-onboarding case's windows count from the return, a win-back case's from churn;
+    # an event time a little ahead of our clock must not break the status page
+    start = returned_at_of(case.episode) or case.churned_at
+    window = ladder.window_for(max(now - start, timedelta(0)))
+    return window.name if window is not None else None
+
+
+def _step_out(row: Row[Any], tz: str | None, fallback_timezone: str) -> StepOut:
+    return StepOut(
+        step_key=row.step_key,
+        channel=row.channel,
+        template=row.template,
+        offer=row.offer,
+        variant=row.variant,
+        window=row.window,
+        state=row.state,
+        state_reason=row.state_reason,
+        due_at=row.due_at,
+        due_at_local=_local(row.due_at, tz, fallback_timezone),
+        fired_at=row.fired_at,
+        outcome=row.outcome or {},
+    )
+
+
+def _cases_out(found: queries.CaseRows, settings: ApiSettings, now: datetime) -> list[CaseOut]:
+    return [_case_out(case, found, settings, now) for case in found.cases]
+
+
+def _case_out(
+    case: Row[Any], found: queries.CaseRows, settings: ApiSettings, now: datetime
+) -> CaseOut:
+    tz = found.timezones.get(case.customer_id)
+    outs = [_step_out(s, tz, settings.fallback_timezone) for s in found.steps_of(case.id)]
+    pending = [o for o in outs if o.state == "pending"]
+    return CaseOut(
+        id=case.id,
+        customer_id=case.customer_id,
+        purpose=case.purpose,
+        status=case.status,
+        close_reason=case.close_reason,
+        playbook=case.playbook,
+        playbook_version=case.playbook_version,
+        segment=case.segment,
+        episode=case.episode,
+        window=_window_of(settings.playbooks, case, now) if case.status != "closed" else None,
+        holdout=case.holdout,
+        is_rechurn=case.is_rechurn,
+        churned_at=case.churned_at,
+        opened_at=case.opened_at,
+        expires_at=case.expires_at,
+        closed_at=case.closed_at,
+        returned_at=case.returned_at,
+        next_step=min(pending, key=lambda o: o.due_at) if pending else None,
+        steps=outs,
+    )
+
+
+def _invalid(field: str, reason: str, detail: str | None = None) -> Problem:
+    return Problem(
+        422,
+        "Invalid parameter",
+        detail or f"{field}: {reason}",
+        errors=[{"field": field, "reason": reason}],
+    )
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        at_text, case_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return datetime.fromisoformat(at_text), case_id
+    except Exception:
+        raise _invalid("cursor", "malformed", "cursor: not a cursor from this API") from None
+
+
+def _encode_cursor(last: Row[Any]) -> str:
+    return base64.urlsafe_b64encode(f"{last.opened_at.isoformat()}|{last.id}".encode()).decode()
+
+
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "missing bearer token (problem+json)"},
+    403: {"description": "bad bearer token (problem+json)"},
+    404: {"description": "not found (problem+json)"},
+    422: {"description": "invalid parameter, named (problem+json)"},
+}
+routes = APIRouter(prefix="/v1", tags=["win-back status"])
+
+
+def router(auth: Callable[..., Awaitable[None]]) -> APIRouter:
+    """The status API's routes behind ``auth``; they read the engine, clock and settings
+    ``deps.install`` put in the app's state."""
+    guarded = APIRouter(dependencies=[Depends(auth)])
+    guarded.include_router(routes)
+    return guarded
+
+
+@routes.get(
+    "/customers/{customer_id}/winback",
+    response_model=WinbackStatus,
+    responses=RESPONSES,
+    summary="A customer's win-back status",
+)
+async def customer_status(
+    customer_id: CustomerId, engine: Engine, clock: ClockDep, settings: Settings
+) -> WinbackStatus:
+    now = clock.now()
+    async with engine.connect() as conn:
+        found = await queries.customer_cases(conn, customer_id)
+    if found is None:
+        raise Problem(404, "Not found", f"no customer {customer_id!r}")
+    person = found.person
+    outs = _cases_out(found, settings, now)
+    return WinbackStatus(
+        customer_id=customer_id,
+        timezone=found.timezones.get(customer_id),
+        consent=dict(person.consent) if person is not None else {},
+        opted_out_all=bool(person.opted_out_all) if person is not None else False,
+        suppressed_channels=list(person.suppressed_channels or []) if person else [],
+        erased=person is not None and person.erased_at is not None,
+        open_case=next((o for o in outs if o.status in store.OPEN), None),
+        past_cases=[o for o in outs if o.status not in store.OPEN],
+    )
+
+
+@routes.get(
+    "/cases",
+    response_model=CasePage,
+    responses=RESPONSES,
+    summary="Cases, filtered, newest first, with cursor pagination",
+)
+async def list_cases(
+    engine: Engine,
+    clock: ClockDep,
+    settings: Settings,
+    status: Annotated[Literal["open", "paused", "closed"] | None, Query()] = None,
+    purpose: Annotated[Literal["winback", "reonboarding"] | None, Query()] = None,
+    segment: Annotated[
+        str | None, Query(description="lifecycle type, churn reason or segment label")
+    ] = None,
+    playbook: Annotated[str | None, Query()] = None,
+    window: Annotated[str | None, Query(description="timing window name")] = None,
+    due_before: Annotated[
+        IsoDateTime | None,
+        Query(description="only cases with a pending step due before this time"),
+    ] = None,
+    cursor: Annotated[str | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> CasePage:
+    now = clock.now()
+    in_window = None
+    if window:
         try:
-            return find_playbook(playbooks, name, version).ladder
-        except KeyError:
-            return DEFAULT_LADDER
-
-    def window_of(case: Row[Any], now: datetime) -> str | None:
-        ladder = ladder_of(case.playbook, case.playbook_version)
-        # a re-onboarding case's windows count from the return, a win-back case's from churn;
-        # an event time a little ahead of our clock must not break the status page
-        start = returned_at_of(case.episode) or case.churned_at
-        window = ladder.window_for(max(now - start, timedelta(0)))
-        return window.name if window is not None else None
-
-    def in_window(name: str, now: datetime) -> ColumnElement[bool]:
-        """Cases whose ``window`` (see ``window_of``) is ``name`` now, each measured on its
-        own playbook's ladder (the default one for a playbook no longer loaded)."""
-        ladders: dict[WindowLadder, list[tuple[str, int]]] = {}
-        for p in playbooks:
-            ladders.setdefault(p.ladder, []).append((p.name, p.version))
-        known = [key for keys in ladders.values() for key in keys]
-        every = (DEFAULT_LADDER, *ladders)
-        names = list(dict.fromkeys(w.name for ladder in every for w in ladder.windows))
-        if name not in names:
-            raise Problem(
-                422,
-                "Invalid parameter",
-                f"window: must be one of {', '.join(names)}",
-                errors=[{"field": "window", "reason": f"one of {', '.join(names)}"}],
-            )
-        start = func.coalesce(
-            cast(cases.c.episode["returned_at"].astext, TIMESTAMP(timezone=True)),
-            cases.c.churned_at,
-        )
-        pairs = tuple_(cases.c.playbook, cases.c.playbook_version)
-        choices: list[tuple[WindowLadder, ColumnElement[bool]]] = [
-            (ladder, pairs.in_(keys)) for ladder, keys in ladders.items()
-        ]
-        choices.append((DEFAULT_LADDER, pairs.not_in(known) if known else true()))
-        matches: list[ColumnElement[bool]] = []
-        for ladder, runs in choices:
-            span = next((w for w in ladder.windows if w.name == name), None)
-            if span is None:
-                continue
-            condition = and_(runs, start > now - span.end)
-            if span.start > timedelta(0):  # the first window also takes a start a bit ahead
-                condition = and_(condition, start <= now - span.start)
-            matches.append(condition)
-        return or_(*matches) if matches else false()
-
-    def step_out(row: Row[Any], tz: str | None) -> StepOut:
-        return StepOut(
-            step_key=row.step_key,
-            channel=row.channel,
-            template=row.template,
-            offer=row.offer,
-            variant=row.variant,
-            window=row.window,
-            state=row.state,
-            state_reason=row.state_reason,
-            due_at=row.due_at,
-            due_at_local=_local(row.due_at, tz, fallback_timezone),
-            fired_at=row.fired_at,
-            outcome=row.outcome or {},
-        )
-
-    def case_out(case: Row[Any], steps: list[Row[Any]], tz: str | None, now: datetime) -> CaseOut:
-        outs = [step_out(s, tz) for s in steps]
-        pending = [o for o in outs if o.state == "pending"]
-        return CaseOut(
-            id=case.id,
-            customer_id=case.customer_id,
-            purpose=case.purpose,
-            status=case.status,
-            close_reason=case.close_reason,
-            playbook=case.playbook,
-            playbook_version=case.playbook_version,
-            segment=case.segment,
-            episode=case.episode,
-            window=window_of(case, now) if case.status != "closed" else None,
-            holdout=case.holdout,
-            is_rechurn=case.is_rechurn,
-            churned_at=case.churned_at,
-            opened_at=case.opened_at,
-            expires_at=case.expires_at,
-            closed_at=case.closed_at,
-            returned_at=case.returned_at,
-            next_step=min(pending, key=lambda o: o.due_at) if pending else None,
-            steps=outs,
-        )
-
-    @api.get(
-        "/customers/{customer_id}/winback",
-        response_model=WinbackStatus,
-        responses=responses,
-        summary="A customer's win-back status",
+            in_window = queries.in_window(settings.playbooks, window, now)
+        except queries.UnknownWindow as exc:
+            raise _invalid("window", f"one of {', '.join(exc.names)}", str(exc)) from None
+    if due_before is not None and due_before.tzinfo is None:
+        raise _invalid("due_before", "needs a UTC offset")
+    where = queries.CaseFilter(
+        status=status,
+        purpose=purpose,
+        segment=segment,
+        playbook=playbook,
+        window=in_window,
+        due_before=due_before,
+        after=_decode_cursor(cursor) if cursor else None,
     )
-    async def customer_status(customer_id: CustomerId) -> WinbackStatus:
-        now = clock.now()
-        async with engine.connect() as conn:
-            person = await store.customer(conn, customer_id)
-            all_cases = (
-                await conn.execute(
-                    cases.select()
-                    .where(cases.c.customer_id == customer_id)
-                    .order_by(cases.c.opened_at.desc())
-                )
-            ).all()
-            if person is None and not all_cases:
-                raise Problem(404, "Not found", f"no customer {customer_id!r}")
-            steps = (
-                await conn.execute(
-                    case_steps.select()
-                    .where(case_steps.c.customer_id == customer_id)
-                    .order_by(case_steps.c.due_at, case_steps.c.id)
-                )
-            ).all()
-        tz = person.timezone if person is not None else None
-        by_case: dict[str, list[Row[Any]]] = {}
-        for s in steps:
-            by_case.setdefault(s.case_id, []).append(s)
-        outs = [case_out(c, by_case.get(c.id, []), tz, now) for c in all_cases]
-        return WinbackStatus(
-            customer_id=customer_id,
-            timezone=tz,
-            consent=dict(person.consent) if person is not None else {},
-            opted_out_all=bool(person.opted_out_all) if person is not None else False,
-            suppressed_channels=list(person.suppressed_channels or []) if person else [],
-            erased=person is not None and person.erased_at is not None,
-            open_case=next((o for o in outs if o.status in store.OPEN), None),
-            past_cases=[o for o in outs if o.status not in store.OPEN],
-        )
-
-    @api.get(
-        "/cases",
-        response_model=CasePage,
-        responses=responses,
-        summary="Cases, filtered, newest first, with cursor pagination",
-    )
-    async def list_cases(
-        status: Annotated[Literal["open", "paused", "closed"] | None, Query()] = None,
-        purpose: Annotated[Literal["winback", "reonboarding"] | None, Query()] = None,
-        segment: Annotated[
-            str | None, Query(description="lifecycle type, churn reason or segment label")
-        ] = None,
-        playbook: Annotated[str | None, Query()] = None,
-        window: Annotated[str | None, Query(description="timing window name")] = None,
-        due_before: Annotated[
-            IsoDateTime | None,
-            Query(description="only cases with a pending step due before this time"),
-        ] = None,
-        cursor: Annotated[str | None, Query()] = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    ) -> CasePage:
-        now = clock.now()
-        query = select(cases)
-        if status:
-            query = query.where(cases.c.status == status)
-        if purpose:
-            query = query.where(cases.c.purpose == purpose)
-        if segment:
-            query = query.where(
-                or_(
-                    cases.c.segment["lifecycle"].astext == segment,
-                    cases.c.segment["reason"].astext == segment,
-                    cases.c.segment["labels"].contains([segment]),
-                )
-            )
-        if playbook:
-            query = query.where(cases.c.playbook == playbook)
-        if window:
-            query = query.where(in_window(window, now))
-        if due_before is not None:
-            if due_before.tzinfo is None:
-                raise Problem(
-                    422,
-                    "Invalid parameter",
-                    "due_before: needs a UTC offset",
-                    errors=[{"field": "due_before", "reason": "needs a UTC offset"}],
-                )
-            query = query.where(
-                select(case_steps.c.id)
-                .where(
-                    case_steps.c.case_id == cases.c.id,
-                    case_steps.c.state == "pending",
-                    case_steps.c.due_at < due_before,
-                )
-                .exists()
-            )
-        if cursor:
-            try:
-                at_text, case_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-                at = datetime.fromisoformat(at_text)
-            except Exception:
-                raise Problem(
-                    422,
-                    "Invalid parameter",
-                    "cursor: not a cursor from this API",
-                    errors=[{"field": "cursor", "reason": "malformed"}],
-                ) from None
-            query = query.where(
-                or_(cases.c.opened_at < at, and_(cases.c.opened_at == at, cases.c.id < case_id))
-            )
-        query = query.order_by(cases.c.opened_at.desc(), cases.c.id.desc()).limit(limit + 1)
-        async with engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-            page = rows[:limit]
-            tzs = dict(
-                (
-                    await conn.execute(
-                        select(scheduler_customers.c.id, scheduler_customers.c.timezone).where(
-                            scheduler_customers.c.id.in_([r.customer_id for r in page])
-                        )
-                    )
-                ).all()
-            )
-            steps = (
-                await conn.execute(
-                    case_steps.select()
-                    .where(case_steps.c.case_id.in_([r.id for r in page]))
-                    .order_by(case_steps.c.due_at)
-                )
-            ).all()
-        by_case: dict[str, list[Row[Any]]] = {}
-        for s in steps:
-            by_case.setdefault(s.case_id, []).append(s)
-        items = [case_out(r, by_case.get(r.id, []), tzs.get(r.customer_id), now) for r in page]
-        next_cursor = None
-        if len(rows) > limit:
-            last = page[-1]
-            next_cursor = base64.urlsafe_b64encode(
-                f"{last.opened_at.isoformat()}|{last.id}".encode()
-            ).decode()
-        return CasePage(items=items, next_cursor=next_cursor)
-
-    async def _control(case_id: str, action: str) -> CaseOut:
-        once = functools.partial(_control_once, case_id, action)
-        return await REQUEST.call(once, f"case {action}", log)
-
-    async def _control_once(case_id: str, action: str) -> CaseOut:
-        async with unit(f"{action}_case") as tx:
-            conn, now = tx.conn, tx.now
-            case = await store.load_case(conn, case_id, lock=True)
-            if case is None:
-                raise Problem(404, "Not found", f"no case {case_id!r}")
-            commands = {"pause": case.pause, "resume": case.resume, "cancel": case.cancel}
-            result = commands[action](now)
-            if isinstance(result, Refused):
-                if result.code == "closed":
-                    raise Problem(409, "Case is closed", result.detail)
-                # pausing a paused case or resuming an open one: already so, nothing to do
-            else:
-                await store.save_cases(tx, outcomes_topic, [result])
-            row = await store.case_by_id(conn, case_id)
-            steps = (
-                await conn.execute(
-                    case_steps.select()
-                    .where(case_steps.c.case_id == case_id)
-                    .order_by(case_steps.c.due_at)
-                )
-            ).all()
-            tz = await conn.scalar(
-                select(scheduler_customers.c.timezone).where(
-                    scheduler_customers.c.id == case.customer_id
-                )
-            )
-        assert row is not None
-        return case_out(row, list(steps), tz, now)
-
-    def control_route(action: str) -> Callable[[str], Awaitable[CaseOut]]:
-        # a closure, not a default argument: FastAPI would publish that as a query parameter
-        async def control(case_id: CaseId) -> CaseOut:
-            return await _control(case_id, action)
-
-        return control
-
-    for action in ("pause", "resume", "cancel"):
-        api.add_api_route(
-            f"/cases/{{case_id}}/{action}",
-            control_route(action),
-            methods=["POST"],
-            response_model=CaseOut,
-            responses={**responses, 409: {"description": "the case is closed (problem+json)"}},
-            summary=f"{action.capitalize()} a case",
-            name=f"{action}_case",
-        )
-
-    migrator = CaseMigrator(
-        engine,
-        clock,
-        playbooks,
-        outcomes_topic,
-        source,
-        fallback_timezone=fallback_timezone,
-        max_record_bytes=max_record_bytes,
+    async with engine.connect() as conn:
+        found, more = await queries.case_page(conn, where, limit)
+    return CasePage(
+        items=_cases_out(found, settings, now),
+        next_cursor=_encode_cursor(found.cases[-1]) if more else None,
     )
 
-    @api.post(
-        "/playbooks/{name}/migrations",
-        response_model=MigrationOut,
-        responses=responses,
-        summary="Move open cases onto another version of their playbook",
-        description=(
-            "Moves at most `limit` open (or paused) cases running `from_version` onto "
-            "`to_version` (default: the latest loaded version), one transaction per case: "
-            "sent and in-flight steps are kept, pending steps the new version drops are "
-            "cancelled (reason `migrated`), changed ones retimed or updated, new ones planned "
-            "as for a case opened now. Publishes `case.migrated` per case. `remaining` says how "
-            "many cases are left: call again until it is 0."
-        ),
-    )
-    async def migrate_cases(name: PlaybookName, body: MigrationIn) -> MigrationOut:
+
+def _control_route(action: Action) -> Callable[..., Awaitable[CaseOut]]:
+    # a closure, not a default argument: FastAPI would publish that as a query parameter
+    async def control(case_id: CaseId, work: UnitsOfWork, settings: Settings) -> CaseOut:
         try:
-            run = await migrator.run(
-                name,
-                body.from_version,
-                body.to_version,
-                dry_run=body.dry_run,
-                limit=body.limit,
-            )
-        except UnknownPlaybook as exc:
-            raise Problem(404, "Not found", str(exc)) from None
-        except InvalidMigration as exc:
-            raise Problem(
-                422,
-                "Invalid parameter",
-                str(exc),
-                errors=[{"field": exc.field, "reason": exc.reason}],
-            ) from None
-        return _migration_out(run)
+            found, now = await run_control(work, case_id, action)
+        except NoSuchCase:
+            raise Problem(404, "Not found", f"no case {case_id!r}") from None
+        except CaseClosed as exc:
+            raise Problem(409, "Case is closed", str(exc)) from None
+        return _case_out(found.cases[0], found, settings, now)
 
-    @api.delete(
-        "/customers/{customer_id}",
-        status_code=202,
-        responses=responses,
-        summary="GDPR erasure: every service removes the person's data",
+    return control
+
+
+ACTIONS: tuple[Action, ...] = ("pause", "resume", "cancel")
+for _action in ACTIONS:
+    routes.add_api_route(
+        f"/cases/{{case_id}}/{_action}",
+        _control_route(_action),
+        methods=["POST"],
+        response_model=CaseOut,
+        responses={**RESPONSES, 409: {"description": "the case is closed (problem+json)"}},
+        summary=f"{_action.capitalize()} a case",
+        name=f"{_action}_case",
     )
-    async def erase(customer_id: CustomerId) -> dict[str, Any]:
-        return await REQUEST.call(functools.partial(_erase, customer_id), "erasure", log)
 
-    async def _erase(customer_id: str) -> dict[str, Any]:
-        async with unit("erase_customer") as tx:
-            conn, now = tx.conn, tx.now
-            person = await store.customer(conn, customer_id)
-            if person is None:
-                raise Problem(404, "Not found", f"no customer {customer_id!r}")
-            hashes = {}
-            if person.email:
-                hashes["email"] = store.address_hash("email", person.email)
-            if person.phone:
-                hashes["sms"] = store.address_hash("sms", person.phone)
-            case = await store.load_open_case(conn, customer_id)
-            if case is not None:
-                closed = case.erase(now)
-                assert not isinstance(closed, Refused)  # an open case can always be erased
-                await store.save_cases(tx, outcomes_topic, [closed])
-            await store.erase_customer(conn, customer_id, now)
-            tx.emit(
-                erasure_topic,
-                customer_id,
-                de.CUSTOMER_ERASED,
-                CustomerErased(
-                    customer_id=customer_id, address_hashes=hashes, erased_at=now
-                ).to_data(),
-                subject=customer_id,
-            )
-        return {"customer_id": customer_id, "erased": True}
 
-    return api
+@routes.post(
+    "/playbooks/{name}/migrations",
+    response_model=MigrationOut,
+    responses=RESPONSES,
+    summary="Move open cases onto another version of their playbook",
+    description=(
+        "Moves at most `limit` open (or paused) cases running `from_version` onto "
+        "`to_version` (default: the latest loaded version), one transaction per case: "
+        "sent and in-flight steps are kept, pending steps the new version drops are "
+        "cancelled (reason `migrated`), changed ones retimed or updated, new ones planned "
+        "as for a case opened now. Publishes `case.migrated` per case. `remaining` says how "
+        "many cases are left: call again until it is 0."
+    ),
+)
+async def migrate_cases(name: PlaybookName, body: MigrationIn, migrator: Migrator) -> MigrationOut:
+    try:
+        run = await migrator.run(
+            name, body.from_version, body.to_version, dry_run=body.dry_run, limit=body.limit
+        )
+    except UnknownPlaybook as exc:
+        raise Problem(404, "Not found", str(exc)) from None
+    except InvalidMigration as exc:
+        raise _invalid(exc.field, exc.reason, str(exc)) from None
+    return _migration_out(run)
+
+
+@routes.delete(
+    "/customers/{customer_id}",
+    status_code=202,
+    responses=RESPONSES,
+    summary="GDPR erasure: every service removes the person's data",
+)
+async def erase(customer_id: CustomerId, work: UnitsOfWork) -> dict[str, Any]:
+    try:
+        await run_erasure(work, customer_id)
+    except NoSuchCustomer:
+        raise Problem(404, "Not found", f"no customer {customer_id!r}") from None
+    return {"customer_id": customer_id, "erased": True}

@@ -10,7 +10,7 @@ from datetime import timedelta
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.scheduler import api, metrics, reports
+from services.scheduler import api, deps, metrics, reports
 from services.scheduler.domain import OFFERS, TEMPLATE_NAMES, Playbook, load_playbooks
 from services.scheduler.handler import SchedulerHandler
 from services.scheduler.timers import StepFirer
@@ -104,19 +104,22 @@ def bootstrap(
         "winback scheduler",
         checks=core.runtime.readiness_checks,
         routers=[
-            api.router(
-                core.engine,
-                core.clock,
-                playbooks,
-                auth,
-                erasure_topic=topics.erasure,
-                outcomes_topic=topics.outcomes,
-                source=SOURCE,
-                fallback_timezone=settings.scheduler.fallback_timezone,
-                max_record_bytes=settings.kafka.max_record_bytes,
-            ),
-            reports.router(core.engine, core.clock, auth),
+            api.router(auth),
+            reports.router(auth),
         ],
         lifespan=core.runtime.lifespan,
+    )
+    deps.install(
+        app,
+        core.engine,
+        core.clock,
+        deps.ApiSettings(
+            playbooks=tuple(playbooks),
+            erasure_topic=topics.erasure,
+            outcomes_topic=topics.outcomes,
+            source=SOURCE,
+            fallback_timezone=settings.scheduler.fallback_timezone,
+            max_record_bytes=settings.kafka.max_record_bytes,
+        ),
     )
     return SchedulerService(core, playbooks, pipeline, consumer, firer, app)

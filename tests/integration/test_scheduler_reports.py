@@ -15,7 +15,7 @@ from pydantic import SecretStr
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.scheduler import reports
+from services.scheduler import deps, reports
 from shared.clock import FrozenClock
 from shared.db.tables import case_steps, cases, win_backs
 from shared.http.app import bearer_auth, create_app
@@ -235,8 +235,9 @@ async def client(engine: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(
         "winback reports test",
         checks=[],
-        routers=[reports.router(engine, FrozenClock(AS_OF), bearer_auth([SecretStr(DEV_SECRET)]))],
+        routers=[reports.router(bearer_auth([SecretStr(DEV_SECRET)]))],
     )
+    deps.install(app, engine, FrozenClock(AS_OF))
     async with (
         serve(app, lifespan="off") as url,
         httpx.AsyncClient(base_url=url, headers=AUTH) as http,
