@@ -1,8 +1,8 @@
 """What the win-back programme achieved: reactivation rates, measured lift over the holdout,
 re-churn of returned customers and message engagement — plain counts in, plain results out.
 
-The database adapter (``services/scheduler/reports.py``) does the counting; this module only
-turns counts into rates, intervals and tests, so every number is checkable by hand.
+The database adapter (``services/scheduler/queries/reports.py``) does the counting; this module
+only turns counts into rates, intervals and tests, so every number is checkable by hand.
 
 Statistical choices
 -------------------
