@@ -41,7 +41,6 @@ from services.dispatcher.unsubscribe import UnsubscribeHandler
 from services.dispatcher.unsubscribe import router as unsubscribe_router
 from services.dispatcher.webhooks import WebhookAuth, WebhookHandler
 from services.dispatcher.webhooks import router as webhooks_router
-from services.scheduler.domain import OFFERS, TEMPLATE_NAMES, Playbook, load_playbooks
 from shared.bootstrap import Core, build_core
 from shared.clock import Clock
 from shared.errors import ConfigError
@@ -50,6 +49,7 @@ from shared.messaging.consumer import ConsumerRunner
 from shared.messaging.pipeline import Pipeline
 from shared.messaging.transport import Transport
 from shared.settings import CHANNEL_KINDS, DispatcherSettings, Settings
+from shared.templates_catalog import TEMPLATE_NAMES, template_pairs
 
 CONSUMER = "dispatcher"
 SOURCE = "/winback/dispatcher"
@@ -98,35 +98,27 @@ def check_settings(settings: Settings) -> None:
                 )
 
 
-def templates_in_use(playbooks: Sequence[Playbook]) -> set[tuple[str, str]]:
-    """Every (template, channel) a playbook can send, variants and fallbacks included."""
-    used: set[tuple[str, str]] = set()
-    for playbook in playbooks:
-        for step in playbook.steps:
-            names = {step.template, step.without_discount}
-            names |= {v.template for v in step.variants}
-            used |= {(n, step.channel) for n in names if n}
-    return used
-
-
 @functools.cache
 def _checked_renderer(company: str, address: str, templates: Path, names: frozenset[str]) -> None:
     """``check_templates`` once per process for the same inputs (the files do not change)."""
     TemplateRenderer(Brand(company, address), templates).check_templates(sorted(names))
 
 
-def check_templates(settings: Settings, playbooks: Sequence[Playbook]) -> None:
-    """Every template the playbooks use renders on its channel in every shipped locale."""
-    used = templates_in_use(playbooks)
+def check_templates(settings: Settings) -> None:
+    """Every template of the shared catalogue (``shared.templates_catalog``, which the
+    scheduler's playbook loader holds playbooks to) exists on each of its channels and renders
+    in every shipped locale. The dispatcher reads no playbooks: the catalogue is the contract."""
     missing = sorted(
         f"{name} ({channel})"
-        for name, channel in used
+        for name, channel in template_pairs()
         if (name, Channel(channel)) not in TEMPLATE_SPECS
     )
     if missing:
-        raise ConfigError("playbooks use templates the dispatcher lacks: " + ", ".join(missing))
+        raise ConfigError(
+            "the template catalogue lists templates the dispatcher lacks: " + ", ".join(missing)
+        )
     d = settings.dispatcher
-    names = frozenset(TEMPLATE_NAMES) | {name for name, _ in used}
+    names = frozenset(TEMPLATE_NAMES)
     try:
         _checked_renderer(d.company_name, d.postal_address, TEMPLATES_DIR, names)
     except TemplateError as exc:
@@ -140,16 +132,11 @@ def bootstrap(
     transport: Transport | None = None,
     clock: Clock | None = None,
     http_clients: Sequence[httpx.AsyncClient] | None = None,
-    playbooks: Sequence[Playbook] | None = None,
     group: str = CONSUMER,
 ) -> DispatcherService:
     check_settings(settings)
     d: DispatcherSettings = settings.dispatcher
-    if playbooks is None:
-        playbooks = load_playbooks(
-            settings.scheduler.playbooks_dir, templates=TEMPLATE_NAMES, offers=OFFERS
-        )
-    check_templates(settings, playbooks)
+    check_templates(settings)
     core = build_core(settings, engine=engine, transport=transport, clock=clock)
     topics = settings.topics
     owns_clients = http_clients is None

@@ -73,7 +73,6 @@ from services.scheduler.domain.segmentation import (
     ValueTierThresholds,
     segment,
 )
-from services.scheduler.domain.templates_catalog import OFFERS, TEMPLATE_NAMES
 from services.scheduler.domain.variants import assign_variant, in_holdout
 from services.scheduler.domain.windows import (
     DEFAULT_LADDER,
@@ -83,6 +82,7 @@ from services.scheduler.domain.windows import (
     window_for,
 )
 from shared.localtime import SendWindow, resolve_zone
+from shared.templates_catalog import OFFERS, TEMPLATE_NAMES
 
 __all__ = [
     "CHANNELS",

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from services.scheduler.domain.errors import FieldPath, PlaybookError, PlaybookProblem
 from services.scheduler.domain.playbook import Playbook
+from shared import templates_catalog
 
 
 def load_playbooks(
@@ -186,6 +187,11 @@ def _catalog_problems(
                 field = "without_discount" if path[-1] == "without_discount" else "template"
                 where = path if field == "without_discount" else (*path, "template")
                 found.append((where, f"unknown template {template!r}"))
+            elif templates is not None and template is not None:
+                problem = templates_catalog.channel_problem(template, step.channel)
+                if problem is not None:
+                    where = path if path[-1] == "without_discount" else (*path, "template")
+                    found.append((where, problem))
             if offers is not None and offer is not None:
                 if offer not in offers:
                     found.append(((*path, "offer"), f"unknown offer {offer!r}"))

@@ -281,7 +281,7 @@ def test_every_email_offers_something_new_and_an_easy_next_step(name: str) -> No
 
 
 def test_the_scheduler_playbooks_templates_and_offers_are_all_shipped() -> None:
-    from services.scheduler.domain.templates_catalog import OFFER_NAMES, TEMPLATE_NAMES
+    from shared.templates_catalog import OFFER_NAMES, TEMPLATE_NAMES
 
     RENDERER.check_templates(TEMPLATE_NAMES)
     assert RENDERER.offer_codes >= OFFER_NAMES

@@ -19,8 +19,8 @@ from services.scheduler.domain.model import (
 )
 from services.scheduler.domain.planning import choose_playbook, plan_steps, plan_triggered
 from services.scheduler.domain.segmentation import segment
-from services.scheduler.domain.templates_catalog import OFFERS, TEMPLATE_NAMES
 from services.scheduler.domain.variants import in_holdout
+from shared.templates_catalog import OFFERS, TEMPLATE_NAMES
 
 PLAYBOOKS = load_playbooks(
     Path(__file__).parents[3] / "services" / "scheduler" / "playbooks",

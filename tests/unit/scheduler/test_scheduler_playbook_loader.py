@@ -5,7 +5,7 @@ import pytest
 
 from services.scheduler.domain.errors import PlaybookError
 from services.scheduler.domain.loader import load_playbooks, parse_playbook
-from services.scheduler.domain.templates_catalog import OFFERS, TEMPLATE_NAMES
+from shared.templates_catalog import OFFERS, TEMPLATE_NAMES
 
 SHIPPED = Path(__file__).parents[3] / "services" / "scheduler" / "playbooks"
 

@@ -28,7 +28,7 @@ from services.scheduler.domain import (
 )
 from services.scheduler.domain.errors import PlaybookError
 from services.scheduler.domain.loader import parse_playbook
-from services.scheduler.domain.templates_catalog import OFFERS, TEMPLATE_NAMES
+from shared.templates_catalog import OFFERS, TEMPLATE_NAMES
 
 SHIPPED = Path(__file__).parents[3] / "services" / "scheduler" / "playbooks"
 DAY = timedelta(days=1)

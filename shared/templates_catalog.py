@@ -1,5 +1,9 @@
-"""Template and offer names the shipped playbooks use: the dispatcher ships a template for
-each name in :data:`TEMPLATE_NAMES` and knows each offer in :data:`OFFERS`.
+"""The template catalogue: the template and offer names playbooks may use, and on which
+channels each template ships. Shared (pure, no I/O) because two services agree on it: the
+scheduler's playbook loader refuses a template, offer or template-on-channel not listed here,
+and the dispatcher (the owner of content) ships a template for each (name, channel) in
+:data:`TEMPLATE_CHANNELS` (checked at its start-up and by a unit test) and words for each
+offer in :data:`OFFERS`.
 
 Every message should acknowledge the customer's decision, offer something new, make the
 next step easy and low-pressure, and give value even if they do not return.
@@ -34,6 +38,36 @@ TEMPLATES: Mapping[str, str] = {
     "crm_reonboarding_check_in": "CRM task: 30-day check-in call with a won-back customer",
 }
 TEMPLATE_NAMES: frozenset[str] = frozenset(TEMPLATES)
+
+_SMS: frozenset[str] = frozenset({"we_miss_you", "special_offer", "last_chance"})
+"""The templates that also have a short SMS version."""
+_EMAIL_LIKE: frozenset[str] = frozenset({"email", "webhook"})
+
+
+def _channels(name: str) -> frozenset[str]:
+    if name.startswith("crm_"):
+        return frozenset({"crm"})
+    return _EMAIL_LIKE | ({"sms"} if name in _SMS else set())
+
+
+TEMPLATE_CHANNELS: Mapping[str, frozenset[str]] = {name: _channels(name) for name in TEMPLATES}
+"""Template name → the channels it ships on (email templates also go out on the webhook
+channel; ``crm_*`` templates are CRM tasks only)."""
+
+
+def template_pairs() -> frozenset[tuple[str, str]]:
+    """Every catalogued (template, channel)."""
+    return frozenset((n, c) for n, channels in TEMPLATE_CHANNELS.items() for c in channels)
+
+
+def channel_problem(template: str, channel: str) -> str | None:
+    """Why a catalogued ``template`` cannot go out on ``channel`` (``None``: it can, or the
+    template is not catalogued, which the caller reports as an unknown template)."""
+    shipped = TEMPLATE_CHANNELS.get(template)
+    if shipped is None or channel in shipped:
+        return None
+    return f"template {template!r} has no {channel} version (it has: {', '.join(sorted(shipped))})"
+
 
 OFFERS: Mapping[str, bool] = {
     # offer name → is it a discount (subject to the no-discount-loop guardrail)?
