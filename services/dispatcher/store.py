@@ -1,5 +1,10 @@
 """The dispatcher's rows: one delivery per (case, step) keyed by its idempotency key, and the
 suppression list of hashed contact points. Batched statements; the caller owns the transaction.
+
+What the dispatcher reads of the scheduler's state (a case's status, a customer's erasure,
+opt-out, consent and contact profile) it reads from the scheduler's *published read model*,
+the views ``dispatcher_case_status`` and ``dispatcher_customer_status`` (migration 0006),
+never from the scheduler's tables: the views are the contract the scheduler keeps.
 """
 
 from __future__ import annotations
@@ -7,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from sqlalchemy import ColumnElement, RowMapping, and_, bindparam, func, or_, select, text
@@ -15,7 +20,8 @@ from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.dispatcher.model import DispatchCommand
-from shared.db.tables import deliveries, scheduler_customers, suppressions
+from shared import channels
+from shared.db.tables import deliveries, suppressions
 
 QUEUED = "queued"
 SENDING = "sending"
@@ -84,12 +90,12 @@ _CLAIM = text(
     "SELECT d.id, d.idempotency_key, d.case_id, d.step_key, d.customer_id, d.channel, "
     "d.template, d.variant, d.crm_owner, d.attempts, d.command, d.created_at, "
     "c.status AS case_status, c.segment AS case_segment, "
-    "sc.id IS NOT NULL AS customer_found, sc.erased_at IS NOT NULL AS erased, "
+    "sc.customer_id IS NOT NULL AS customer_found, COALESCE(sc.erased, false) AS erased, "
     "COALESCE(sc.opted_out_all, false) AS opted_out_all, sc.consent, sc.suppressed_channels, "
     "sc.name, sc.email, sc.phone, sc.timezone, sc.mrr_minor, sc.currency "
     "FROM deliveries AS d "
-    "LEFT JOIN cases AS c ON c.id = d.case_id "
-    "LEFT JOIN scheduler_customers AS sc ON sc.id = d.customer_id "
+    "LEFT JOIN dispatcher_case_status AS c ON c.case_id = d.case_id "
+    "LEFT JOIN dispatcher_customer_status AS sc ON sc.customer_id = d.customer_id "
     "WHERE d.state = 'queued' AND (d.not_before IS NULL OR d.not_before <= :now) "
     "ORDER BY d.id LIMIT :n FOR UPDATE OF d SKIP LOCKED"
 ).columns(command=JSONB, case_segment=JSONB, consent=JSONB, suppressed_channels=JSONB)
@@ -341,15 +347,20 @@ async def find_for_events(
     return list(rows.mappings())
 
 
+_PROFILE_ADDRESSES: Final = {
+    column: text(f"SELECT {column} FROM dispatcher_customer_status WHERE customer_id = :id")
+    for column in ("email", "phone")
+}
+"""A customer's address on file, from the scheduler's published read model (migration 0006)."""
+
+
 async def contact_points(conn: AsyncConnection, customer_id: str, channel: str) -> set[str]:
     """Every address we know for the customer on the channel (profile and past deliveries)."""
-    field = {"email": "email", "sms": "phone"}.get(channel)
-    if field is None:
+    field = channels.address_fields().get(channel)
+    if field is None or field not in _PROFILE_ADDRESSES:
         return set()
     found: set[str] = set()
-    profile = await conn.scalar(
-        select(scheduler_customers.c[field]).where(scheduler_customers.c.id == customer_id)
-    )
+    profile = await conn.scalar(_PROFILE_ADDRESSES[field], {"id": customer_id})
     if profile:
         found.add(profile)
     rows = await conn.execute(

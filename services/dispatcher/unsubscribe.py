@@ -34,7 +34,7 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from jinja2 import FileSystemLoader, StrictUndefined, Template
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -45,7 +45,7 @@ from services.dispatcher.signatures import SignatureError, UnsubscribeClaim, Uns
 from shared import domain_events as de
 from shared.clock import Clock
 from shared.cloudevents import CloudEvent
-from shared.db.tables import deliveries, scheduler_customers
+from shared.db.tables import deliveries
 from shared.errors import InvalidEvent
 from shared.http.problems import Problem
 from shared.messaging.pipeline import Incoming, Pipeline, Tx
@@ -174,14 +174,18 @@ class UnsubscribePages:
         return page.render(**self._brand, lang=lang, channel=channel, done=done)
 
 
+_PROFILE_LOCALE: Final = text(
+    "SELECT locale FROM dispatcher_customer_status WHERE customer_id = :id"
+)
+"""From the scheduler's published read model (migration 0006), not its tables."""
+
+
 async def customer_locale(engine: AsyncEngine, customer_id: str) -> str | None:
     """The customer's locale: the scheduler's profile, else the latest message we sent them.
     ``None`` when unknown or when the database cannot say (the page is then in English)."""
     try:
         async with engine.connect() as conn:
-            found = await conn.scalar(
-                select(scheduler_customers.c.locale).where(scheduler_customers.c.id == customer_id)
-            )
+            found = await conn.scalar(_PROFILE_LOCALE, {"id": customer_id})
             if not found:
                 found = await conn.scalar(
                     select(deliveries.c.command["customer"]["locale"].astext)
