@@ -15,12 +15,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from babel.numbers import get_currency_precision
 
-from services.dispatcher.errors import PermanentSendError
+from services.dispatcher.errors import PermanentSendError, UnknownChannelError
 from services.dispatcher.model import parse_time
 from services.dispatcher.providers.base import CrmTaskDetails, OutboundMessage
 from services.dispatcher.rendering import Channel, TemplateRenderer
 from services.dispatcher.signatures import UnsubscribeTokens
+from shared import channels
 
+_ADDRESS_NAMES: Final = {"email": "email address", "phone": "phone number"}
 _E164_LIKE: Final = re.compile(r"\+[0-9 ()-]{6,}")
 TAGS: Final = ("customer_id", "case_id", "step_key", "step_id", "template", "variant")
 
@@ -81,7 +83,7 @@ class Composer:
             "churn_reason": command.get("reason"),
             "segment": _segment_text(profile.segment),
         }
-        if channel in ("email", "webhook"):
+        if channels.spec(channel).unsubscribe_link:
             ctx["unsubscribe_url"] = self.unsubscribe_url(str(customer["id"]), channel)
         if profile.mrr_minor is not None and profile.currency:
             ctx["mrr"] = _major_units(profile.mrr_minor, profile.currency)
@@ -91,23 +93,28 @@ class Composer:
     def compose(
         self, command: Mapping[str, Any], profile: Profile, now: datetime
     ) -> OutboundMessage:
-        """Render the message; raises ``TemplateError``/``PermanentSendError`` naming the gap."""
+        """Render the message; raises ``TemplateError``/``PermanentSendError`` naming the gap
+        (``UnknownChannelError`` for a channel the registry does not know)."""
         channel = str(command["channel"])
+        try:
+            spec = channels.spec(channel)
+        except channels.UnknownChannelError:
+            raise UnknownChannelError(channel) from None
         customer = _customer(command)
         locale = customer.get("locale")
         context = self.context(command, profile, channel)
         content = self.renderer.render(str(command["template"]), channel, locale, context)
         crm_task = None
-        if channel == "email":
-            to = _required(customer.get("email") or profile.email, "email address")
-        elif channel == "sms":
-            to = _required(customer.get("phone") or profile.phone, "phone number")
-        elif channel == "crm":
+        field = spec.address_field
+        if channel == Channel.CRM:  # a task for the account owner, not a message to an address
             owner = customer.get("crm_owner") or self.crm_default_owner
             owner = _required(owner, "CRM owner (crm_owner) for the task")
             crm_task = CrmTaskDetails(owner_id=owner, due_at=now + self.crm_task_due)
             to = ""
-        else:
+        elif field is not None:
+            on_file = getattr(profile, field, None)
+            to = _required(customer.get(field) or on_file, _ADDRESS_NAMES.get(field, field))
+        else:  # the receiver knows the customer by id
             to = str(customer["id"])
         return OutboundMessage(
             idempotency_key=str(command["idempotency_key"]),

@@ -108,6 +108,15 @@ class PermanentSendError(SendError):
         self.unsubscribed = unsubscribed
 
 
+class UnknownChannelError(PermanentSendError):
+    """A delivery names a channel the channel registry (``shared.channels``) does not know: it
+    fails for good, naming the channel, instead of going out some other way."""
+
+    def __init__(self, channel: object) -> None:
+        super().__init__(f"unknown channel {channel!r}")
+        self.channel = channel
+
+
 class ProviderConfigurationError(PermanentSendError):
     """The provider rejected our account or credentials (401/403, sender not verified, …).
 

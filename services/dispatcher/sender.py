@@ -56,6 +56,7 @@ from services.dispatcher.model import (
     suppression_keys,
 )
 from services.dispatcher.providers import OutboundMessage, SendResult
+from shared import channels
 from shared.clock import Clock
 from shared.logging import throttled
 from shared.messaging.transport import DEFAULT_MAX_RECORD_BYTES
@@ -467,8 +468,8 @@ def _target(row: RowMapping) -> tuple[str, str, str | None]:
     """(channel, customer id, address) for the suppression keys."""
     channel = row["channel"]
     customer = (row["command"] or {}).get("customer") or {}
-    field = {"email": "email", "sms": "phone"}.get(channel)
-    address = (customer.get(field) or row[field]) if field else None
+    field = channels.address_fields().get(channel)
+    address = (customer.get(field) or row.get(field)) if field else None
     return channel, row["customer_id"], address
 
 
@@ -511,7 +512,7 @@ def _suppressions(outcome: Outcome) -> list[store.Suppression]:
         return []
     message = outcome.claimed.message
     channel = message.channel.value
-    if channel not in ("email", "sms") or not message.to:
+    if channel not in channels.address_fields() or not message.to:
         return []
     last = _suppressing_error(error)
     reason = f"{last.provider or 'provider'}: {last.error_code or 'refused'}"

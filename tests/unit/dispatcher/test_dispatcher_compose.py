@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from services.dispatcher.compose import Composer, Profile
-from services.dispatcher.errors import PermanentSendError
+from services.dispatcher.errors import PermanentSendError, UnknownChannelError
 from services.dispatcher.rendering import Brand, Channel, TemplateRenderer
 from services.dispatcher.signatures import UnsubscribeTokens
 from shared.clock import FrozenClock
@@ -172,3 +172,13 @@ def test_tags_never_carry_an_address(composer: Composer) -> None:
     message = composer.compose(command(customer=customer), Profile(), NOW)
     assert "customer_id" not in message.tags
     assert all("@" not in v for v in message.tags.values())
+
+
+@pytest.mark.parametrize("channel", ["fax", "", "Email"])
+def test_an_unknown_channel_is_refused_for_good_not_sent_like_a_webhook(
+    composer: Composer, channel: str
+) -> None:
+    with pytest.raises(UnknownChannelError, match="unknown channel") as caught:
+        composer.compose(command(channel=channel), Profile(), NOW)
+    assert isinstance(caught.value, PermanentSendError)
+    assert caught.value.channel == channel
