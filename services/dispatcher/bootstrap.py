@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -23,12 +23,14 @@ from services.dispatcher.channels import ChannelSender, build_channels, make_htt
 from services.dispatcher.compose import Composer
 from services.dispatcher.errors import TemplateError
 from services.dispatcher.handler import DispatchHandler
+from services.dispatcher.providers import Provider
 from services.dispatcher.rendering import (
     TEMPLATE_SPECS,
     TEMPLATES_DIR,
     Brand,
     Channel,
     TemplateRenderer,
+    TemplateSpec,
 )
 from services.dispatcher.sender import DeliverySender, SenderConfig
 from services.dispatcher.signatures import (
@@ -133,7 +135,13 @@ def bootstrap(
     clock: Clock | None = None,
     http_clients: Sequence[httpx.AsyncClient] | None = None,
     group: str = CONSUMER,
+    providers: Mapping[str, Sequence[Provider]] | None = None,
+    templates: Path = TEMPLATES_DIR,
+    template_specs: Mapping[tuple[str, Channel], TemplateSpec] = TEMPLATE_SPECS,
 ) -> DispatcherService:
+    """``providers``: the provider adapters of channels registered in ``shared.channels``
+    beyond the built-in ones; ``templates`` and ``template_specs``: where the messages'
+    templates are and what each needs (README, "Adding a channel")."""
     check_settings(settings)
     d: DispatcherSettings = settings.dispatcher
     check_templates(settings)
@@ -141,8 +149,10 @@ def bootstrap(
     topics = settings.topics
     owns_clients = http_clients is None
     clients = make_http_clients(d) if http_clients is None else list(http_clients)
-    channels = build_channels(d, clients, core.clock)
-    renderer = TemplateRenderer(Brand(d.company_name, d.postal_address))
+    channels = build_channels(d, clients, core.clock, providers)
+    renderer = TemplateRenderer(
+        Brand(d.company_name, d.postal_address), templates, specs=template_specs
+    )
     tokens = UnsubscribeTokens(
         [k.get_secret_value().encode() for k in d.unsubscribe_keys],
         core.clock,

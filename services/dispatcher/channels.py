@@ -365,9 +365,16 @@ def build_provider(
 
 
 def build_channels(
-    settings: DispatcherSettings, clients: Sequence[httpx.AsyncClient], clock: Clock
+    settings: DispatcherSettings,
+    clients: Sequence[httpx.AsyncClient],
+    clock: Clock,
+    extra: Mapping[str, Sequence[Provider]] | None = None,
 ) -> dict[str, ChannelSender]:
-    """Every channel's provider chain, ready to send."""
+    """Every channel's provider chain, ready to send.
+
+    The built-in channels take their providers from the settings; ``extra`` gives the
+    provider adapters of channels added to the channel registry (``shared.channels``) beyond
+    them, each wrapped in the same circuit breaker, retries and metrics."""
     retry = settings.retry
     circuit = settings.circuit
     breaker_config = CircuitBreakerConfig(
@@ -377,36 +384,52 @@ def build_channels(
         min_calls=circuit.min_calls,
         cooldown=timedelta(seconds=circuit.cooldown_seconds),
     )
+
+    def route(
+        name: str, label: str, adapter: Provider, idempotent: bool, rate: float | None
+    ) -> Route:
+        labels = (name, label)
+        metrics.CIRCUIT_STATE.labels(*labels).set(0)
+        breaker = CircuitBreaker(
+            f"{name}/{label}",
+            clock,
+            breaker_config,
+            on_state_change=_gauge(labels),
+        )
+        guarded = GuardedProvider(
+            provider=Instrumented(adapter),
+            breaker=breaker,
+            limiter=provider_limiter(rate),
+        )
+        policy = RetryPolicy(
+            max_attempts=retry.max_attempts,
+            base_delay=retry.base_delay,
+            max_delay=retry.max_delay,
+            max_retry_after=retry.max_retry_after,
+            retry_ambiguous=idempotent,
+        )
+        sender = FailoverSender([guarded], policy, on_attempt_failed=_count_skips(labels))
+        return Route(guarded, sender, idempotent)
+
     channels: dict[str, ChannelSender] = {}
     for name in CHANNEL_KINDS:
         channel = Channel(name)
         routes = []
         for provider in settings.channel(name).providers:
-            idempotent = is_idempotent(provider)
             adapter = build_provider(provider, channel, clients, clock, settings.public_base_url)
-            labels = (name, provider.label)
-            metrics.CIRCUIT_STATE.labels(*labels).set(0)
-            breaker = CircuitBreaker(
-                f"{name}/{provider.label}",
-                clock,
-                breaker_config,
-                on_state_change=_gauge(labels),
+            routes.append(
+                route(
+                    name, provider.label, adapter, is_idempotent(provider), provider.rate_per_second
+                )
             )
-            guarded = GuardedProvider(
-                provider=Instrumented(adapter),
-                breaker=breaker,
-                limiter=provider_limiter(provider.rate_per_second),
-            )
-            policy = RetryPolicy(
-                max_attempts=retry.max_attempts,
-                base_delay=retry.base_delay,
-                max_delay=retry.max_delay,
-                max_retry_after=retry.max_retry_after,
-                retry_ambiguous=idempotent,
-            )
-            sender = FailoverSender([guarded], policy, on_attempt_failed=_count_skips(labels))
-            routes.append(Route(guarded, sender, idempotent))
         channels[name] = ChannelSender(name, routes)
+    for name, adapters in (extra or {}).items():
+        if name in channels:
+            raise ValueError(f"channel {name!r} takes its providers from the settings")
+        Channel(name)  # registered, or UnknownChannelError
+        channels[name] = ChannelSender(
+            name, [route(name, a.name, a, False, None) for a in adapters]
+        )
     return channels
 
 
