@@ -42,6 +42,7 @@ from services.dispatcher import metrics, store
 from services.dispatcher.model import CUSTOMER_UNSUBSCRIBED, address_hash, customer_key_hash
 from services.dispatcher.rendering import DEFAULT_LOCALE, TEMPLATES_DIR
 from services.dispatcher.signatures import SignatureError, UnsubscribeClaim, UnsubscribeTokens
+from shared import channels
 from shared import domain_events as de
 from shared.clock import Clock
 from shared.cloudevents import CloudEvent
@@ -171,7 +172,9 @@ class UnsubscribePages:
     def render(self, locale: str, channel: str, *, done: bool) -> str:
         page = self._pages.get(locale) or self._pages[DEFAULT_LOCALE]
         lang = locale if locale in self._pages else DEFAULT_LOCALE
-        return page.render(**self._brand, lang=lang, channel=channel, done=done)
+        spec = channels.REGISTRY.get(channel)  # the words for the channel's messages
+        wording = spec.unsubscribe_wording.get(lang) if spec is not None else None
+        return page.render(**self._brand, lang=lang, channel=channel, wording=wording, done=done)
 
 
 _PROFILE_LOCALE: Final = text(
