@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -10,7 +10,14 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.ingest.customer import PROFILE_FIELDS, CustomerState, Draft, Episode, OpenEpisode
+from services.ingest.customer import (
+    PROFILE_FIELDS,
+    CustomerState,
+    Draft,
+    Episode,
+    OpenEpisode,
+    status_of,
+)
 from shared.db.tables import churn_episodes, customers
 
 
@@ -147,47 +154,43 @@ _INSERT_EPISODES = _unnest_insert(
 )
 
 
-def _columns(
-    rows: Sequence[dict[str, Any]], columns: tuple[tuple[str, str], ...]
+def customer_columns(
+    states: Sequence[CustomerState | Draft], now: datetime
 ) -> dict[str, list[Any]]:
-    return {name: [row[name] for row in rows] for name, _ in columns}
+    """The customers as ``_UPSERT_CUSTOMERS`` takes them: one list per column, built column by
+    column (no dict per row)."""
+    profiles = [s.profile for s in states]
+    return {
+        "id": [s.id for s in states],
+        **{name: [p.get(name) for p in profiles] for name in PROFILE_FIELDS},
+        "status": [status_of(s.lifecycle, s.activity) for s in states],
+        "lifecycle": [s.lifecycle for s in states],
+        "lifecycle_at": [s.lifecycle_at for s in states],
+        "activity": [s.activity for s in states],
+        "activity_at": [s.activity_at for s in states],
+        # orjson writes an aware datetime as isoformat() does
+        "profile_times": [orjson.dumps(s.profile_times).decode() for s in states],
+        "consent": [orjson.dumps(s.consent).decode() for s in states],
+        "opted_out_all": [s.opted_out_all for s in states],
+        "updated_at": [now] * len(states),
+    }
+
+
+def episode_columns(episodes: Sequence[Episode]) -> dict[str, list[Any]]:
+    return {name: [getattr(e, name) for e in episodes] for name, _ in _EPISODE_COLUMNS}
 
 
 async def save(
     conn: AsyncConnection,
-    states: Iterable[CustomerState | Draft],
+    states: Sequence[CustomerState | Draft],
     new_episodes: Sequence[Episode],
     ended: Sequence[tuple[str, datetime, str]],
     now: datetime,
 ) -> None:
-    rows = [
-        {
-            "id": s.id,
-            **{name: s.profile.get(name) for name in PROFILE_FIELDS},
-            "status": s.status,
-            "lifecycle": s.lifecycle,
-            "lifecycle_at": s.lifecycle_at,
-            "activity": s.activity,
-            "activity_at": s.activity_at,
-            "profile_times": orjson.dumps(
-                {k: v.isoformat() for k, v in s.profile_times.items()}
-            ).decode(),
-            "consent": orjson.dumps(s.consent).decode(),
-            "opted_out_all": s.opted_out_all,
-            "updated_at": now,
-        }
-        for s in states
-    ]
-    if rows:
-        await conn.execute(_UPSERT_CUSTOMERS, _columns(rows, _CUSTOMER_COLUMNS))
+    if states:
+        await conn.execute(_UPSERT_CUSTOMERS, customer_columns(states, now))
     if new_episodes:
-        await conn.execute(
-            _INSERT_EPISODES,
-            _columns(
-                [{n: getattr(e, n) for n, _ in _EPISODE_COLUMNS} for e in new_episodes],
-                _EPISODE_COLUMNS,
-            ),
-        )
+        await conn.execute(_INSERT_EPISODES, episode_columns(new_episodes))
     if ended:
         await conn.execute(
             text(
