@@ -304,7 +304,9 @@ def _encoded_words(value: str) -> bytes:
 def _unstructured(value: str) -> bytes | None:
     """An unstructured header value (the subject): as it is when plain ASCII, else as
     encoded-words; ``None`` for what only the stdlib path should handle."""
-    if not value or _NOT_IN_HEADER.search(value):
+    if not value or _NOT_IN_HEADER.search(value) or value != value.strip():
+        # leading or trailing (Unicode) space, e.g. a lone no-break space: header parsers
+        # fold it differently; leave it to the stdlib
         return None
     plain = _plain(value)
     if plain is not None:
