@@ -23,6 +23,7 @@ from services.scheduler.domain.errors import PlaybookError
 from shared import logging as winback_logging
 from shared.clock import AcceleratedClock, Clock
 from shared.errors import ConfigError
+from shared.gc_tuning import tune_for_service
 from shared.messaging.transport import Transport
 from shared.runtime import Runtime
 from shared.settings import Settings, load_settings
@@ -246,6 +247,7 @@ def cmd_service(settings: Settings, args: argparse.Namespace) -> None:
                 f"{service.name}: http://{settings.http.host}:{service.port}  (docs at /docs)",
                 flush=True,
             )
+        tune_for_service()  # built: what exists now lives as long as the process
         asyncio.run(_serve(services, settings.http.host, demo))
 
 
