@@ -4,6 +4,7 @@ renderer; a missing field or address is a permanent error naming it."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,8 @@ class Composer:
         self.unsubscribe_mailto = unsubscribe_mailto
         self.crm_default_owner = crm_default_owner
         self.crm_task_due = crm_task_due
+        self._ctas: dict[tuple[str, str, str], str] = {}
+        """The call-to-action link per (template, variant, channel): built once each."""
 
     def unsubscribe_url(self, customer_id: str, channel: str) -> str:
         return f"{self.public_base_url}/u/{self.tokens.issue(customer_id, channel)}"
@@ -128,6 +131,15 @@ class Composer:
         )
 
     def _cta(self, command: Mapping[str, Any], channel: str) -> str:
+        key = (str(command.get("template") or ""), str(command.get("variant") or ""), channel)
+        url = self._ctas.get(key)
+        if url is None:
+            if len(self._ctas) >= 4096:  # the names come from commands: keep it bounded
+                self._ctas.clear()
+            url = self._ctas[key] = self._cta_uncached(command, channel)
+        return url
+
+    def _cta_uncached(self, command: Mapping[str, Any], channel: str) -> str:
         parts = urlsplit(self.cta_url)
         query = parse_qsl(parts.query, keep_blank_values=True)
         query += [
@@ -163,8 +175,13 @@ def _local_date(value: Any, timezone: Any) -> date | None:
 
 
 def _major_units(minor: int, currency: str) -> Decimal:
-    precision = get_currency_precision(currency.upper())
-    return Decimal(minor).scaleb(-precision)
+    return Decimal(minor).scaleb(-_precision(currency.upper()))
+
+
+@functools.lru_cache(maxsize=512)
+def _precision(currency: str) -> int:
+    """Digits after the decimal point of ``currency`` (Babel's table, looked up once)."""
+    return int(get_currency_precision(currency))
 
 
 def _segment_text(segment: Mapping[str, Any] | None) -> str | None:

@@ -342,6 +342,7 @@ class TemplateRenderer:
         # template up through Jinja's locked LRU cache; neither result changes while we run
         self._resolved: dict[tuple[str, Channel, str | None], _ResolvedLocale] = {}
         self._templates: dict[str, Template] = {}
+        self._globals: dict[str, dict[str, Any]] = {}
 
     @property
     def locales(self) -> tuple[str, ...]:
@@ -506,7 +507,19 @@ class TemplateRenderer:
         found = self._templates.get(name)
         if found is None:
             found = self._templates[name] = self._env.get_template(name)
+            self._globals[name] = dict(found.globals)
         return found
+
+    def _render_one(self, name: str, variables: Mapping[str, object]) -> str:
+        """``Template.render(variables)`` with the template's globals merged in once: its
+        own ``new_context`` copies them out of a ``ChainMap`` on every call (about a sixth of
+        the time to render a message); the output and the exceptions are the same."""
+        template = self._template(name)
+        context = template.new_context({**self._globals[name], **variables}, shared=True)
+        try:
+            return template.environment.concat(template.root_render_func(context))
+        except Exception:
+            template.environment.handle_exception()
 
     def _resolve_locale_uncached(
         self, template: str, channel: Channel, requested: str | None
@@ -550,7 +563,7 @@ class TemplateRenderer:
             _parts(channel), self._names(resolved.template_locale, template, channel), strict=True
         ):
             try:
-                out = self._template(name).render(variables)
+                out = self._render_one(name, variables)
             except UndefinedError as exc:
                 raise TemplateError(
                     f"template {name!r} uses a field its spec does not provide: {exc.message}",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -165,13 +166,13 @@ class DeliverySender:
                 timing = send_timing(delivery.command, now, cfg.late_grace) if why is None else None
                 if isinstance(timing, datetime):  # quiet hours: back in the queue until then
                     updates.append(store.ClaimUpdate(row["id"], store.QUEUED, not_before=timing))
-                    metrics.MESSAGES.labels(delivery.channel, "-", "held").inc()
+                    counted(delivery.channel, "-", "held").inc()
                     continue
                 why = why or timing
                 if why is not None:
                     updates.append(store.ClaimUpdate(row["id"], store.SUPPRESSED, error=why))
                     self._emit(tx, delivery, MESSAGE_SUPPRESSED, None, None, reason=why)
-                    metrics.MESSAGES.labels(delivery.channel, "-", "suppressed").inc()
+                    counted(delivery.channel, "-", "suppressed").inc()
                     continue
                 try:
                     message = self.composer.compose(delivery.command, _profile(row), now)
@@ -185,7 +186,7 @@ class DeliverySender:
                         log.exception("composing failed", extra={"delivery": row["id"]})
                     updates.append(store.ClaimUpdate(row["id"], store.FAILED, error=reason))
                     self._emit(tx, delivery, MESSAGE_FAILED, None, None, reason=reason)
-                    metrics.MESSAGES.labels(delivery.channel, "-", "failed").inc()
+                    counted(delivery.channel, "-", "failed").inc()
                     continue
                 content = message.content
                 updates.append(
@@ -245,7 +246,7 @@ class DeliverySender:
                             None,
                             _unsubscribe_reason(error),
                         )
-                metrics.MESSAGES.labels(
+                counted(
                     delivery.channel,
                     finish.provider or "-",
                     "requeued" if finish.state == store.QUEUED else finish.state,
@@ -309,7 +310,7 @@ class DeliverySender:
                 self._emit(
                     tx, delivery, MESSAGE_FAILED, None, None, reason=OUTCOME_UNKNOWN_AFTER_CRASH
                 )
-                metrics.MESSAGES.labels(delivery.channel, "-", "failed").inc()
+                counted(delivery.channel, "-", "failed").inc()
         log.warning(
             "recovered deliveries left sending by a crashed dispatcher",
             extra={"requeued": len(again), "failed": len(lost)},
@@ -462,6 +463,13 @@ async def _wait_any(first: asyncio.Event, second: asyncio.Event | None, timeout:
         for waiter in waiters:
             waiter.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)
+
+
+@functools.lru_cache(maxsize=1024)
+def counted(channel: str, provider: str, outcome: str) -> Any:
+    """``winback_dispatcher_messages_total`` for these labels: the labelled child, looked up
+    once (``labels()`` per message is a lock and a dict)."""
+    return metrics.MESSAGES.labels(channel, provider, outcome)
 
 
 def _target(row: RowMapping) -> tuple[str, str, str | None]:
