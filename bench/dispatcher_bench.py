@@ -14,8 +14,13 @@
    the dispatcher keeps up, and the peak RSS again (bounded: it does not grow with volume).
 4. Exactly once: the fake counts the accepted requests per idempotency key.
 
-The fake provider runs in a process of its own so its HTTP parsing does not eat the
-dispatcher's CPU.
+The fake provider and the producer of the commands run in processes of their own, so their
+CPU is not counted as the dispatcher's.
+
+With ``--provider file`` email goes to the embedded file provider (one ``.eml`` per message
+in a temporary folder) instead of the fake SendGrid: the same run then also measures the
+reference for it, the same number of files of the same size written by a bare loop (open,
+write, close, rename), and checks one file per idempotency key.
 
 With ``--processes N`` (N > 1) the dispatcher runs as N ``winback dispatcher`` processes, as
 it is deployed scaled out (one consumer group, claims with ``FOR UPDATE SKIP LOCKED``); their
@@ -23,8 +28,9 @@ CPU time and peak RSS are read from /proc.
 
 Run: .venv/bin/python -m bench.dispatcher_bench [--commands 20000] [--latency 0.05]
      [--processes 1] [--rate 500 --seconds 10] [--in-flight 1024 --clients 4
-     --connections 256] [--transport pooled|httpx] [--profile FILE]
-Starts its own PostgreSQL (pgserver) and Kafka unless DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS.
+     --connections 256] [--transport pooled|httpx] [--provider http|file] [--profile FILE]
+Starts its own PostgreSQL (pgserver) and Kafka unless DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS
+(a database used before is fine: only this run's rows are counted).
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from shared import domain_events as de
 from shared.db import migrate
 from shared.db.engine import make_engine, normalise_url
 from shared.db.tables import deliveries
+from shared.gc_tuning import tune_for_service
 from shared.messaging.kafka import KafkaTransport
 from shared.settings import Settings, load_settings
 from tests.support.procs import as_env, peak_rss_mb, spawn_winback, stop_process
@@ -143,27 +150,79 @@ def command(i: int, run: str) -> bytes:
     )
 
 
-async def produce(
-    servers: str, topic: str, start: int, n: int, run: str, rate: float | None = None
+async def send_commands(
+    producer: AIOKafkaProducer, topic: str, start: int, n: int, run: str, rate: float | None
 ) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=servers, linger_ms=5, max_batch_size=512 * 1024)
-    await producer.start()
-    try:
-        futures = []
-        t0 = time.perf_counter()
-        for i in range(start, start + n):
-            if rate is not None:
-                delay = t0 + (i - start) / rate - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            futures.append(
-                await producer.send(
-                    topic, command(i, run), key=f"cus_{run}_{i}".encode(), headers=HEADERS
-                )
+    futures = []
+    t0 = time.perf_counter()
+    for i in range(start, start + n):
+        if rate is not None:
+            delay = t0 + (i - start) / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        futures.append(
+            await producer.send(
+                topic, command(i, run), key=f"cus_{run}_{i}".encode(), headers=HEADERS
             )
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
+        )
+    await asyncio.gather(*futures)
+
+
+def producer_process(
+    conn: Connection, servers: str, topic: str, start: int, n: int, run: str, rate: float | None
+) -> None:
+    """Connects, says ``ready``, waits for ``go``, produces, answers with the seconds taken."""
+
+    async def main() -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=servers, linger_ms=5, max_batch_size=512 * 1024
+        )
+        await producer.start()
+        try:
+            await producer.partitions_for(topic)  # metadata before the clock starts
+            conn.send("ready")
+            await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+            t0 = time.perf_counter()
+            await send_commands(producer, topic, start, n, run, rate)
+            conn.send(time.perf_counter() - t0)
+        finally:
+            await producer.stop()
+
+    asyncio.run(main())
+
+
+class Producer:
+    """The commands produced from a process of its own (its CPU is not the dispatcher's)."""
+
+    def __init__(
+        self, servers: str, topic: str, start: int, n: int, run: str, rate: float | None = None
+    ) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, theirs = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=producer_process,
+            args=(theirs, servers, topic, start, n, run, rate),
+            daemon=True,
+        )
+        self._proc.start()
+
+    async def _recv(self) -> Any:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self._conn.recv)
+        except EOFError:
+            raise SystemExit(f"the producer exited with {self._proc.exitcode}") from None
+
+    async def ready(self) -> Producer:
+        if await self._recv() != "ready":
+            raise SystemExit("the producer did not start")
+        return self
+
+    async def run(self) -> float:
+        """Produce every command; the seconds from ``go`` until all were acknowledged."""
+        self._conn.send("go")
+        seconds = float(await self._recv())
+        await asyncio.get_running_loop().run_in_executor(None, self._proc.join, 30)
+        return seconds
 
 
 async def seed(db_url: str, run: str, n: int) -> None:
@@ -234,9 +293,35 @@ async def bare_httpx(settings: Settings, port: int, n: int, transport: str) -> f
         await asyncio.gather(*(c.aclose() for c in clients))
 
 
-def cpu_seconds() -> float:
+def bare_files(n: int, size: int) -> tuple[float, float]:
+    """Reference for the file provider: ``n`` files of ``size`` bytes written by a bare loop
+    as the provider writes each (temporary name, write, close, rename into place), in one
+    thread. Returns (files/s, CPU ms per file)."""
+    data = b"x" * size
+    with tempfile.TemporaryDirectory(prefix="bench-files-") as tmp:
+        folder = Path(tmp)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        for i in range(n):
+            temporary = folder / f".tmp-{i}.eml"
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, data)
+            os.close(fd)
+            os.replace(temporary, folder / f"message-{i}.eml")
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    return n / seconds, cpu / n * 1000
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(user + system, system) CPU seconds of this process."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime + usage.ru_stime, usage.ru_stime
+
+
+def system_seconds(pid: int) -> float:
+    """System CPU time of a running process, from /proc (the kernel's share of its time:
+    socket and file system calls)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb() -> float:
@@ -244,6 +329,7 @@ def rss_mb() -> float:
 
 
 async def latency(engine: Any, since_id: int) -> tuple[float, float, float]:
+    """p50, p99 and max command→send latency (ms) of the deliveries after ``since_id``."""
     async with engine.connect() as conn:
         row = (
             await conn.execute(
@@ -261,8 +347,20 @@ async def latency(engine: Any, since_id: int) -> tuple[float, float, float]:
 
 
 def settings_overrides(
-    args: argparse.Namespace, db_url: str, servers: str, port: int, runid: str
+    args: argparse.Namespace, db_url: str, servers: str, port: int, runid: str, files: Path
 ) -> dict[str, Any]:
+    sendgrid = {
+        "kind": "sendgrid",
+        "base_url": f"http://127.0.0.1:{port}",
+        "api_key": "SG.bench",
+        "from_address": "hello@acme.example",
+    }
+    files_provider = {
+        "kind": "file",
+        "directory": str(files),
+        "from_address": "hello@acme.example",
+        "from_name": "Acme",
+    }
     return {
         "database": {"url": db_url, "pool_size": 10},
         "kafka": {"bootstrap_servers": servers, "max_batch": args.batch},
@@ -274,14 +372,7 @@ def settings_overrides(
             "partitions": args.partitions,
         },
         "dispatcher": {
-            "email": {
-                "primary": {
-                    "kind": "sendgrid",
-                    "base_url": f"http://127.0.0.1:{port}",
-                    "api_key": "SG.bench",
-                    "from_address": "hello@acme.example",
-                }
-            },
+            "email": {"primary": files_provider if args.provider == "file" else sendgrid},
             "max_in_flight": args.in_flight,
             "http": {
                 "clients": args.clients,
@@ -314,8 +405,12 @@ class Workers:
                     print(f"--- {log.name}\n{log.read_text()[-3000:]}", file=sys.stderr)
                 raise SystemExit(f"a dispatcher process exited with {proc.returncode}")
 
-    def cpu_seconds(self) -> float:
-        return sum(process_cpu_seconds(proc.pid) for proc in self.procs)
+    def cpu_seconds(self) -> tuple[float, float]:
+        """(user + system, system) CPU seconds of the processes together."""
+        return (
+            sum(process_cpu_seconds(proc.pid) for proc in self.procs),
+            sum(system_seconds(proc.pid) for proc in self.procs),
+        )
 
     def rss_mb(self) -> list[float]:
         """Peak resident memory (VmHWM) of each process."""
@@ -387,16 +482,43 @@ async def run(
     runid = uuid.uuid4().hex[:6]
     n = args.commands
     steady = int(args.rate * args.seconds)
-    overrides = settings_overrides(args, db_url, servers, port, runid)
+    with tempfile.TemporaryDirectory(prefix="bench-messages-") as files:
+        await measure(args, db_url, servers, port, fake, runid, n, steady, Path(files))
+
+
+async def max_ids(engine: Any) -> tuple[int, int]:
+    """The highest delivery and outbox ids so far: this run counts only the rows after them
+    (the database may hold earlier runs')."""
+    async with engine.connect() as conn:
+        delivery = await conn.scalar(text("SELECT max(id) FROM deliveries"))
+        outbox = await conn.scalar(text("SELECT max(id) FROM outbox"))
+    return int(delivery or 0), int(outbox or 0)
+
+
+async def measure(
+    args: argparse.Namespace,
+    db_url: str,
+    servers: str,
+    port: int,
+    fake: Connection,
+    runid: str,
+    n: int,
+    steady: int,
+    files: Path,
+) -> None:
+    overrides = settings_overrides(args, db_url, servers, port, runid, files)
     settings = load_settings(**overrides)
     reference = await bare_httpx(settings, port, args.reference, args.transport)
     other = "httpx" if args.transport == "pooled" else "pooled"
     reference_other = await bare_httpx(settings, port, args.reference // 5, other)
     fake.send("stats")
     fake.recv()
+    # the size of the bench's .eml (3.6 KB)
+    file_reference = bare_files(n, 3600) if args.provider == "file" else None
 
     await seed(db_url, runid, n + steady)
     engine = make_engine(db_url, pool_size=2)
+    first_delivery, first_outbox = await max_ids(engine)
     transport = KafkaTransport(servers)
     topics = settings.topics
     await transport.ensure_topics(
@@ -407,7 +529,9 @@ async def run(
         async with engine.connect() as conn:
             return int(
                 await conn.scalar(
-                    select(func.count()).select_from(deliveries).where(deliveries.c.state == "sent")
+                    select(func.count())
+                    .select_from(deliveries)
+                    .where(deliveries.c.state == "sent", deliveries.c.id > first_delivery)
                 )
                 or 0
             )
@@ -416,9 +540,14 @@ async def run(
     workers = None
     with ExitStack() as stack:
         if args.processes == 1:
-            service = bootstrap(settings, engine=make_engine(db_url, pool_size=10))
+            # a consumer group of its own: on a shared broker another "dispatcher" member
+            # joining or leaving (a test session) would stop this one for each rebalance
+            service = bootstrap(
+                settings, engine=make_engine(db_url, pool_size=10), group=f"bench-{runid}"
+            )
             await service.core.runtime.start()
             await service.core.runtime.wait_consuming()
+            tune_for_service()  # the collector set as `winback dispatcher` sets it
         else:
             logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-logs-")))
             env = {
@@ -432,7 +561,7 @@ async def run(
             stack.callback(workers.stop)
             await group_ready(servers, CONSUMER, args.processes)
 
-        def process_cpu() -> float:
+        def process_cpu() -> tuple[float, float]:
             return cpu_seconds() if workers is None else workers.cpu_seconds()
 
         def process_rss() -> list[float]:
@@ -445,6 +574,7 @@ async def run(
                 await asyncio.sleep(0.05)
 
         rss_idle = process_rss()
+        producer = await Producer(servers, topics.dispatch, 0, n, runid).ready()
         if args.profile and service is not None:
             import cProfile
 
@@ -452,24 +582,25 @@ async def run(
             prof.enable()
         print(f"burst: {n} commands (pid {os.getpid()})", file=sys.stderr, flush=True)
         started, cpu_started = time.perf_counter(), process_cpu()
-        await produce(servers, topics.dispatch, 0, n, runid)
-        produced = time.perf_counter() - started
+        produced = await producer.run()
         await wait_sent(n)
         burst_seconds = time.perf_counter() - started
-        burst_cpu = process_cpu() - cpu_started
+        cpu_ended = process_cpu()
+        burst_cpu, burst_system = cpu_ended[0] - cpu_started[0], cpu_ended[1] - cpu_started[1]
         if args.profile and service is not None:
             import pstats
 
             prof.disable()
             prof.dump_stats(args.profile)
             pstats.Stats(prof).sort_stats("tottime").print_stats(30)
-        burst_p50, burst_p99, burst_max = await latency(engine, 0)
+        burst_p50, burst_p99, burst_max = await latency(engine, first_delivery)
         rss_burst = process_rss()
 
         async with engine.connect() as conn:
             last_id = int(await conn.scalar(select(func.max(deliveries.c.id))) or 0)
         if steady:
-            await produce(servers, topics.dispatch, n, steady, runid, rate=args.rate)
+            paced = await Producer(servers, topics.dispatch, n, steady, runid, args.rate).ready()
+            await paced.run()
             await wait_sent(n + steady)
         steady_p50, steady_p99, steady_max = await latency(engine, last_id)
         rss_end = process_rss()
@@ -481,40 +612,58 @@ async def run(
     async with engine.connect() as conn:
         states: dict[str, int] = dict(
             (
-                await conn.execute(text("SELECT state, count(*) FROM deliveries GROUP BY state"))
+                await conn.execute(
+                    text("SELECT state, count(*) FROM deliveries WHERE id > :id GROUP BY state"),
+                    {"id": first_delivery},
+                )
             ).all()
         )
         unpublished = await conn.scalar(
-            text("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            text("SELECT count(*) FROM outbox WHERE published_at IS NULL AND id > :id"),
+            {"id": first_outbox},
         )
     await engine.dispose()
     fake.send("stats")
     stats = fake.recv()
+    written = sorted((files / "email").glob("*.eml")) if args.provider == "file" else []
+    temporary = list((files / "email").glob(".tmp-*")) if args.provider == "file" else []
 
     def mb(values: list[float]) -> str:
         return " + ".join(f"{v:,.0f}" for v in values) + " MB"
 
     rate = n / burst_seconds
     where = (
-        "in the bench process (producer included)"
+        "in the bench process (producer in a process of its own)"
         if workers is None
         else f"{args.processes} winback dispatcher processes"
     )
     print(f"commands (burst)              {n} (produced in {produced:.1f} s)")
-    print(f"fake provider latency         {args.latency * 1000:.0f} ms")
+    if args.provider == "file":
+        print("provider                      file (one .eml per message)")
+    else:
+        answer = f"{args.latency * 1000:.0f} ms"
+        print(f"provider                      fake SendGrid, answering after {answer}")
     print(f"dispatcher                    {where}")
     print(f"in flight / clients x conns   {args.in_flight} / {args.clients} x {args.connections}")
     print(
         f"bare httpx reference          {reference:,.0f} requests/s over the {args.transport} "
         f"transport, {reference_other:,.0f} over the {other} one (same clients, same fake)"
     )
-    print(
-        f"dispatcher burst              {rate:,.0f} sends/s ({burst_seconds:.1f} s; "
-        f"{rate / reference:.0%} of the bare httpx rate over the same transport)"
+    if file_reference is not None:
+        print(
+            f"bare file reference           {file_reference[0]:,.0f} files/s, "
+            f"{file_reference[1]:.3f} ms CPU per file (temporary, write, rename; one thread)"
+        )
+    versus = (
+        ""
+        if args.provider == "file"
+        else f"; {rate / reference:.0%} of the bare httpx rate over the same transport"
     )
+    print(f"dispatcher burst              {rate:,.0f} sends/s ({burst_seconds:.1f} s{versus})")
     print(
         f"dispatcher CPU                {burst_cpu:.1f} s = {burst_cpu / burst_seconds:.0%} of "
-        f"one core, {burst_cpu / n * 1000:.2f} ms per send"
+        f"one core, {burst_cpu / n * 1000:.2f} ms per send ({burst_system:.1f} s of it in "
+        "the kernel)"
     )
     print(
         f"burst command→send latency    p50 {burst_p50:,.0f} ms, p99 {burst_p99:,.0f} ms, "
@@ -530,10 +679,16 @@ async def run(
         f"at end {mb(rss_end)}"
     )
     print(f"deliveries by state           {states}")
-    print(
-        f"provider requests             {stats['requests']} accepted {stats['accepted']}, "
-        f"most per idempotency key {stats['most_per_key']}"
-    )
+    if args.provider == "file":
+        print(
+            f"files written                 {len(written)} .eml for {n + steady} keys "
+            f"(one per key), {len(temporary)} temporary files left"
+        )
+    else:
+        print(
+            f"provider requests             {stats['requests']} accepted {stats['accepted']}, "
+            f"most per idempotency key {stats['most_per_key']}"
+        )
     print(f"outbox rows unpublished       {unpublished}")
 
 
@@ -549,6 +704,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=4, help="dispatcher.http.clients")
     p.add_argument("--connections", type=int, default=256, help="dispatcher.http.max_connections")
     p.add_argument("--transport", choices=["pooled", "httpx"], default="pooled")
+    p.add_argument(
+        "--provider",
+        choices=["http", "file"],
+        default="http",
+        help="email through the fake SendGrid (http) or the embedded file provider (file)",
+    )
     p.add_argument("--reference", type=int, default=10_000, help="bare httpx requests")
     p.add_argument(
         "--processes",
