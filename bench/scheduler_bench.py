@@ -6,7 +6,14 @@ guardrails, dispatch command into the outbox, state update — one transaction p
 nothing is due: claim-and-emit steps/s. The same is measured first on a small table (10,000
 rows) so the claim rate on the big table can be compared with it (it should stay flat).
 
+The reference, in the same run on the same PostgreSQL: PgQueuer 1.6 (one consumer, batch as
+``--batch``) draining as many no-op jobs as there are due steps (``bench/pgqueuer_reference.py``,
+run with the Python of a virtual environment of its own made with ``uv`` on first use in
+``~/.cache/winback/pgqueuer-1.6.0``: PgQueuer is not a dependency of winback).
+``--no-pgqueuer`` skips it.
+
 Run: .venv/bin/python -m bench.scheduler_bench [--steps 1000000 --due 100000 --batch 500]
+     [--no-pgqueuer]
 Starts its own PostgreSQL (pgserver) unless DATABASE_URL is set.
 """
 
@@ -14,7 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -33,6 +44,7 @@ from shared.db.engine import make_engine, normalise_url, with_database
 from shared.settings import SchedulerSettings
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+PGQUEUER = "1.6.0"
 SEGMENT = (
     '{"lifecycle": "churned_customer", "reason": "budget", "value_tier": "medium", '
     '"engagement": "high", "tenure": "established", "is_rechurn": false}'
@@ -148,6 +160,58 @@ async def claim_only(engine: AsyncEngine, batch: int, rounds: int) -> float:
     return rounds * batch / (time.perf_counter() - started)
 
 
+def pgqueuer_python() -> Path:
+    """The Python of a virtual environment with PgQueuer, made with ``uv`` on first use."""
+    cache = Path(
+        os.environ.get("WINBACK_CACHE_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "winback"
+    )
+    venv = cache / f"pgqueuer-{PGQUEUER}"
+    python = venv / "bin" / "python"
+    if not (venv / ".complete").exists():
+        uv = shutil.which("uv")
+        if uv is None:
+            raise SystemExit("the PgQueuer reference needs `uv` (pip install uv), or --no-pgqueuer")
+        print(f"installing PgQueuer {PGQUEUER} into {venv}", file=sys.stderr, flush=True)
+        subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True)
+        subprocess.run(
+            [
+                uv,
+                "pip",
+                "install",
+                "-q",
+                "--python",
+                str(python),
+                f"pgqueuer=={PGQUEUER}",
+                "asyncpg",
+            ],
+            check=True,
+        )
+        (venv / ".complete").touch()
+    return python
+
+
+async def pgqueuer_drain(url: str, jobs: int, batch: int) -> tuple[int, float]:
+    """PgQueuer draining ``jobs`` no-op jobs in the database of ``url``: (jobs, seconds)."""
+    dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    script = Path(__file__).with_name("pgqueuer_reference.py")
+    proc = await asyncio.create_subprocess_exec(
+        str(pgqueuer_python()),
+        str(script),
+        dsn,
+        "--jobs",
+        str(jobs),
+        "--batch",
+        str(batch),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"the PgQueuer reference exited with {proc.returncode}")
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    return int(result["jobs"]), float(result["seconds"])
+
+
 async def run(args: argparse.Namespace, url: str) -> None:
     await migrate.upgrade_async(url)
     engine = make_engine(url, pool_size=4)
@@ -181,6 +245,7 @@ async def run(args: argparse.Namespace, url: str) -> None:
             )
         )
     await engine.dispose()
+    reference = await pgqueuer_drain(url, total_fired, args.batch) if args.pgqueuer else None
 
     small_rate = small_fired / small_s
     big_rate = big_fired_sample / big_sample_s
@@ -201,6 +266,14 @@ async def run(args: argparse.Namespace, url: str) -> None:
         f"{total_fired / total_s:,.0f} steps/s"
     )
     print(f"dispatch commands in outbox {outbox_rows:,} (duplicates: {doubled})")
+    if reference is not None:
+        jobs, seconds = reference
+        ours = total_fired / total_s
+        print(
+            f"reference: PgQueuer {PGQUEUER}   {jobs:,} no-op jobs drained in {seconds:.1f} s = "
+            f"{jobs / seconds:,.0f} jobs/s (one consumer, batch {args.batch}); "
+            f"winback / PgQueuer = {ours / (jobs / seconds):.2f}"
+        )
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -247,6 +320,12 @@ def cli(argv: list[str] | None = None) -> None:
     p.add_argument("--due", type=int, default=100_000)
     p.add_argument("--batch", type=int, default=500)
     p.add_argument("--explain", action="store_true", help="print the claim query's plan")
+    p.add_argument(
+        "--no-pgqueuer",
+        dest="pgqueuer",
+        action="store_false",
+        help="skip the PgQueuer reference",
+    )
     p.add_argument(
         "--sample",
         type=int,
