@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     func,
     text,
 )
@@ -293,6 +294,44 @@ Index(
     "ix_deliveries_sending",
     deliveries.c.updated_at,
     postgresql_where=deliveries.c.state == "sending",
+)
+
+# The message log (migration 0007): each send attempt's result and each provider event matched
+# to a delivery, for GET /v1/customers/{id}/messages (services/dispatcher/queries/messages.py).
+delivery_attempts = Table(
+    "delivery_attempts",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column(
+        "delivery_id", BigInteger, ForeignKey("deliveries.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("attempt", Integer, nullable=False),
+    Column("provider", String(30)),
+    Column("provider_message_id", String(200)),
+    # sent | requeued | failed: what the attempt left the delivery as
+    Column("outcome", String(12), nullable=False),
+    # accepted | retryable | rejected | unknown (the send's fate is not known: a crash mid-send)
+    Column("response_class", String(12), nullable=False),
+    Column("error", Text),
+    _tz("finished_at", nullable=False),
+)
+Index("ix_delivery_attempts_delivery_id", delivery_attempts.c.delivery_id)
+
+delivery_events = Table(
+    "delivery_events",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column(
+        "delivery_id", BigInteger, ForeignKey("deliveries.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("provider", String(30), nullable=False),
+    Column("event_id", Text, nullable=False),
+    # delivered | opened | clicked | bounced | complained | failed | unsubscribed
+    Column("kind", String(20), nullable=False),
+    Column("reason", Text),
+    _tz("occurred_at"),
+    _tz("received_at", nullable=False),
+    UniqueConstraint("delivery_id", "provider", "event_id"),
 )
 
 suppressions = Table(
