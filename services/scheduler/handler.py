@@ -44,6 +44,7 @@ from services.scheduler.domain import (
 )
 from services.scheduler.domain.case import Case, CaseChange, Purpose, Refused, open_case
 from services.scheduler.domain.planning import normalise_feature
+from services.scheduler.domain.playbook import DEFAULT_ATTRIBUTION_HORIZON
 from services.scheduler.views import (
     customer_view,
     episode_from_event,
@@ -165,23 +166,40 @@ class SchedulerHandler:
         )
 
     async def _returned(self, b: Batch, event: Event, cause: CloudEvent) -> None:
+        """Every return is recorded against the customer's latest win-back case within its
+        attribution horizon: an open case closes as ``returned``; on a closed one (horizon,
+        unsubscribed, consent withdrawn, superseded, cancelled) only the return is recorded
+        (``Case.record_return``). Either way the win-back row says whether a sent step earns
+        the credit, and the customer is re-onboarded."""
         snapshot = event.data["customer"]
         cid = snapshot["id"]
         b.take_snapshot(snapshot)
         case = await b.open_case(cid)
         if case is None:
-            return
+            # no open case: the latest win-back case, as the events before this one left it
+            await b.flush()
+            case = await store.load_latest_winback_case(b.tx.conn, cid)
+            if case is None:
+                return
+        elif case.purpose != WINBACK:
+            return  # a return during re-onboarding: its win-back case has its return
         playbook = self._playbook(case)
         returned_at = datetime.fromisoformat(event.data["returned_at"])
         by_activity = event.data.get("kind") == "activity"
-        closed = await b.apply(
-            case.customer_returned(
-                b.tx.now, returned_at=returned_at, by_activity=by_activity, playbook=playbook
+        recorded = await b.apply(
+            case.record_return(
+                b.tx.now,
+                returned_at=returned_at,
+                by_activity=by_activity,
+                playbook=playbook,
+                horizon=playbook.return_horizon
+                if playbook is not None
+                else max(DEFAULT_ATTRIBUTION_HORIZON, case.expires_at - case.churned_at),
             ),
             cause,
         )
-        if closed is None or not closed.closed:
-            return  # the exit rules (e.g. a return during re-onboarding changes nothing)
+        if recorded is None or recorded.after.returned_at is None:
+            return  # the exit rules (activity that is no return), outside the horizon
         episode = case.episode
         row = b.customers.get(cid)
         owner = row["crm_owner"] if row is not None else None
@@ -246,7 +264,7 @@ class SchedulerHandler:
                 cause=cause,
                 subject=cid,
             )
-        await self._reonboard(b, cid, closed.after, returned_at, cause)
+        await self._reonboard(b, cid, recorded.after, returned_at, cause)
 
     async def _reonboard(
         self, b: Batch, cid: str, closed: Case, returned_at: datetime, cause: CloudEvent

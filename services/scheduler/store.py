@@ -514,6 +514,21 @@ async def load_open_case(conn: AsyncConnection, customer_id: str) -> Case | None
     return None if row is None else (await _with_steps(conn, [row], True))[0]
 
 
+async def load_latest_winback_case(conn: AsyncConnection, customer_id: str) -> Case | None:
+    """The customer's most recent win-back case (by churn, then opening), open or closed,
+    and its steps, locked for this transaction."""
+    row = (
+        await conn.execute(
+            cases.select()
+            .where(cases.c.customer_id == customer_id, cases.c.purpose == "winback")
+            .order_by(cases.c.churned_at.desc(), cases.c.opened_at.desc(), cases.c.id.desc())
+            .limit(1)
+            .with_for_update()
+        )
+    ).first()
+    return None if row is None else (await _with_steps(conn, [row], True))[0]
+
+
 async def load_expired_cases(conn: AsyncConnection, now: datetime, limit: int) -> list[Case]:
     """Up to ``limit`` open (or paused) cases whose horizon has passed, with their steps,
     locked; cases another transaction holds are skipped (a later sweep takes them)."""

@@ -20,6 +20,12 @@ The rules:
   (an operator), ``erased`` (GDPR erasure) or ``horizon`` (the case's time ran out).
 * Pausing a paused case or resuming an open one is refused (``paused`` / ``not_paused``):
   the caller decides whether that is an error or an idempotent no-op.
+* Every return is recorded against the customer's latest win-back case within its attribution
+  horizon (:meth:`Case.record_return`): on an open case it closes it as ``returned``
+  (:meth:`Case.customer_returned`); on a closed case (closed at its horizon, unsubscribed,
+  consent withdrawn, superseded, cancelled) it sets ``returned_at`` and nothing else. A case
+  records at most one return (``already_returned``); an erased case none (``closed``); a
+  return before the churn or after ``churned_at + horizon`` is ``outside_horizon``.
 * A command whose rules say "nothing to do" (a return during re-onboarding, activity the
   playbook does not exit on, consent withdrawn on one channel) returns an unchanged
   :class:`CaseChange` (``changed`` is false).
@@ -29,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal, TypeAlias
 
 from services.scheduler.domain.migration import (
@@ -49,7 +55,14 @@ CloseReason: TypeAlias = Literal[
     "superseded", "returned", "activity", "unsubscribed", "cancelled", "erased", "horizon"
 ]
 RefusalCode: TypeAlias = Literal[
-    "closed", "paused", "not_paused", "open_case_exists", "not_expired", "other_playbook"
+    "closed",
+    "paused",
+    "not_paused",
+    "open_case_exists",
+    "not_expired",
+    "other_playbook",
+    "already_returned",
+    "outside_horizon",
 ]
 
 WINBACK: Purpose = "winback"
@@ -71,7 +84,8 @@ class Case:
 
     ``episode`` is the churn the case is about (for a re-onboarding case: the original churn)
     and ``return_anchor`` the return a re-onboarding case counts from (``None`` for a win-back
-    case). ``returned_at`` is set when a win-back case closes because the customer came back.
+    case). ``returned_at`` is set when the customer came back: the win-back case closed as
+    ``returned``, or (closed for another reason first) the return was recorded on it later.
     ``steps`` are every step of the case, in due order.
     """
 
@@ -189,13 +203,60 @@ class Case:
             return refused
         if self.purpose == REONBOARDING:
             return self._unchanged()
-        if (
-            by_activity
-            and self.episode.kind != "user_inactive"
-            and not (playbook is not None and playbook.exits_on("activity"))
-        ):
+        if not self._counts(by_activity, playbook):
             return self._unchanged()
         return self.close("returned", now, returned_at=returned_at, command="customer_returned")
+
+    def record_return(
+        self,
+        now: datetime,
+        *,
+        returned_at: datetime,
+        by_activity: bool,
+        playbook: Playbook | None,
+        horizon: timedelta,
+    ) -> CaseChange | Refused:
+        """Record the customer's return on this win-back case, open or closed.
+
+        Open (or paused): :meth:`customer_returned` (the case closes as ``returned``). Closed:
+        the same exit rules decide whether the return counts (activity counts only for an
+        inactivity churn or a playbook that exits on it); it must fall within ``horizon`` of
+        the churn (``churned_at <= returned_at <= churned_at + horizon``); then only
+        ``returned_at`` is set — the case stays closed for its own reason, no event. A case
+        records one return at most; an erased case none.
+        """
+        if self.returned_at is not None:
+            return Refused(
+                self.id,
+                "record_return",
+                "already_returned",
+                f"case {self.id} already recorded the return of {self.returned_at}",
+            )
+        if self.is_open:
+            return self.customer_returned(
+                now, returned_at=returned_at, by_activity=by_activity, playbook=playbook
+            )
+        if self.close_reason == "erased":
+            return Refused(self.id, "record_return", "closed", f"case {self.id} was erased")
+        if self.purpose == REONBOARDING or not self._counts(by_activity, playbook):
+            return self._unchanged()
+        if not self.churned_at <= returned_at <= self.churned_at + horizon:
+            return Refused(
+                self.id,
+                "record_return",
+                "outside_horizon",
+                f"case {self.id}: a return at {returned_at} is outside "
+                f"{self.churned_at} + {horizon}",
+            )
+        return CaseChange(self, replace(self, returned_at=returned_at))
+
+    def _counts(self, by_activity: bool, playbook: Playbook | None) -> bool:
+        """Whether a return (seen only as activity when ``by_activity``) counts as one."""
+        return (
+            not by_activity
+            or self.episode.kind == "user_inactive"
+            or (playbook is not None and playbook.exits_on("activity"))
+        )
 
     def customer_active(self, now: datetime, *, playbook: Playbook | None) -> CaseChange | Refused:
         """Product activity: closes the case (``activity``) when its playbook exits on it."""

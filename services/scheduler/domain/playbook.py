@@ -149,6 +149,13 @@ class Step(_Frozen):
         raise KeyError(f"step {self.key!r} has no variant {variant!r}")
 
 
+DEFAULT_ATTRIBUTION_HORIZON = timedelta(days=365)
+"""A return up to this long after the churn is recorded against the case (see
+:attr:`Playbook.return_horizon`)."""
+MAX_ATTRIBUTION_HORIZON = timedelta(days=548)
+"""18 months: the sources' slowest returners."""
+
+
 class WindowSpec(_Frozen):
     """A timing window's name and start (time since churn)."""
 
@@ -178,7 +185,8 @@ class Playbook(_Frozen):
     horizon: Duration | None = None
     windows: Annotated[tuple[WindowSpec, ...], Field(min_length=1)] | None = None
     exit_on: frozenset[ExitEvent] = REQUIRED_EXITS
-    attribution_window_days: Annotated[int, Field(strict=True, ge=1, le=365)] = 90
+    attribution_window_days: Annotated[int, Field(strict=True, ge=1, le=548)] = 90
+    attribution_horizon: Duration | None = None
     steps: Annotated[tuple[Step, ...], Field(min_length=1)]
 
     @model_validator(mode="after")
@@ -197,6 +205,14 @@ class Playbook(_Frozen):
     def attribution_window(self) -> timedelta:
         """How long after a sent step a reactivation is credited to it."""
         return timedelta(days=self.attribution_window_days)
+
+    @property
+    def return_horizon(self) -> timedelta:
+        """How long after the churn a return is still recorded against the case, open or
+        closed: ``attribution_horizon`` (default 12 months), never shorter than the case
+        horizon."""
+        chosen = self.attribution_horizon or DEFAULT_ATTRIBUTION_HORIZON
+        return max(chosen, self.ladder.horizon)
 
     @property
     def is_reonboarding(self) -> bool:
@@ -258,6 +274,13 @@ def check_playbook(playbook: Playbook) -> Iterator[PlaybookProblem]:
     except ValueError as exc:
         yield problem(("windows",) if playbook.windows is not None else ("horizon",), str(exc))
         horizon = None
+    if playbook.attribution_horizon is not None and not (
+        timedelta(0) < playbook.attribution_horizon <= MAX_ATTRIBUTION_HORIZON
+    ):
+        yield problem(
+            ("attribution_horizon",),
+            f"must be positive and at most {format_duration(MAX_ATTRIBUTION_HORIZON)}",
+        )
     missing_exits = REQUIRED_EXITS - playbook.exit_on
     if missing_exits:
         yield problem(("exit_on",), f"must include {', '.join(sorted(missing_exits))}")

@@ -372,7 +372,10 @@ KINDS = (
     "migrate",
     "reonboard",
     "step_sent",
+    "record_return",
+    "record_return_by_activity",
 )
+RETURN_HORIZON = timedelta(days=365)
 
 
 @dataclass
@@ -383,6 +386,7 @@ class World:
     cases: dict[str, list[Case]] = field(default_factory=dict)
     events: list[Any] = field(default_factory=list)
     serial: int = 0
+    returns_recorded: dict[str, int] = field(default_factory=dict)
 
     def latest(self, customer: str) -> Case | None:
         cases = self.cases.get(customer)
@@ -390,6 +394,13 @@ class World:
 
     def store(self, result: CaseChange) -> None:
         check_change(result)
+        before = result.before
+        if before is not None and before.returned_at is not None:
+            assert result.after.returned_at == before.returned_at, "a recorded return changed"
+        if result.after.returned_at is not None and (before is None or before.returned_at is None):
+            self.returns_recorded[result.after.id] = (
+                self.returns_recorded.get(result.after.id, 0) + 1
+            )
         cases = self.cases.setdefault(result.after.customer_id, [])
         if result.before is None:
             cases.append(result.after)
@@ -428,6 +439,9 @@ class World:
             return
         if case is None:
             return
+        if kind.startswith("record_return"):
+            self.record_return(customer, now, by_activity=kind.endswith("activity"), pick=pick)
+            return
         if kind == "step_sent":  # the timer fired one (the aggregate does not fire steps)
             pending = [s for s in case.steps if s.pending]
             if case.status == "open" and pending:
@@ -445,11 +459,50 @@ class World:
         assert case.is_open, f"{kind} changed a closed case"
         self.store(result)
 
+    def record_return(self, customer: str, now: datetime, *, by_activity: bool, pick: int) -> None:
+        """A return, recorded as the handler does: on the customer's latest win-back case,
+        open or closed (the return may be dated back: ``pick`` days)."""
+        winbacks = [c for c in self.cases.get(customer, []) if c.purpose == "winback"]
+        if not winbacks:
+            return
+        case = winbacks[-1]
+        at = now - (pick % 5) * DAY
+        result = case.record_return(
+            now,
+            returned_at=at,
+            by_activity=by_activity,
+            playbook=playbook_of(case),
+            horizon=RETURN_HORIZON,
+        )
+        if isinstance(result, Refused):
+            assert result.case_id == case.id
+            if case.returned_at is not None:
+                assert result.code == "already_returned"
+            elif not case.is_open:
+                assert result.code in ("closed", "outside_horizon")
+                if result.code == "closed":
+                    assert case.close_reason == "erased"
+                else:
+                    assert not case.churned_at <= at <= case.churned_at + RETURN_HORIZON
+            return
+        if not case.is_open and result.changed:
+            # a closed case records the return and nothing else: no event, same close
+            assert result.events == ()
+            assert result.cancelled == ()
+            assert result.added == ()
+            assert replace(result.after, returned_at=None) == case
+            assert result.after.returned_at == at
+        self.store(result)
 
-def command(kind: str, case: Case, now: datetime, pick: int) -> CaseChange | Refused:
-    pb = {("pb", 1): V1, ("pb", 2): V2, ("pb_active", 1): ACTIVE}.get(
+
+def playbook_of(case: Case) -> Playbook | None:
+    return {("pb", 1): V1, ("pb", 2): V2, ("pb_active", 1): ACTIVE}.get(
         (case.playbook, case.playbook_version)
     )
+
+
+def command(kind: str, case: Case, now: datetime, pick: int) -> CaseChange | Refused:
+    pb = playbook_of(case)
     if kind == "pause":
         return case.pause(now)
     if kind == "resume":
@@ -535,6 +588,8 @@ def test_random_command_sequences_keep_the_case_invariants(
         for cases in world.cases.values():
             assert sum(c.is_open for c in cases) <= 1, "two open cases for one customer"
     every_case = [c for cases in world.cases.values() for c in cases]
+    assert all(n == 1 for n in world.returns_recorded.values()), "a return recorded twice"
+    assert {c.id for c in every_case if c.returned_at is not None} == set(world.returns_recorded)
     closes = [e for e in world.events if isinstance(e, CaseClosed)]
     assert sorted(e.case_id for e in closes) == sorted(c.id for c in every_case if not c.is_open)
     assert len([e for e in world.events if isinstance(e, CaseOpened)]) == len(every_case)
@@ -550,3 +605,66 @@ def test_random_command_sequences_keep_the_case_invariants(
                 "erased",
                 "horizon",
             }
+
+
+def test_a_return_after_the_case_closed_is_recorded_once() -> None:
+    for close in ("expire", "unsubscribe", "supersede", "withdraw_consent", "cancel"):
+        case = a_case()
+        if close == "expire":
+            closed = change(case.expire(case.expires_at)).after
+        elif close == "withdraw_consent":
+            closed = change(case.withdraw_consent("all", T0 + DAY)).after
+        else:
+            closed = change(getattr(case, close)(T0 + DAY)).after
+        at = closed.expires_at + 200 * DAY
+        recorded = change(
+            closed.record_return(
+                at, returned_at=at, by_activity=False, playbook=V1, horizon=RETURN_HORIZON
+            )
+        )
+        after = recorded.after
+        assert (after.status, after.returned_at, recorded.events) == ("closed", at, ())
+        assert after.close_reason == closed.close_reason
+        again = after.record_return(
+            at + DAY, returned_at=at + DAY, by_activity=False, playbook=V1, horizon=RETURN_HORIZON
+        )
+        assert isinstance(again, Refused)
+        assert again.code == "already_returned"
+
+
+def test_a_return_beyond_the_horizon_or_on_an_erased_case_is_not_recorded() -> None:
+    closed = change(a_case().expire(T0 + 60 * DAY)).after
+    late = T0 + RETURN_HORIZON + DAY
+    refused = closed.record_return(
+        late, returned_at=late, by_activity=False, playbook=V1, horizon=RETURN_HORIZON
+    )
+    assert isinstance(refused, Refused)
+    assert refused.code == "outside_horizon"
+    erased = change(a_case().erase(T0 + DAY)).after
+    refused = erased.record_return(
+        T0 + 2 * DAY,
+        returned_at=T0 + 2 * DAY,
+        by_activity=False,
+        playbook=V1,
+        horizon=RETURN_HORIZON,
+    )
+    assert isinstance(refused, Refused)
+    assert refused.code == "closed"
+    # activity is a return only for an inactivity churn (or a playbook exiting on it)
+    unchanged = change(
+        change(a_case().cancel(T0)).after.record_return(
+            T0 + DAY, returned_at=T0 + DAY, by_activity=True, playbook=V1, horizon=RETURN_HORIZON
+        )
+    )
+    assert not unchanged.changed
+
+
+def test_an_open_case_closes_as_returned_through_record_return() -> None:
+    result = change(
+        a_case().record_return(
+            T0 + DAY, returned_at=T0 + DAY, by_activity=False, playbook=V1, horizon=RETURN_HORIZON
+        )
+    )
+    assert result.closed
+    assert result.after.close_reason == "returned"
+    assert [e.reason for e in closed_events(result)] == ["returned"]
