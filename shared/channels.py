@@ -6,8 +6,8 @@ directory and parts), composer (address field, unsubscribe link), sender (suppre
 address) and settings (provider kinds per channel).
 
 Adding a channel is one :class:`ChannelSpec` in :data:`BUILTIN`, its templates under
-``services/dispatcher/templates/{locale}/{template_dir}/`` with their specs, and one provider
-adapter (README: "Adding a channel"). Tests register a channel for their own duration with
+``shared/content/{locale}/{template_dir}/`` with their entries in ``shared/content/catalog.yaml``,
+and one provider adapter (README: "Adding a channel"). Tests register a channel for their own duration with
 :func:`registered`.
 
 The pydantic models need a ``Literal`` (their JSON schema and the AsyncAPI document list the

@@ -1,6 +1,7 @@
 """Render a step's message from sandboxed Jinja2 templates, per channel and locale.
 
-Layout of ``templates/`` (one directory per locale, one per channel inside it)::
+Layout of a content directory (``shared/content`` as shipped; one directory per locale, one
+per channel inside it)::
 
     {locale}/email/{name}.subject.txt   subject line (plain text)
     {locale}/email/{name}.html          HTML part (autoescaped), extends {locale}/email/_base.html
@@ -9,11 +10,12 @@ Layout of ``templates/`` (one directory per locale, one per channel inside it)::
     {locale}/crm/{name}.subject.txt, {name}.body.txt   CRM task for a person to act on
     {locale}/offers.json                 offer code → the offer in words, in that language
 
-Every template name and channel has a ``TemplateSpec`` in ``TEMPLATE_SPECS`` naming the fields
-it needs (``required``) and may use (``optional``). A message is rendered only when every
-required field is present and non-blank, so no customer ever gets "Hi ," or an empty offer: a
-missing template or field is a ``TemplateError`` (a ``PermanentSendError``). ``check_templates``
-runs the same checks, plus trial renders, for every locale at start-up.
+Every template name and channel has a ``TemplateSpec`` naming the fields it needs
+(``required``) and may use (``optional``), from the content's ``catalog.yaml``
+(:mod:`shared.content`; ``TEMPLATE_SPECS`` for the shipped content). A message is rendered
+only when every required field is present and non-blank, so no customer ever gets "Hi ," or
+an empty offer: a missing template or field is a ``TemplateError`` (a ``PermanentSendError``).
+``check_templates`` runs the same checks, plus trial renders, for every locale at start-up.
 
 What we know about the customer (``OPTIONAL_PROFILE_FIELDS``: name, churn reason, segment, MRR)
 is never required: a profile may lack any of it, and the message must still go. Templates use
@@ -60,9 +62,12 @@ from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from services.dispatcher.errors import TemplateError
+from shared import content
 from shared.channels import Channel as Channel  # re-exported: the registry owns it
+from shared.content import SHIPPED_CONTENT_DIR, Catalog
+from shared.templates_catalog import SHIPPED
 
-TEMPLATES_DIR: Final = Path(__file__).parent / "templates"
+TEMPLATES_DIR: Final = SHIPPED_CONTENT_DIR
 DEFAULT_LOCALE: Final = "en"
 SHIPPED_LOCALES: Final = ("en", "fi", "da", "ms")
 
@@ -125,7 +130,7 @@ class MessageContext(TypedDict, total=False):
     currency: str
 
 
-OPTIONAL_PROFILE_FIELDS: Final = frozenset({"name", "churn_reason", "segment", "mrr", "currency"})
+OPTIONAL_PROFILE_FIELDS: Final = content.OPTIONAL_PROFILE_FIELDS
 """What we know about the customer, which a profile may lack: templates may use these fields
 (guarded, with a wording that reads well without them) but never require them."""
 
@@ -149,65 +154,18 @@ class TemplateSpec:
             )
 
 
-_EMAIL_BASE: Final = frozenset({"product", "cta_url", "unsubscribe_url"})
-_NAME: Final = frozenset({"name"})
-_FEATURES: Final = frozenset({"new_features"})
-_OFFER: Final = frozenset({"offer", "valid_until"})
+def specs_from(catalog: Catalog) -> Mapping[tuple[str, Channel], TemplateSpec]:
+    """The spec of every (template, channel) of a content catalogue."""
+    return {
+        (name, Channel(channel)): TemplateSpec(fields.required, fields.optional)
+        for name, template in catalog.templates.items()
+        for channel, fields in template.fields.items()
+    }
 
 
-def _email(extra: frozenset[str], optional: frozenset[str] = frozenset()) -> TemplateSpec:
-    return TemplateSpec(required=_EMAIL_BASE | extra, optional=_NAME | optional)
-
-
-_EMAIL_SPECS: Final[Mapping[str, TemplateSpec]] = {
-    "we_miss_you": _email(_FEATURES, optional=_OFFER),
-    "what_you_missed": _email(_FEATURES),
-    "special_offer": _email(_OFFER),
-    "last_chance": _email(_FEATURES, optional=_OFFER),
-    "whats_new": _email(_FEATURES),
-    "feature_built": _email(_FEATURES),
-    "comparison": _email(_FEATURES),
-    "budget_checkin": _email(_FEATURES, optional=_OFFER),
-    "what_we_changed": _email(_FEATURES),
-    "check_in": _email(_FEATURES),
-    "value_content": _email(_FEATURES),
-    "customer_story": _email(_FEATURES),
-    "final_decision": _email(_OFFER),
-    "quarterly_checkin": _email(_FEATURES),
-    "trial_expired": _email(_OFFER),
-    "lead_followup": _email(_FEATURES),
-    "inactive_nudge": _email(_FEATURES),
-    "exit_survey": _email(_FEATURES),
-    "trial_extension": _email(frozenset({"offer"}), optional=frozenset({"valid_until"})),
-    "demo_follow_up": _email(_FEATURES, optional=_OFFER),
-    "usage_nudge": _email(_FEATURES),
-    # re-onboarding: for customers who came back after a win-back, never a discount
-    "welcome_back": _email(_FEATURES),
-    "settling_in": _email(_FEATURES, optional=_OFFER),
-}
-_SMS_BASE: Final = frozenset({"product", "cta_url"})
-_CRM_BASE: Final = frozenset({"product"})
-
-TEMPLATE_SPECS: Final[Mapping[tuple[str, Channel], TemplateSpec]] = {
-    **{(name, Channel.EMAIL): spec for name, spec in _EMAIL_SPECS.items()},
-    **{(name, Channel.WEBHOOK): spec for name, spec in _EMAIL_SPECS.items()},
-    ("we_miss_you", Channel.SMS): TemplateSpec(
-        required=_SMS_BASE, optional=_NAME | frozenset({"offer"})
-    ),
-    ("special_offer", Channel.SMS): TemplateSpec(required=_SMS_BASE | _OFFER, optional=_NAME),
-    ("last_chance", Channel.SMS): TemplateSpec(required=_SMS_BASE | _OFFER, optional=_NAME),
-    ("crm_personal_outreach", Channel.CRM): TemplateSpec(
-        required=_CRM_BASE, optional=OPTIONAL_PROFILE_FIELDS | frozenset({"offer"})
-    ),
-    # re-onboarding tasks: help a won-back customer, no offer to make
-    ("crm_at_risk", Channel.CRM): TemplateSpec(
-        required=_CRM_BASE, optional=OPTIONAL_PROFILE_FIELDS
-    ),
-    ("crm_reonboarding_check_in", Channel.CRM): TemplateSpec(
-        required=_CRM_BASE, optional=OPTIONAL_PROFILE_FIELDS
-    ),
-}
-"""Every (template name, channel) the dispatcher can render, with the fields it needs."""
+TEMPLATE_SPECS: Final[Mapping[tuple[str, Channel], TemplateSpec]] = specs_from(SHIPPED)
+"""Every (template name, channel) of the shipped content, with the fields it needs (from
+``shared/content/catalog.yaml``)."""
 
 # Names the renderer provides itself: the brand, and the babel locale used for formatting.
 _PROVIDED: Final = frozenset({"company_name", "postal_address", "locale"})

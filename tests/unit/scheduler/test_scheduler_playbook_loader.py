@@ -307,4 +307,6 @@ def test_shipped_default_playbooks_all_load_against_the_catalogue() -> None:
     used = {s.template for p in playbooks for s in p.steps}
     used |= {v.template for p in playbooks for s in p.steps for v in s.variants if v.template}
     used |= {s.without_discount for p in playbooks for s in p.steps if s.without_discount}
-    assert used == TEMPLATE_NAMES, "every catalogued template is used, and only those"
+    # the catalogue may hold templates no shipped playbook uses (a user's playbook can)
+    assert used <= TEMPLATE_NAMES, "only catalogued templates are used"
+    assert len(used) >= 20
