@@ -1,21 +1,41 @@
 """Settings: environment variables under the ``WINBACK_`` prefix (nested groups with ``__``),
-optionally on top of a YAML file named by ``WINBACK_CONFIG_FILE``. Typed and validated at
-start-up: every bad value is reported with where it came from, the field and why."""
+on top of (in this order) a ``.env`` file, a secrets directory and a YAML file named by
+``WINBACK_CONFIG_FILE`` (pydantic-settings' own sources). Typed and validated at start-up: every
+bad value is reported with where it came from, the field and why; every group refuses a field
+it does not have, and a ``WINBACK_`` variable that names no setting is refused too."""
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from dotenv import dotenv_values
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
+    DotEnvSettingsSource,
+    EnvSettingsSource,
+    NestedSecretsSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
+    SecretsSettingsSource,
     SettingsConfigDict,
     SettingsError,
+    YamlConfigSettingsSource,
 )
 
 from shared.channels import BUILTIN as BUILTIN_CHANNELS
@@ -27,6 +47,8 @@ DEV_SECRET = "dev-only-not-a-secret"
 
 
 class DatabaseSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     url: str = Field(
         default="",
         description="postgresql+asyncpg:// URL; empty = embedded PostgreSQL (pgserver)",
@@ -38,6 +60,8 @@ class DatabaseSettings(BaseModel):
 
 
 class KafkaSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     bootstrap_servers: str = Field(
         default="", description="host:port list; empty = a local broker started for you"
     )
@@ -60,6 +84,8 @@ class KafkaSettings(BaseModel):
 
 
 class TopicSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     inbound: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["billing.lifecycle", "product.activity"]
     )
@@ -80,6 +106,8 @@ class TopicSettings(BaseModel):
 
 
 class IngestSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     event_type_prefix: str = Field(
         default="com.example", description="reverse-DNS prefix of inbound CloudEvent types"
     )
@@ -89,6 +117,8 @@ class IngestSettings(BaseModel):
 
 
 class SchedulerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     playbooks_dir: Path = Field(
         default=Path(__file__).resolve().parent.parent / "services" / "scheduler" / "playbooks",
         description="directory of playbook YAML files, validated at start-up",
@@ -122,13 +152,20 @@ class SchedulerSettings(BaseModel):
         try:
             ZoneInfo(self.fallback_timezone)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown IANA timezone {self.fallback_timezone!r}") from None
+            raise ValueError(
+                f"fallback_timezone: unknown IANA timezone {self.fallback_timezone!r}"
+            ) from None
         if self.send_window_end_hour <= self.send_window_start_hour:
-            raise ValueError("send_window_end_hour must be after send_window_start_hour")
+            raise ValueError(
+                f"send_window_end_hour: must be after send_window_start_hour "
+                f"({self.send_window_end_hour} <= {self.send_window_start_hour})"
+            )
         return self
 
 
 class HttpSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     host: str = "127.0.0.1"
     ingest_port: int = Field(default=8081, ge=0, le=65535)
     scheduler_port: int = Field(default=8082, ge=0, le=65535)
@@ -147,6 +184,8 @@ class HttpSettings(BaseModel):
 
 
 class OutboxSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     relay_enabled: bool = Field(
         default=True, description="run the outbox relay in this process (or `winback relay`)"
     )
@@ -178,6 +217,8 @@ class RetentionSettings(BaseModel):
     ``max_batches_per_run`` batches per table; the rest waits ``interval_seconds`` for the
     next run.
     """
+
+    model_config = ConfigDict(extra="forbid")
 
     keep_inbox_days: float = Field(
         default=14, ge=1, description="inbox (dedupe) rows are deleted after this long"
@@ -486,6 +527,11 @@ class Settings(BaseSettings):
 
     environment: Literal["development", "test", "production"] = "development"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        description="auto: a readable console line when the log stream (stderr) is a terminal, "
+        "JSON lines otherwise",
+    )
     log_repeat_interval_seconds: float = Field(
         default=10.0,
         gt=0,
@@ -527,62 +573,275 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _YamlFileSource(settings_cls))
+        # highest priority first: arguments, environment, .env, secrets directory, YAML file
+        sources = _sources(settings_cls, settings_places())
+        return (init_settings, *(source for source, _ in sources))
 
 
-class _YamlFileSource(PydanticBaseSettingsSource):
-    """Values from the YAML file named by ``WINBACK_CONFIG_FILE`` (environment wins)."""
+CONFIG_FILE_VAR = f"{ENV_PREFIX}CONFIG_FILE"
+ENV_FILE_VAR = f"{ENV_PREFIX}ENV_FILE"
+SECRETS_DIR_VAR = f"{ENV_PREFIX}SECRETS_DIR"
+DEFAULT_ENV_FILE = Path(".env")
+DEFAULT_SECRETS_DIR = Path("/run/secrets")
+NOT_SETTINGS = frozenset({CONFIG_FILE_VAR, ENV_FILE_VAR, SECRETS_DIR_VAR, f"{ENV_PREFIX}CACHE_DIR"})
+"""``WINBACK_`` variables that are not settings: where the settings are, and the local broker's
+download cache. Every other ``WINBACK_`` variable must name a setting (``WINBACK_CI_*``, the CI
+tools' versions, excepted)."""
+NOT_SETTINGS_PREFIXES = (f"{ENV_PREFIX}CI_",)
 
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False
 
-    def __call__(self) -> dict[str, Any]:
-        path = os.environ.get(f"{ENV_PREFIX}CONFIG_FILE")
-        if not path:
-            return {}
+@dataclass(frozen=True)
+class Places:
+    """Where settings come from besides the environment (which wins over all of them), in
+    order of priority: a ``.env`` file, a secrets directory (one file per variable, named like
+    it: ``WINBACK_HTTP__API_KEYS``), the YAML file."""
+
+    env_file: Path | None = None
+    secrets_dir: Path | None = None
+    config_file: Path | None = None
+
+
+def settings_places() -> Places:
+    """``WINBACK_ENV_FILE`` (default ``.env`` in the working directory, if there is one),
+    ``WINBACK_SECRETS_DIR`` (default ``/run/secrets``, if it exists) and ``WINBACK_CONFIG_FILE``
+    (no default). Set to an empty value, a place is not read; named and missing, it is a
+    ``ConfigError``."""
+
+    def named(var: str, default: Path | None, kind: str) -> Path | None:
+        value = os.environ.get(var)
+        if value is None:
+            return default if default is not None and default.exists() else None
+        if not value:
+            return None
+        path = Path(value)
+        if kind == "directory" and not path.is_dir():
+            raise ConfigError(f"{var}={value}: no such directory")
+        if kind == "file" and not path.is_file():
+            raise ConfigError(f"{var}={value}: no such file")
+        return path
+
+    return Places(
+        env_file=named(ENV_FILE_VAR, DEFAULT_ENV_FILE, "file"),
+        secrets_dir=named(SECRETS_DIR_VAR, DEFAULT_SECRETS_DIR, "directory"),
+        config_file=named(CONFIG_FILE_VAR, None, "file"),
+    )
+
+
+Describe = Callable[[tuple[str, ...]], str]
+
+
+class _YamlFile(YamlConfigSettingsSource):
+    """pydantic-settings' YAML source, with our errors: the file unreadable, not YAML or not a
+    mapping of settings is a ``ConfigError`` naming the file."""
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
         try:
-            text = Path(path).read_text()
+            data = super()._read_file(file_path)
         except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from exc
-        try:
-            data = yaml.safe_load(text) or {}
+            raise ConfigError(f"{file_path}: cannot read the config file: {exc.strerror}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{file_path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of settings")
+            raise ConfigError(f"{file_path}: the top level must be a mapping of settings")
         return data
+
+
+def _sources(
+    settings_cls: type[BaseSettings], places: Places
+) -> list[tuple[PydanticBaseSettingsSource, Describe]]:
+    """Every source besides the arguments, highest priority first, each with how to name
+    where one of its values came from."""
+    sources: list[tuple[PydanticBaseSettingsSource, Describe]] = [
+        (EnvSettingsSource(settings_cls), lambda p: f"environment variable {_env_name(p)}")
+    ]
+    if places.env_file is not None:
+        env_file = places.env_file
+        sources.append(
+            (
+                # only what names a field: our own check reports every other WINBACK_ name
+                DotEnvSettingsSource(
+                    settings_cls, env_file=env_file, dotenv_filtering="only_existing"
+                ),
+                lambda p: f"{env_file}: {_env_name(p)}",
+            )
+        )
+    if places.secrets_dir is not None:
+        secrets_dir = places.secrets_dir
+        sources.append(
+            (
+                NestedSecretsSettingsSource(
+                    SecretsSettingsSource(settings_cls, secrets_dir=secrets_dir),
+                    secrets_dir=secrets_dir,
+                    secrets_dir_missing="error",
+                    secrets_nested_delimiter=NESTED,
+                ),
+                lambda p: f"secret file {secrets_dir / _env_name(p)}",
+            )
+        )
+    if places.config_file is not None:
+        config_file = places.config_file
+        sources.append(
+            (
+                _YamlFile(settings_cls, yaml_file=config_file),
+                lambda p: f"{config_file}: {'.'.join(p)}",
+            )
+        )
+    return sources
 
 
 def _env_name(loc: tuple[int | str, ...]) -> str:
     return ENV_PREFIX + NESTED.join(str(part).upper() for part in loc if isinstance(part, str))
 
 
-def _origin(loc: tuple[int | str, ...]) -> str:
-    env = _env_name(loc)
-    if any(name.upper().startswith(env) for name in os.environ):
-        return f"environment variable {env}"
-    path = os.environ.get(f"{ENV_PREFIX}CONFIG_FILE")
-    if path:
-        return f"{path}: {'.'.join(str(part) for part in loc)}"
-    return f"setting {'.'.join(str(p) for p in loc)} ({env})"
+def _leaves(data: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    if isinstance(data, dict) and (data or not path):
+        for key, value in data.items():
+            yield from _leaves(value, (*path, str(key)))
+    else:
+        yield path
+
+
+def _provenance(places: Places) -> dict[tuple[str, ...], str]:
+    """Each value a source gave, by its path, named by the source that wins."""
+    seen: dict[tuple[str, ...], str] = {}
+    for source, describe in reversed(_sources(Settings, places)):
+        for path in _leaves(source()):
+            seen[path] = describe(path)
+    return seen
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        model = _model_in(arg)
+        if model is not None:
+            return model
+    return None
+
+
+def _model_at(path: tuple[str, ...]) -> type[BaseModel] | None:
+    """The settings group at ``path`` (``()``: ``Settings``), if there is one."""
+    model: type[BaseModel] | None = Settings
+    for part in path:
+        field = model.model_fields.get(part) if model is not None else None
+        model = _model_in(field.annotation) if field is not None else None
+    return model
+
+
+def _did_you_mean(path: tuple[str, ...], as_variable: bool) -> str:
+    """`` (did you mean WINBACK_X__Y?)`` (or ``x.y`` in a file) for a name close to a field."""
+    model = _model_at(path[:-1])
+    if model is None or not path:
+        return ""
+    close = difflib.get_close_matches(path[-1].lower(), list(model.model_fields), n=1)
+    if not close:
+        return ""
+    field = (*path[:-1], close[0])
+    return f" (did you mean {_env_name(field) if as_variable else '.'.join(field)}?)"
+
+
+def _unknown_variables(places: Places) -> list[str]:
+    """``WINBACK_`` variables — in the environment, the ``.env`` file or the secrets directory
+    — whose first part names no setting. pydantic-settings ignores them (it looks up the
+    fields it knows); a typo must not load the default. A wrong name deeper down
+    (``WINBACK_SCHEDULER__CAP_PER_WEK``) reaches the group, which refuses extra fields."""
+    names = [(name, f"environment variable {name}") for name in os.environ]
+    if places.env_file is not None:
+        names += [(name, f"{places.env_file}: {name}") for name in dotenv_values(places.env_file)]
+    if places.secrets_dir is not None:
+        names += [
+            (p.name, f"secret file {p}")
+            for p in sorted(places.secrets_dir.iterdir())
+            if not p.name.startswith(".")
+        ]
+    problems = []
+    for name, origin in names:
+        upper = name.upper()
+        if (
+            not upper.startswith(ENV_PREFIX)
+            or upper in NOT_SETTINGS
+            or upper.startswith(NOT_SETTINGS_PREFIXES)
+        ):
+            continue
+        head = upper.removeprefix(ENV_PREFIX).split(NESTED)[0].lower()
+        if head not in Settings.model_fields:
+            problems.append(f"{origin}: no such setting{_did_you_mean((head,), True)}")
+    return problems
+
+
+def _origin(
+    path: tuple[str, ...], seen: dict[tuple[str, ...], str], reason: str = ""
+) -> tuple[str, bool] | None:
+    """Who set ``path``: ``(description, True)`` for the value itself (or a whole group given
+    at once above it), ``(descriptions, False)`` for the values set under it (a group's check
+    fails on the values it was given: those its message names, if any, else all of them);
+    ``None`` if nothing set it (its default)."""
+    for end in range(len(path), 0, -1):
+        if path[:end] in seen:
+            return seen[path[:end]], end == len(path)
+    given = [(p, what) for p, what in seen.items() if path and p[: len(path)] == path]
+    named = [(p, what) for p, what in given if re.search(rf"\b{re.escape(p[-1])}\b", reason)]
+    under = sorted({what for _, what in named or given})
+    if not under:
+        return None
+    return ", ".join(under[:4]) + (f" and {len(under) - 4} more" if len(under) > 4 else ""), False
+
+
+_FIELD = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*): (.+)$", re.DOTALL)
+
+
+def _describe_error(err: Any, seen: dict[tuple[str, ...], str]) -> str:
+    path = tuple(part for part in err["loc"] if isinstance(part, str))
+    reason = str(err["msg"])
+    found = _origin(path, seen)
+    if err["type"] == "extra_forbidden":
+        as_variable = found is None or _env_name(path) in found[0]
+        reason = f"no such setting{_did_you_mean(path, as_variable)}"
+    elif err["type"] == "value_error":
+        # a group's own check (model_validator): its message may start with the field it is
+        # about, from the top (``dispatcher.stale_sending_seconds: ...``) or within the group
+        reason = reason.removeprefix("Value error, ")
+        match = _FIELD.match(reason)
+        if match is not None:
+            named = tuple(match.group(1).split("."))
+            field = named if named[: len(path)] == path else (*path, *named)
+            reason = match.group(2)
+            found = _origin(field, seen) or (_origin(path, seen, reason) if path else None)
+            return _line(field, reason, found, named=True)
+        return _line(path, reason, found, named=True)
+    return _line(path, reason, found, named=False)
+
+
+def _line(path: tuple[str, ...], reason: str, found: tuple[str, bool] | None, named: bool) -> str:
+    """``<where the value came from>: [<field>: ]<reason>``; the field is named when the
+    origin does not name it already, and always for a group's own check (``named``)."""
+    dotted = ".".join(path)
+    if found is None:  # the default, or a value passed in
+        return f"setting {dotted} ({_env_name(path)}): {reason}"
+    origin, exact = found
+    if not exact:  # a group's check, on values given for other fields of the group
+        return f"{dotted}: {reason} (from {origin})"
+    if origin.endswith(dotted) or not named:
+        return f"{origin}: {reason}"
+    return f"{origin}: {dotted}: {reason}"
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Read and validate the settings; raise ``ConfigError`` naming each bad field."""
+    """Read and validate the settings; raise ``ConfigError`` naming each bad field and where
+    its value came from (environment variable, ``.env`` file, secret file or YAML file:field).
+    """
+    places = settings_places()
+    problems = _unknown_variables(places)
+    settings: Settings | None = None
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except SettingsError as exc:
         cause = exc.__cause__
         raise ConfigError(f"invalid configuration: {exc}: {cause}") from None
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            if not loc and err["type"] == "value_error":
-                # model-level check; its message starts with the field path
-                message = str(err["msg"]).removeprefix("Value error, ")
-                field, _, reason = message.partition(": ")
-                lines.append(f"{_origin(tuple(field.split('.')))}: {reason}")
-                continue
-            lines.append(f"{_origin(loc)}: {err['msg']}")
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+        seen = _provenance(places)
+        problems += [_describe_error(err, seen) for err in exc.errors()]
+    if problems or settings is None:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return settings
