@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import importlib.util
 import io
@@ -35,6 +36,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import jsonschema  # type: ignore[import-untyped]
+import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 from prometheus_client import REGISTRY
@@ -669,8 +672,12 @@ def test_dockerfile_is_multi_stage_non_root_with_health_check() -> None:
 
 
 # --- (d) the Helm chart ---------------------------------------------------------------------------
+FULL_VALUES = CHART / "ci" / "full-values.yaml"
+MONITORING_API = ("--api-versions", "monitoring.coreos.com/v1")
+GATEWAY_API = ("--api-versions", "gateway.networking.k8s.io/v1")
 SCENARIOS: Mapping[str, list[str]] = {
     "defaults": [],
+    "full": ["--values", str(FULL_VALUES), *MONITORING_API, *GATEWAY_API],
     "relay, no autoscaling, no monitoring": [
         "--set", "services.relay.enabled=true",
         "--set", "services.ingest.autoscaling.enabled=false",
@@ -730,10 +737,19 @@ def test_helm_template_renders_every_kind(manifests: list[dict[str, Any]]) -> No
     assert set(SERVICES) <= components
 
 
-def test_helm_default_render_has_autoscaling_and_monitoring() -> None:
-    kinds = {d["kind"] for d in _render()}
+def test_helm_default_render_has_autoscaling_and_monitoring_where_the_crds_are() -> None:
+    kinds = {d["kind"] for d in _render(*MONITORING_API)}
     for kind in ("HorizontalPodAutoscaler", "ServiceMonitor", "PrometheusRule"):
         assert kind in kinds, f"the chart's defaults render no {kind}"
+
+
+def test_helm_defaults_install_on_a_cluster_without_the_operator_or_gateway_crds() -> None:
+    """A plain cluster serves no monitoring.coreos.com/v1: the chart must not ask for it (an
+    object of an unknown kind fails the whole `helm install`), and nothing is public by default."""
+    kinds = {d["kind"] for d in _render()}
+    assert "HorizontalPodAutoscaler" in kinds
+    for kind in ("ServiceMonitor", "PrometheusRule", "Ingress", "HTTPRoute"):
+        assert kind not in kinds, f"the chart's defaults render {kind} without its API"
 
 
 def _env_config(
@@ -924,9 +940,13 @@ def test_helm_migrations_run_as_a_pre_install_and_pre_upgrade_hook(
 
 
 def test_helm_monitoring_objects_match_the_deploy_files() -> None:
-    docs = _render()
+    docs = _render(*MONITORING_API)
     services = _kind(docs, "Service")
     (monitor,) = _kind(docs, "ServiceMonitor")
+    # job="ingest", ... as docker-compose's Prometheus names them: the alert rules use them
+    assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/component"
+    for svc in services:
+        assert svc["metadata"]["labels"]["app.kubernetes.io/component"] in SERVICES
     selector = monitor["spec"]["selector"]["matchLabels"]
     watched = [s for s in services if _matches(selector, s["metadata"]["labels"])]
     assert len(watched) == len(services) >= len(SERVICES)
@@ -952,3 +972,267 @@ def test_helm_chart_copies_are_identical_to_the_sources(copy: str, source: Path)
         f"{CHART / copy} differs from {source}: copy it (`cp {source.relative_to(ROOT)} "
         f"{(CHART / copy).relative_to(ROOT)}`); the chart can only read files inside itself"
     )
+
+
+# --- (e) the rendered chart against the Kubernetes schemas, offline -------------------------------
+K8S_FIXTURES = ROOT / "tests" / "fixtures" / "k8s"
+# the chart's kubeVersion floor and the newest release kubernetes-validate bundles
+KUBE_VERSIONS = ("1.25", kubernetes_validate.latest_version())
+# kinds of CustomResourceDefinitions: kubernetes-validate bundles only the built-in kinds; their
+# openAPIV3Schema is vendored from the projects' releases (tests/fixtures/k8s/README.md)
+CRD_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring.coreos.com-v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring.coreos.com-v1.json",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproute-gateway.networking.k8s.io-v1.json",
+}
+
+
+def _strict(schema: Any) -> Any:
+    """A CRD's structural schema as the API server's strict field validation applies it: an
+    object with declared properties takes no others (unless it preserves unknown fields)."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def _crd_validator(api_version: str, kind: str) -> Any:
+    schema = json.loads((K8S_FIXTURES / CRD_SCHEMAS[(api_version, kind)]).read_text())
+    schema.pop("$comment", None)
+    strict = _strict(schema)
+    # metadata is ObjectMeta, which the CRD schema leaves open; the built-in kinds check it
+    strict["properties"]["metadata"] = {"type": "object"}
+    return jsonschema.Draft7Validator(strict)
+
+
+def _validate_manifest(doc: dict[str, Any], version: str) -> list[str]:
+    where = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')} on {version}"
+    key = (doc["apiVersion"], doc["kind"])
+    if key in CRD_SCHEMAS:
+        errors = sorted(_crd_validator(*key).iter_errors(doc), key=lambda e: list(e.path))
+        return [f"{where}: {'.'.join(map(str, e.path))}: {e.message}" for e in errors]
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        return [f"{where}: {exc.message}"]
+    except kubernetes_validate.SchemaNotFoundError:
+        return [f"{where}: no schema for {doc['apiVersion']} {doc['kind']}"]
+    return []
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_helm_manifests_validate_against_the_kubernetes_schemas(
+    manifests: list[dict[str, Any]], version: str
+) -> None:
+    assert manifests
+    problems = [p for doc in manifests for p in _validate_manifest(doc, version)]
+    assert problems == []
+
+
+def test_helm_full_render_has_every_kind() -> None:
+    kinds = {d["kind"] for d in _render(*SCENARIOS["full"])}
+    assert {k for _, k in CRD_SCHEMAS} | {"Ingress", "HorizontalPodAutoscaler"} <= kinds, kinds
+
+
+@pytest.mark.parametrize(
+    ("doc", "wrong"),
+    [
+        (
+            {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "x"},
+             "spec": {"rules": [{"http": {"paths": [{"path": "/u/", "pathTyp": "Prefix"}]}}]}},
+            "pathTyp",
+        ),
+        (
+            {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
+             "metadata": {"name": "x"},
+             "spec": {"selector": {}, "endpoints": [{"port": "http", "intervall": "30s"}]}},
+            "intervall",
+        ),
+        (
+            {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+             "metadata": {"name": "x"},
+             "spec": {"groups": [{"name": "g", "rules": [{"alert": "A", "expr": 1, "for": 5}]}]}},
+            "5",
+        ),
+        (
+            {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+             "metadata": {"name": "x"},
+             "spec": {"rules": [{"matches": [{"path": {"type": "Glob", "value": "/u/"}}]}]}},
+            "Glob",
+        ),
+    ],
+)  # fmt: skip
+def test_manifest_validation_catches_mistakes(doc: dict[str, Any], wrong: str) -> None:
+    """The validation above can fail: a typo'd field, a wrong type, a value out of its enum."""
+    problems = _validate_manifest(doc, KUBE_VERSIONS[-1])
+    assert problems, f"{doc['kind']} with {wrong!r} passed"
+    assert any(wrong in p for p in problems), problems
+
+
+# --- (f) values.schema.json -----------------------------------------------------------------------
+VALUES_SCHEMA = CHART / "values.schema.json"
+
+
+def test_values_schema_is_draft_07_and_admits_the_chart_values() -> None:
+    schema = json.loads(VALUES_SCHEMA.read_text())
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    jsonschema.Draft7Validator.check_schema(schema)
+    validator = jsonschema.Draft7Validator(schema)
+    for values in (CHART / "values.yaml", FULL_VALUES):
+        errors = [e.message for e in validator.iter_errors(_yaml(values))]
+        assert errors == [], f"{values.name}: {errors}"
+
+    # our own objects refuse unknown keys, at every level
+    def open_objects(node: Any, path: str) -> Iterator[str]:
+        if isinstance(node, dict):
+            if (
+                node.get("type") == "object"
+                and "properties" in node
+                and node.get("additionalProperties") is not False
+            ):
+                yield path
+            for key, value in node.items():
+                yield from open_objects(value, f"{path}/{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                yield from open_objects(value, f"{path}/{i}")
+
+    assert list(open_objects(schema, "#")) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--set", "services.ingst.port=8081"], "'ingst' not allowed"),
+        (["--set", "serviceMonitor.enabeld=false"], "'enabeld' not allowed"),
+        (["--set", "ingress.host=winback.example.com"], "'host' not allowed"),
+        (["--set", "replicas=3"], "'replicas' not allowed"),
+        (["--set", "services.ingest.port=eighty"], "/services/ingest/port"),
+        (["--set", "services.dispatcher.autoscaling.enabled=yes"], "/autoscaling/enabled"),
+        (["--set-json", 'ingress.hosts="winback.example.com"'], "/ingress/hosts"),
+        (["--set", "config.KAFKA_BOOTSTRAP=kafka:9092"], "/config"),
+        (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy"),
+    ],
+)
+def test_values_schema_refuses_typos_and_wrong_types(args: list[str], complaint: str) -> None:
+    helm = _tool("helm")
+    for command in (["lint", "--strict", str(CHART)], ["template", "rel", str(CHART)]):
+        proc = subprocess.run(
+            [helm, *command, *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=TOOL_TIMEOUT,
+        )
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0, f"helm {command[0]} {args} passed:\n{out}"
+        assert complaint in out, f"helm {command[0]} {args} does not say {complaint!r}:\n{out}"
+
+
+def test_chart_refuses_kubernetes_older_than_its_kube_version() -> None:
+    assert _yaml(CHART / "Chart.yaml")["kubeVersion"] == f">={KUBE_VERSIONS[0]}.0-0"
+    proc = subprocess.run(
+        [_tool("helm"), "template", "rel", str(CHART), "--kube-version", "1.24.0"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=TOOL_TIMEOUT,
+    )
+    assert proc.returncode != 0
+    assert "kubeVersion" in proc.stderr, proc.stderr
+
+
+def test_httproute_without_the_gateway_api_fails_with_a_clear_message() -> None:
+    proc = subprocess.run(
+        [_tool("helm"), "template", "rel", str(CHART), "--values", str(FULL_VALUES),
+         *MONITORING_API],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=TOOL_TIMEOUT,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "gateway.networking.k8s.io/v1" in proc.stderr, proc.stderr
+
+
+# --- (g) what the Ingress and the HTTPRoute expose ------------------------------------------------
+# path prefix -> the service that serves it; nothing else may be reachable from outside
+PUBLIC_ROUTES = {"/u/": "dispatcher", "/v1/webhooks/": "dispatcher", "/v1/billing/": "ingest"}
+PRIVATE_PATHS = (
+    "/v1/events", "/v1/customers/cus_1", "/v1/customers/cus_1/messages", "/v1/cases",
+    "/v1/dlq", "/v1/playbooks", "/metrics", "/health", "/ready", "/docs", "/openapi.json",
+    "/", "/users", "/v1", "/v1/webhooksx", "/v1/billingx/stripe",
+)  # fmt: skip
+PUBLIC_PATHS = ("/u/abc.def", "/v1/webhooks/sendgrid", "/v1/webhooks/twilio", "/v1/billing/stripe")
+
+
+def _prefix_matches(prefix: str, path: str) -> bool:
+    """Kubernetes' and the Gateway API's path prefix match: element by element, so /u/ matches
+    /u/x and /u but neither /users nor /ux."""
+    want = [p for p in prefix.split("/") if p]
+    have = [p for p in path.split("/") if p]
+    return have[: len(want)] == want
+
+
+def _routes(docs: list[dict[str, Any]]) -> dict[str, list[tuple[str, str, int | str]]]:
+    """kind -> [(prefix, backend Service, port)] of the Ingress and the HTTPRoute."""
+    out: dict[str, list[tuple[str, str, int | str]]] = {}
+    for ingress in _kind(docs, "Ingress"):
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                assert path["pathType"] == "Prefix", path
+                backend = path["backend"]["service"]
+                port = backend["port"].get("name", backend["port"].get("number"))
+                out.setdefault("Ingress", []).append((path["path"], backend["name"], port))
+    for route in _kind(docs, "HTTPRoute"):
+        for rule in route["spec"]["rules"]:
+            for match in rule["matches"]:
+                assert match["path"]["type"] == "PathPrefix", match
+                for ref in rule["backendRefs"]:
+                    out.setdefault("HTTPRoute", []).append(
+                        (match["path"]["value"], ref["name"], ref["port"])
+                    )
+    return out
+
+
+def test_ingress_and_httproute_expose_only_the_public_routes() -> None:
+    docs = _render(*SCENARIOS["full"])
+    services = {s["metadata"]["name"]: s for s in _kind(docs, "Service")}
+    routes = _routes(docs)
+    assert set(routes) == {"Ingress", "HTTPRoute"}
+    for kind, entries in routes.items():
+        assert {prefix for prefix, _, _ in entries} == set(PUBLIC_ROUTES), kind
+        for prefix, backend, port in entries:
+            svc = services[backend]
+            component = svc["metadata"]["labels"]["app.kubernetes.io/component"]
+            assert component == PUBLIC_ROUTES[prefix], f"{kind}: {prefix} goes to {component}"
+            ports = {p["name"] for p in svc["spec"]["ports"]} | {
+                p["port"] for p in svc["spec"]["ports"]
+            }
+            assert port in ports, f"{kind}: {prefix} -> {backend}:{port}, not a Service port"
+        for path in PRIVATE_PATHS:
+            exposed = [p for p, _, _ in entries if _prefix_matches(p, path)]
+            assert not exposed, f"{kind} exposes the private {path} through {exposed}"
+        for path in PUBLIC_PATHS:
+            assert any(_prefix_matches(p, path) for p, _, _ in entries), f"{kind}: {path}"
+    (ingress,) = _kind(docs, "Ingress")
+    assert {r["host"] for r in ingress["spec"]["rules"]} == {
+        "winback.example.com",
+        "hooks.example.com",
+    }
+
+
+def test_public_routes_follow_the_enabled_services() -> None:
+    docs = _render(
+        "--set", "ingress.enabled=true", "--set", "services.ingest.enabled=false"
+    )  # fmt: skip
+    assert {p for p, _, _ in _routes(docs)["Ingress"]} == {"/u/", "/v1/webhooks/"}

@@ -120,3 +120,19 @@ service's port, and whether the services run the outbox relay in process. A map 
 - name: work
   mountPath: /var/lib/winback
 {{- end }}
+
+{{/*
+The public routes: the only paths the Ingress or HTTPRoute exposes, each to the service that
+serves it (and only when that service is enabled). A YAML list of {service, path, port}.
+*/}}
+{{- define "winback.publicRoutes" -}}
+{{- $routes := list }}
+{{- $public := list (list "dispatcher" "/u/") (list "dispatcher" "/v1/webhooks/") (list "ingest" "/v1/billing/") }}
+{{- range $public }}
+{{- $service := index $.Values.services (index . 0) }}
+{{- if $service.enabled }}
+{{- $routes = append $routes (dict "service" (include "winback.componentName" (list $ (index . 0))) "path" (index . 1) "port" $service.port) }}
+{{- end }}
+{{- end }}
+{{- toYaml $routes }}
+{{- end }}
