@@ -29,6 +29,18 @@ REACTIVATION_RATE = Gauge(
     "message); re-onboarding cases are not targets",
     ["group"],
 )
+# the counts behind the rate, so an alert can compare a window's rates (delta over the window)
+# and ask for enough cases in each group before it does
+REACTIVATION_TARGETED = Gauge(
+    "winback_reactivation_targeted_cases",
+    "Win-back cases (closed and open) by group: contacted, or holdout (got no message)",
+    ["group"],
+)
+REACTIVATION_RETURNED = Gauge(
+    "winback_reactivation_returned_cases",
+    "Win-back cases whose customer returned (a win_backs row), by group as above",
+    ["group"],
+)
 WINBACK_MRR = Gauge(
     "winback_won_back_mrr_minor", "MRR regained by credited win-backs", ["currency"]
 )
@@ -72,9 +84,10 @@ async def refresh(engine: AsyncEngine, now: datetime) -> None:
                 "WHERE c.purpose = 'winback' GROUP BY c.holdout"
             )
         ):
-            REACTIVATION_RATE.labels("holdout" if r.holdout else "contacted").set(
-                r.returned / r.targeted if r.targeted else 0.0
-            )
+            group = "holdout" if r.holdout else "contacted"
+            REACTIVATION_RATE.labels(group).set(r.returned / r.targeted if r.targeted else 0.0)
+            REACTIVATION_TARGETED.labels(group).set(r.targeted)
+            REACTIVATION_RETURNED.labels(group).set(r.returned)
         WINBACK_MRR.clear()
         for r in await conn.execute(
             text(

@@ -48,5 +48,10 @@ async def test_reactivation_and_second_churn_count_win_back_cases_only(
     # two re-onboarding cases are not targets
     assert gauge("winback_reactivation_rate", group="contacted") == pytest.approx(4 / 13)
     assert gauge("winback_reactivation_rate", group="holdout") == pytest.approx(1 / 4)
+    # and the counts behind them (the KPI alert compares a window's rates)
+    assert gauge("winback_reactivation_targeted_cases", group="contacted") == 13
+    assert gauge("winback_reactivation_returned_cases", group="contacted") == 4
+    assert gauge("winback_reactivation_targeted_cases", group="holdout") == 4
+    assert gauge("winback_reactivation_returned_cases", group="holdout") == 1
     # credited win-backs c0, c1, r0-wb, r1-wb; r1 churned again after returning
     assert gauge("winback_second_churn_rate") == pytest.approx(1 / 4)
