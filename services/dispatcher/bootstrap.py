@@ -23,6 +23,8 @@ from services.dispatcher.channels import ChannelSender, build_channels, make_htt
 from services.dispatcher.compose import Composer
 from services.dispatcher.errors import TemplateError
 from services.dispatcher.handler import DispatchHandler
+from services.dispatcher.message_log import LoggedWebhooks
+from services.dispatcher.message_log import router as message_log_router
 from services.dispatcher.providers import Provider
 from services.dispatcher.rendering import (
     TEMPLATE_SPECS,
@@ -46,7 +48,7 @@ from services.dispatcher.webhooks import router as webhooks_router
 from shared.bootstrap import Core, build_core
 from shared.clock import Clock
 from shared.errors import ConfigError
-from shared.http.app import create_app
+from shared.http.app import bearer_auth, create_app
 from shared.messaging.consumer import ConsumerRunner
 from shared.messaging.pipeline import Pipeline
 from shared.messaging.transport import Transport
@@ -213,7 +215,7 @@ def bootstrap(
     webhooks = Pipeline(
         core.engine,
         f"{group}-webhooks",
-        WebhookHandler(topics.outcomes, names),
+        LoggedWebhooks(WebhookHandler(topics.outcomes, names)),
         core.clock,
         topics.dead_letter,
         SOURCE,
@@ -258,6 +260,7 @@ def bootstrap(
         checks=core.runtime.readiness_checks,
         routers=[
             webhooks_router(webhooks, auth, core.clock),
+            message_log_router(core.engine, bearer_auth(settings.http.api_keys)),
             unsubscribe_router(
                 unsubscribes,
                 tokens,

@@ -9,6 +9,7 @@ never from the scheduler's tables: the views are the contract the scheduler keep
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.dispatcher.model import DispatchCommand
 from shared import channels
-from shared.db.tables import deliveries, suppressions
+from shared.db.tables import deliveries, delivery_attempts, delivery_events, suppressions
 
 QUEUED = "queued"
 SENDING = "sending"
@@ -215,16 +216,36 @@ class Finish:
 
 
 _FINISH = text(
-    "UPDATE deliveries AS d SET state = u.state, provider = u.provider, "
-    "provider_message_id = u.pmid, error = u.error, sent_at = u.sent_at, "
-    "not_before = u.not_before, updated_at = :now "
-    "FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]), "
+    "WITH u AS (SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]), "
     "CAST(:states AS text[]), CAST(:providers AS text[]), CAST(:pmids AS text[]), "
-    "CAST(:errors AS text[]), CAST(:sent AS timestamptz[]), CAST(:not_before AS timestamptz[])) "
-    "AS u(id, attempts, state, provider, pmid, error, sent_at, not_before) "
+    "CAST(:errors AS text[]), CAST(:sent AS timestamptz[]), CAST(:not_before AS timestamptz[]), "
+    "CAST(:classes AS text[])) "
+    "AS u(id, attempts, state, provider, pmid, error, sent_at, not_before, class)), "
+    "done AS (UPDATE deliveries AS d SET state = u.state, provider = u.provider, "
+    "provider_message_id = u.pmid, error = u.error, sent_at = u.sent_at, "
+    "not_before = u.not_before, updated_at = :now FROM u "
     "WHERE d.id = u.id AND d.state = 'sending' AND d.attempts = u.attempts "
-    "RETURNING d.id"
+    "RETURNING d.id, u.attempts, u.state, u.provider, u.pmid, u.error, u.class), "
+    "logged AS (INSERT INTO delivery_attempts (delivery_id, attempt, provider, "
+    "provider_message_id, outcome, response_class, error, finished_at) "
+    "SELECT id, attempts, provider, pmid, "
+    "CASE state WHEN 'queued' THEN 'requeued' ELSE state END, class, error, :now FROM done) "
+    "SELECT id FROM done"
 )
+"""Records each result and, in the same statement, the attempt in the message log
+(``delivery_attempts``): only for rows still ``sending`` by this attempt."""
+
+_HTTP_STATUS = re.compile(r"\(HTTP ([1-5])\d\d\)")
+
+
+def response_class(state: str, error: str | None) -> str:
+    """The provider's answer to an attempt, as the message log shows it: ``2xx`` (accepted;
+    the file provider too), ``4xx``/``5xx`` (the last HTTP status the error names, any class),
+    ``no_response`` (a timeout, a dropped connection, an open circuit: no status)."""
+    if state == SENT:
+        return "2xx"
+    found = _HTTP_STATUS.findall(error or "")
+    return f"{found[-1]}xx" if found else "no_response"
 
 
 async def finish(conn: AsyncConnection, rows: Sequence[Finish], now: datetime) -> set[int]:
@@ -244,6 +265,7 @@ async def finish(conn: AsyncConnection, rows: Sequence[Finish], now: datetime) -
             "errors": [r.error[:2000] if r.error else None for r in rows],
             "sent": [r.sent_at for r in rows],
             "not_before": [r.not_before for r in rows],
+            "classes": [response_class(r.state, r.error) for r in rows],
         },
     )
     return {r.id for r in result}
@@ -262,8 +284,21 @@ async def stale_sending(conn: AsyncConnection, cutoff: datetime, n: int) -> Sequ
     return (await conn.execute(_STALE, {"cutoff": cutoff, "n": n})).mappings().all()
 
 
+_LOG_UNKNOWN = text(
+    "INSERT INTO delivery_attempts (delivery_id, attempt, provider, provider_message_id, "
+    "outcome, response_class, error, finished_at) "
+    "SELECT id, attempts, provider, provider_message_id, :outcome, 'unknown', :error, :now "
+    "FROM deliveries WHERE id = ANY(CAST(:ids AS bigint[])) AND state = 'sending'"
+)
+"""A send whose dispatcher died mid-request: its attempt's answer is not known."""
+
+
 async def requeue(conn: AsyncConnection, ids: Sequence[int], now: datetime) -> None:
     if ids:
+        await conn.execute(
+            _LOG_UNKNOWN,
+            {"ids": list(ids), "outcome": "requeued", "error": "dispatcher crashed", "now": now},
+        )
         await conn.execute(
             deliveries.update()
             .where(deliveries.c.id.in_(list(ids)))
@@ -273,6 +308,9 @@ async def requeue(conn: AsyncConnection, ids: Sequence[int], now: datetime) -> N
 
 async def fail(conn: AsyncConnection, ids: Sequence[int], reason: str, now: datetime) -> None:
     if ids:
+        await conn.execute(
+            _LOG_UNKNOWN, {"ids": list(ids), "outcome": "failed", "error": reason, "now": now}
+        )
         await conn.execute(
             deliveries.update()
             .where(deliveries.c.id.in_(list(ids)))
@@ -319,6 +357,18 @@ async def erase(
             ),
             updated_at=now,
         )
+    )
+    # the message log keeps what happened, not the provider's words (they may quote an address)
+    of_them = select(deliveries.c.id).where(deliveries.c.customer_id.in_(ids))
+    await conn.execute(
+        delivery_attempts.update()
+        .where(delivery_attempts.c.delivery_id.in_(of_them))
+        .values(error=None)
+    )
+    await conn.execute(
+        delivery_events.update()
+        .where(delivery_events.c.delivery_id.in_(of_them))
+        .values(reason=None)
     )
     return cancelled
 

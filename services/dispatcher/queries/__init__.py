@@ -1,0 +1,1 @@
+"""Read-only queries over the dispatcher's tables, for its HTTP API."""
