@@ -31,10 +31,12 @@ Statistical choices
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Literal
+
+from babel.numbers import get_currency_precision
 
 Z95 = 1.959963984540054
 """The standard normal's 97.5th percentile: two-sided 95% intervals."""
@@ -375,4 +377,265 @@ def engagement(counts: EngagementCounts, z: float = Z95) -> EngagementResult:
         bounce_rate=_share(counts.bounced, counts.sent),
         complaint_rate=_share(counts.complained, counts.sent),
         unsubscribe_rate=_share(counts.unsubscribed, counts.sent),
+    )
+
+
+# -- intent to treat ------------------------------------------------------------------------
+LiftDefinition = Literal["intent_to_treat"]
+INTENT_TO_TREAT: LiftDefinition = "intent_to_treat"
+"""The lift compares the arms by assignment: every case counts in the arm it was randomised to
+and its return counts whatever happened to the case after assignment (unsubscribed, capped,
+superseded, closed at its horizon), as long as it came within the attribution horizon."""
+
+
+def itt_estimate(
+    contacted_returned: int, contacted: int, holdout_returned: int, holdout: int
+) -> float | None:
+    """The intent-to-treat effect: returned ÷ assigned in the contacted arm minus the same in
+    the holdout; ``None`` when an arm is empty."""
+    pc, ph = rate(contacted_returned, contacted), rate(holdout_returned, holdout)
+    return None if pc is None or ph is None else pc - ph
+
+
+# -- cost and return on investment ----------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class OfferCost:
+    """What one redeemed offer costs: ``mrr_months`` months of the MRR the customer came back
+    with (50% off for 3 months: 1.5; a free month: 1) plus ``fixed_minor`` (in the report
+    currency's minor units: a specialist's time)."""
+
+    mrr_months: float = 0.0
+    fixed_minor: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    """The prices the report charges: per message by channel (``"email"``) or by channel and
+    provider (``"email/sendgrid"``, which wins), per redeemed offer, all in ``currency``'s minor
+    units; ``exchange_rates`` converts other currencies (one unit of it in ``currency``)."""
+
+    currency: str
+    message_cost_minor: Mapping[str, float] = field(default_factory=dict)
+    offer_cost: Mapping[str, OfferCost] = field(default_factory=dict)
+    exchange_rates: Mapping[str, float] = field(default_factory=dict)
+
+    def message(self, channel: str, provider: str | None) -> float:
+        """The cost of one message sent on ``channel`` through ``provider``."""
+        if provider is not None and f"{channel}/{provider}" in self.message_cost_minor:
+            return self.message_cost_minor[f"{channel}/{provider}"]
+        return self.message_cost_minor.get(channel, 0.0)
+
+    def convert(self, minor: float, currency: str | None) -> float | None:
+        """``minor`` units of ``currency`` in the report currency's minor units; ``None`` when
+        there is no rate (or no currency)."""
+        if currency is None:
+            return None
+        if currency == self.currency:
+            return float(minor)
+        rate_ = self.exchange_rates.get(currency)
+        if rate_ is None:
+            return None
+        major = minor / 10.0 ** _precision(currency)
+        return float(major * rate_ * 10.0 ** _precision(self.currency))
+
+
+def _precision(currency: str) -> int:
+    return int(get_currency_precision(currency))
+
+
+@dataclass(frozen=True, slots=True)
+class MessagesSent:
+    channel: str
+    provider: str | None
+    sent: int
+
+
+@dataclass(frozen=True, slots=True)
+class OffersRedeemed:
+    """Credited returns whose credited step carried ``offer``, in one currency."""
+
+    offer: str
+    currency: str | None
+    redeemed: int
+    mrr_regained_minor: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReturnValue:
+    """Returns in one currency: how many, the MRR they came back with, and the revenue they
+    brought within the chosen horizon (MRR times the months they stayed, up to it)."""
+
+    currency: str | None
+    returns: int
+    mrr_regained_minor: int
+    recovered_revenue_minor: float
+
+
+@dataclass(frozen=True, slots=True)
+class ArmMoneyCounts:
+    targeted: int
+    returned: int
+    messages: Sequence[MessagesSent] = ()
+    offers: Sequence[OffersRedeemed] = ()
+    values: Sequence[ReturnValue] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ArmMoney:
+    """One arm's money in the report currency's minor units."""
+
+    messages_sent: int
+    message_cost: float
+    offers_redeemed: int
+    offer_cost: float
+    cost: float
+    mrr_regained: float
+    recovered_revenue: float
+    unconverted_returns: int
+    """Returns in a currency without an exchange rate (or none): left out of the money."""
+
+
+@dataclass(frozen=True, slots=True)
+class MoneyView:
+    """Cost per reactivation and ROI, raw (the contacted arm alone) or incremental (beyond
+    what the holdout says would have happened anyway)."""
+
+    reactivations: float | None
+    mrr_regained: float | None
+    recovered_revenue: float | None
+    cost: float | None
+    cost_per_reactivation: float | None
+    roi: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Economics:
+    currency: str
+    revenue_months: int
+    contacted: ArmMoney
+    holdout: ArmMoney
+    raw: MoneyView
+    incremental: MoneyView
+
+
+def arm_money(counts: ArmMoneyCounts, model: CostModel) -> ArmMoney:
+    message_cost = sum(model.message(m.channel, m.provider) * m.sent for m in counts.messages)
+    offer_cost = 0.0
+    for o in counts.offers:
+        price = model.offer_cost.get(o.offer, OfferCost())
+        regained = model.convert(o.mrr_regained_minor, o.currency) or 0.0
+        offer_cost += price.mrr_months * regained + price.fixed_minor * o.redeemed
+    mrr = revenue = 0.0
+    unconverted = 0
+    for v in counts.values:
+        converted_mrr = model.convert(v.mrr_regained_minor, v.currency)
+        converted_revenue = model.convert(v.recovered_revenue_minor, v.currency)
+        if converted_mrr is None or converted_revenue is None:
+            unconverted += v.returns
+            continue
+        mrr += converted_mrr
+        revenue += converted_revenue
+    return ArmMoney(
+        messages_sent=sum(m.sent for m in counts.messages),
+        message_cost=message_cost,
+        offers_redeemed=sum(o.redeemed for o in counts.offers),
+        offer_cost=offer_cost,
+        cost=message_cost + offer_cost,
+        mrr_regained=mrr,
+        recovered_revenue=revenue,
+        unconverted_returns=unconverted,
+    )
+
+
+def _ratio(part: float | None, whole: float | None) -> float | None:
+    if part is None or whole is None or whole <= 0:
+        return None
+    return part / whole
+
+
+def _roi(revenue: float | None, cost: float | None) -> float | None:
+    if revenue is None or cost is None or cost <= 0:
+        return None
+    return (revenue - cost) / cost
+
+
+def economics(
+    contacted: ArmMoneyCounts, holdout: ArmMoneyCounts, model: CostModel, revenue_months: int
+) -> Economics:
+    """Campaign cost, cost per reactivation, MRR regained, recovered revenue and ROI.
+
+    Raw: the contacted arm's figures; cost per reactivation = cost ÷ returned; ROI =
+    (recovered revenue - cost) ÷ cost. Incremental: each figure per targeted case in the
+    contacted arm minus the same in the holdout, times the contacted arm's targeted (the
+    intent-to-treat difference scaled to the arm), so cost per incremental reactivation =
+    incremental cost ÷ incremental reactivations (``None`` unless both are positive) and ROI
+    = (incremental revenue - incremental cost) ÷ incremental cost. ``None`` without a holdout.
+    """
+    c, h = arm_money(contacted, model), arm_money(holdout, model)
+    raw = MoneyView(
+        reactivations=float(contacted.returned),
+        mrr_regained=c.mrr_regained,
+        recovered_revenue=c.recovered_revenue,
+        cost=c.cost,
+        cost_per_reactivation=_ratio(c.cost, contacted.returned),
+        roi=_roi(c.recovered_revenue, c.cost),
+    )
+    if contacted.targeted == 0 or holdout.targeted == 0:
+        incremental = MoneyView(None, None, None, None, None, None)
+    else:
+        n = contacted.targeted
+
+        def beyond(a: float, b: float) -> float:
+            return (a / contacted.targeted - b / holdout.targeted) * n
+
+        reactivations = beyond(contacted.returned, holdout.returned)
+        cost = beyond(c.cost, h.cost)
+        revenue = beyond(c.recovered_revenue, h.recovered_revenue)
+        incremental = MoneyView(
+            reactivations=reactivations,
+            mrr_regained=beyond(c.mrr_regained, h.mrr_regained),
+            recovered_revenue=revenue,
+            cost=cost,
+            cost_per_reactivation=_ratio(cost, reactivations) if cost > 0 else None,
+            roi=_roi(revenue, cost),
+        )
+    return Economics(model.currency, revenue_months, c, h, raw, incremental)
+
+
+# -- cohorts of returned customers ----------------------------------------------------------
+COHORT_HORIZONS: tuple[int, ...] = (30, 90, 180, 365)
+"""Days after a return at which a cohort's customers are checked: still active?"""
+
+
+@dataclass(frozen=True, slots=True)
+class StillActiveCounts:
+    """Returns of a cohort old enough to judge at ``days`` and how many had not churned again
+    within ``days``."""
+
+    days: int
+    matured: int
+    active: int
+
+    def __post_init__(self) -> None:
+        _check_counts(self.active, self.matured)
+
+
+@dataclass(frozen=True, slots=True)
+class StillActive:
+    days: int
+    matured: int
+    active: int
+    rate: float | None
+    rate_ci: Interval | None
+
+
+def still_active(counts: StillActiveCounts, z: float = Z95) -> StillActive:
+    """Still active ÷ matured returns at ``days``, with its Wilson interval; ``None`` when no
+    return of the cohort is old enough yet."""
+    return StillActive(
+        days=counts.days,
+        matured=counts.matured,
+        active=counts.active,
+        rate=rate(counts.active, counts.matured),
+        rate_ci=wilson(counts.active, counts.matured, z),
     )
