@@ -6,6 +6,9 @@
 - ``customer.erased`` (topic ``topics.erasure``): the erased addresses' hashes join the
   suppression list, queued deliveries end ``message.suppressed``, and rendered messages and
   contact points go from every delivery row of that customer.
+
+Both are decoded with their contracts (``shared.contracts``): a malformed one dead-letters at
+decode time naming the field; the outcome events are built with theirs (``model.outcome``).
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from services.dispatcher.model import (
     MESSAGE_SUPPRESSED,
     Delivery,
     DispatchCommand,
-    outcome_data,
+    outcome,
     parse_command,
 )
 from shared import domain_events as de
 from shared.cloudevents import CloudEvent
-from shared.errors import InvalidEvent
+from shared.contracts.customer import CustomerErased
 from shared.messaging.pipeline import Incoming, Tx
 
 
@@ -42,7 +45,8 @@ class DispatchHandler:
         if event.type == de.DISPATCH_REQUESTED:
             return parse_command(event.data)
         if event.type == de.CUSTOMER_ERASED:
-            return _erasure(event.data)
+            erased = CustomerErased.decode(event.data, tolerant=True)
+            return Erasure(erased.customer_id, erased.address_hashes)
         return None  # other events on these topics are not ours
 
     async def handle(self, tx: Tx, items: Sequence[Incoming[Any]]) -> None:
@@ -73,9 +77,13 @@ class DispatchHandler:
                 self.outcomes_topic,
                 delivery.customer_id,
                 MESSAGE_SUPPRESSED,
-                outcome_data(
-                    delivery, provider=None, provider_message_id=None, reason="customer erased"
-                ),
+                outcome(
+                    MESSAGE_SUPPRESSED,
+                    delivery,
+                    provider=None,
+                    provider_message_id=None,
+                    reason="customer erased",
+                ).to_data(),
                 cause=causes.get(delivery.customer_id),
                 subject=delivery.customer_id,
             )
@@ -83,16 +91,3 @@ class DispatchHandler:
 
 def _reference(event: CloudEvent) -> dict[str, str]:
     return {"id": event.id, "source": event.source, "correlation": event.correlation_id}
-
-
-def _erasure(data: Any) -> Erasure:
-    if not isinstance(data, dict) or not isinstance(data.get("customer_id"), str):
-        raise InvalidEvent("invalid_payload", "customer_id is required", "data.customer_id")
-    hashes = data.get("address_hashes") or {}
-    if not isinstance(hashes, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in hashes.items()
-    ):
-        raise InvalidEvent(
-            "invalid_payload", "must map channels to SHA-256 hex digests", "data.address_hashes"
-        )
-    return Erasure(data["customer_id"], hashes)

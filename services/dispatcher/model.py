@@ -7,40 +7,38 @@ import hashlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
-from typing import Any, Final
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import Any, Final, TypeAlias
+from zoneinfo import ZoneInfo
 
 from shared import channels
 from shared import domain_events as de
 from shared.channels import address_hash as address_hash  # the scheduler hashes with it too
 from shared.cloudevents import CORRELATION, CloudEvent
-from shared.errors import InvalidEvent
+from shared.contracts import dispatch as contract
+from shared.contracts import registry
+from shared.contracts.customer import CustomerUnsubscribed
+from shared.contracts.messages import MessageOutcome
 from shared.localtime import SendWindow
 
-# --- outcome event types (topic: topics.outcomes, keyed by customer id) -----------------------
+# --- event types (topic: topics.outcomes, keyed by customer id): shared.domain_events ---------
 MESSAGE_SENT: Final = de.MESSAGE_SENT
 MESSAGE_FAILED: Final = de.MESSAGE_FAILED
 MESSAGE_SUPPRESSED: Final = de.MESSAGE_SUPPRESSED
-MESSAGE_DELIVERED: Final = f"{de.PREFIX}.message.delivered"
-MESSAGE_OPENED: Final = f"{de.PREFIX}.message.opened"
-MESSAGE_CLICKED: Final = f"{de.PREFIX}.message.clicked"
-MESSAGE_BOUNCED: Final = f"{de.PREFIX}.message.bounced"
-MESSAGE_COMPLAINED: Final = f"{de.PREFIX}.message.complained"
+MESSAGE_DELIVERED: Final = de.MESSAGE_DELIVERED
+MESSAGE_OPENED: Final = de.MESSAGE_OPENED
+MESSAGE_CLICKED: Final = de.MESSAGE_CLICKED
+MESSAGE_BOUNCED: Final = de.MESSAGE_BOUNCED
+MESSAGE_COMPLAINED: Final = de.MESSAGE_COMPLAINED
 CUSTOMER_UNSUBSCRIBED: Final = de.CUSTOMER_UNSUBSCRIBED
 
 OUTCOME_UNKNOWN_AFTER_CRASH: Final = "outcome unknown after crash"
 
-_LIMITS: Final = {
-    "idempotency_key": 200,
-    "case_id": 36,
-    "step_key": 100,
-    "template": 100,
-}
-
 
 @dataclass(frozen=True, slots=True)
 class DispatchCommand:
-    """A scheduler's ``dispatch.requested``: ``data`` is kept whole in the delivery row."""
+    """A scheduler's ``dispatch.requested`` as the delivery row needs it (decoded with the
+    contract, ``shared.contracts.dispatch.DispatchCommand``); ``data`` is kept whole in the
+    delivery row."""
 
     idempotency_key: str
     case_id: str
@@ -54,84 +52,27 @@ class DispatchCommand:
 
 
 def parse_command(data: Any) -> DispatchCommand:
-    """Validate a dispatch command; ``InvalidEvent`` names the field at fault."""
-    if not isinstance(data, dict):
-        raise InvalidEvent("invalid_payload", "data must be a JSON object", "data")
-    for name, limit in _LIMITS.items():
-        value = data.get(name)
-        if not isinstance(value, str) or not value.strip():
-            raise InvalidEvent("invalid_payload", "required string is missing", f"data.{name}")
-        if len(value) > limit:
-            raise InvalidEvent("invalid_payload", f"longer than {limit}", f"data.{name}")
-    if data.get("channel") not in channels.REGISTRY:
-        raise InvalidEvent(
-            "invalid_payload",
-            f"channel must be one of {', '.join(channels.names())}",
-            "data.channel",
-        )
-    customer = data.get("customer")
-    if not isinstance(customer, dict):
-        raise InvalidEvent("invalid_payload", "customer must be an object", "data.customer")
-    cid = customer.get("id")
-    if not isinstance(cid, str) or not cid or len(cid) > 200:
-        raise InvalidEvent("invalid_payload", "customer id is required", "data.customer.id")
-    for name in ("variant", "offer", "reason", "valid_until"):
-        if data.get(name) is not None and not isinstance(data[name], str):
-            raise InvalidEvent("invalid_payload", "must be a string", f"data.{name}")
-    features = data.get("features")
-    if features is not None and (
-        not isinstance(features, list) or not all(isinstance(f, str) for f in features)
-    ):
-        raise InvalidEvent("invalid_payload", "must be a list of strings", "data.features")
-    _check_timing(data)
-    owner = customer.get("crm_owner")
+    """Decode a dispatch command with its contract; ``InvalidEvent`` names the field at fault
+    (``data.send_window.timezone``), so the record dead-letters at decode time."""
+    command = contract.DispatchCommand.decode(data, tolerant=True)
     return DispatchCommand(
-        idempotency_key=data["idempotency_key"],
-        case_id=data["case_id"],
-        step_key=data["step_key"],
-        customer_id=cid,
-        channel=data["channel"],
-        template=data["template"],
-        variant=(data.get("variant") or None),
-        crm_owner=owner if isinstance(owner, str) and owner else None,
+        idempotency_key=command.idempotency_key,
+        case_id=command.case_id,
+        step_key=command.step_key,
+        customer_id=command.customer.id,
+        channel=command.channel,
+        template=command.template,
+        variant=command.variant or None,
+        crm_owner=command.customer.crm_owner or None,
         data=data,
     )
 
 
-def _check_timing(data: Mapping[str, Any]) -> None:
-    """``send_window`` (local start/end and the customer's zone) and ``expires_at`` are
-    optional; when given they must be usable at send time."""
-    if data.get("send_window") is not None:
-        _send_window(data["send_window"])
-    if data.get("expires_at") is not None and parse_time(data["expires_at"]) is None:
-        raise InvalidEvent(
-            "invalid_payload", "must be an ISO 8601 time with offset", "data.expires_at"
-        )
-
-
-def _send_window(spec: Any) -> tuple[SendWindow, ZoneInfo]:
-    """A command's ``send_window``; ``InvalidEvent`` names the field at fault."""
-    if not isinstance(spec, dict):
-        raise InvalidEvent("invalid_payload", "must be an object", "data.send_window")
-    bounds = []
-    for name in ("start", "end"):
-        try:
-            bounds.append(time.fromisoformat(str(spec.get(name))))
-        except ValueError:
-            raise InvalidEvent(
-                "invalid_payload", "must be a local time HH:MM", f"data.send_window.{name}"
-            ) from None
-    try:
-        window = SendWindow(*bounds)
-    except ValueError as exc:
-        raise InvalidEvent("invalid_payload", str(exc), "data.send_window.end") from None
-    try:
-        zone = ZoneInfo(str(spec.get("timezone")))
-    except (ZoneInfoNotFoundError, ValueError):
-        raise InvalidEvent(
-            "invalid_payload", "unknown IANA timezone", "data.send_window.timezone"
-        ) from None
-    return window, zone
+def _send_window(spec: Mapping[str, Any]) -> tuple[SendWindow, ZoneInfo]:
+    """A stored command's ``send_window`` (its contract checked it when the command came in:
+    ``HH:MM`` times, start before end, a known zone)."""
+    start, end = time.fromisoformat(spec["start"]), time.fromisoformat(spec["end"])
+    return SendWindow(start, end), ZoneInfo(spec["timezone"])
 
 
 def send_timing(
@@ -148,7 +89,7 @@ def send_timing(
         return "step expired before it could be sent"
     if command.get("send_window") is None:
         return None
-    window, zone = _send_window(command["send_window"])  # checked when the command came in
+    window, zone = _send_window(command["send_window"])
     if window.allows(now, zone) or window.allows(now - grace, zone):
         return None
     opens = window.next_allowed(now, zone)
@@ -205,16 +146,37 @@ class Delivery:
         )
 
 
-def outcome_data(
+OutcomeData: TypeAlias = MessageOutcome | CustomerUnsubscribed
+
+
+def _outcome_models() -> dict[str, type[MessageOutcome] | type[CustomerUnsubscribed]]:
+    """The data model of each event type the dispatcher emits about a message, from the
+    contract registry (the one place that pairs a type name with its model)."""
+    models: dict[str, type[MessageOutcome] | type[CustomerUnsubscribed]] = {}
+    for name in (*de.MESSAGE_OUTCOMES, de.CUSTOMER_UNSUBSCRIBED):
+        model = registry.PUBLISHED[name].model
+        assert model is MessageOutcome or model is CustomerUnsubscribed, name
+        models[name] = model
+    return models
+
+
+OUTCOME_MODELS: Final = _outcome_models()
+
+
+def outcome(
+    type: str,
     delivery: Delivery,
     *,
     provider: str | None,
     provider_message_id: str | None,
     reason: str | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """The data of a ``message.*`` outcome event: everything the scheduler and reporting use."""
-    data: dict[str, Any] = {
+    reported: tuple[str | None, str] | None = None,
+) -> OutcomeData:
+    """The data of a ``message.*`` (or ``customer.unsubscribed``) event about ``delivery``,
+    built with the type's contract model: everything the scheduler and reporting use.
+    ``reason`` is written when given; ``reported``: a provider webhook's
+    ``(occurred_at, provider_event_id)``. ``KeyError`` for a type that is not an outcome."""
+    fields: dict[str, Any] = {
         "idempotency_key": delivery.idempotency_key,
         "case_id": delivery.case_id,
         "step_key": delivery.step_key,
@@ -229,9 +191,10 @@ def outcome_data(
         "playbook": delivery.command.get("playbook"),
     }
     if reason is not None:
-        data["reason"] = reason
-    data.update(extra)
-    return data
+        fields["reason"] = reason
+    if reported is not None:
+        fields["occurred_at"], fields["provider_event_id"] = reported
+    return OUTCOME_MODELS[type](**fields)
 
 
 # --- suppression keys -------------------------------------------------------------------------

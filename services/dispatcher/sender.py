@@ -51,7 +51,7 @@ from services.dispatcher.model import (
     address_hash,
     cause_of,
     customer_key_hash,
-    outcome_data,
+    outcome,
     recheck,
     send_timing,
     suppression_keys,
@@ -444,9 +444,13 @@ class DeliverySender:
             self.config.outcomes_topic,
             delivery.customer_id,
             type,
-            outcome_data(
-                delivery, provider=provider, provider_message_id=provider_message_id, reason=reason
-            ),
+            outcome(
+                type,
+                delivery,
+                provider=provider,
+                provider_message_id=provider_message_id,
+                reason=reason,
+            ).to_data(),
             cause=cause_of(delivery.command),
             subject=delivery.customer_id,
         )

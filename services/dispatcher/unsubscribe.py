@@ -26,7 +26,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path as FilePath
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import parse_qs
 
 from babel import Locale, UnknownLocaleError
@@ -46,6 +46,7 @@ from shared import channels
 from shared import domain_events as de
 from shared.clock import Clock
 from shared.cloudevents import CloudEvent
+from shared.contracts.customer import CustomerUnsubscribed
 from shared.db.tables import deliveries
 from shared.errors import InvalidEvent
 from shared.http.problems import Problem
@@ -78,7 +79,7 @@ log = logging.getLogger(__name__)
 class Unsubscribe:
     customer_id: str
     channel: str
-    method: str
+    method: Literal["one_click", "page"]
 
 
 class UnsubscribeHandler:
@@ -89,7 +90,9 @@ class UnsubscribeHandler:
         data = event.data
         if not isinstance(data, dict) or not data.get("customer_id") or not data.get("channel"):
             raise InvalidEvent("invalid_payload", "customer_id and channel are required", "data")
-        return Unsubscribe(str(data["customer_id"]), str(data["channel"]), str(data["method"]))
+        if data.get("method") not in ("one_click", "page"):
+            raise InvalidEvent("invalid_payload", "must be one_click or page", "data.method")
+        return Unsubscribe(str(data["customer_id"]), str(data["channel"]), data["method"])
 
     async def handle(self, tx: Tx, items: Sequence[Incoming[Any]]) -> None:
         rows: list[store.Suppression] = []
@@ -107,12 +110,12 @@ class UnsubscribeHandler:
                 self.outcomes_topic,
                 cid,
                 CUSTOMER_UNSUBSCRIBED,
-                {
-                    "customer_id": cid,
-                    "channel": channel,
-                    "method": request.method,
-                    "unsubscribed_at": tx.now.isoformat(),
-                },
+                CustomerUnsubscribed(
+                    customer_id=cid,
+                    channel=channel,
+                    method=request.method,
+                    unsubscribed_at=tx.now,
+                ).to_data(),
                 cause=item.event,
                 subject=cid,
             )

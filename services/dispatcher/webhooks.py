@@ -40,7 +40,7 @@ from services.dispatcher.model import (
     Delivery,
     address_hash,
     customer_key_hash,
-    outcome_data,
+    outcome,
 )
 from services.dispatcher.signatures import (
     SENDGRID_SIGNATURE_HEADER,
@@ -443,20 +443,21 @@ class WebhookHandler:
                 metrics.WEBHOOK_EVENTS.labels(event.provider, "unmatched").inc()
                 continue
             metrics.WEBHOOK_EVENTS.labels(event.provider, "handled").inc()
-            data = outcome_data(
+            type = KIND_TYPES[event.kind]
+            data = outcome(
+                type,
                 delivery,
                 provider=delivery.provider or event.provider,
                 provider_message_id=delivery.provider_message_id
                 or (event.message_ids[0] if event.message_ids else None),
                 reason=event.reason,
-                occurred_at=event.occurred_at,
-                provider_event_id=event.event_id,
+                reported=(event.occurred_at, event.event_id),
             )
             tx.emit(
                 self.outcomes_topic,
                 delivery.customer_id,
-                KIND_TYPES[event.kind],
-                data,
+                type,
+                data.to_data(),
                 cause=item.event,
                 subject=delivery.customer_id,
             )

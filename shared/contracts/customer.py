@@ -24,6 +24,7 @@ from shared.contracts.base import (
     Published,
     Time,
 )
+from shared.contracts.dispatch import AddressChannel, RegisteredChannel
 
 Short = Annotated[str, StringConstraints(max_length=200)]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -129,8 +130,9 @@ class CustomerErased(Published):
     and free text; the dispatcher keeps the address hashes on its suppression list."""
 
     customer_id: Id
-    address_hashes: dict[Literal["email", "sms"], Sha256] = Field(
-        description="SHA-256 (hex) of each normalised address, per channel"
+    address_hashes: dict[AddressChannel, Sha256] = Field(
+        description="SHA-256 (hex) of each normalised address, per channel with a suppressible "
+        "address (the channel registry's)"
     )
     erased_at: Time
 
@@ -144,7 +146,7 @@ class CustomerUnsubscribed(Published):
     The scheduler closes the open case and records the opt-out on the step when named."""
 
     customer_id: Id
-    channel: Channel
+    channel: RegisteredChannel
     method: Literal["one_click", "page"] | None = None
     unsubscribed_at: Time | None = None
     idempotency_key: Short | None = None

@@ -2,24 +2,36 @@
 ``topics.dispatch``, keyed by customer id): everything the dispatcher needs to render and send
 one step, and to re-check it at send time.
 
-Every command this model accepts is one the dispatcher's intake
-(``services.dispatcher.model.parse_command``) accepts: the same required strings and length
-limits (``idempotency_key`` ≤ 200, ``case_id`` ≤ 36, ``step_key`` ≤ 100, ``template`` ≤ 100, none
-blank), the same channels, a customer with an id, a send window that parses the way the
-dispatcher parses it (local ``HH:MM`` times, start before end, an IANA zone) and an aware
-``expires_at``. The model is stricter where the scheduler always writes more (types of the
-other fields, ``features`` a list); ``tests/unit/test_contracts_dispatch.py`` holds the two
-together.
+The scheduler builds the command with this model and the dispatcher's intake
+(``services.dispatcher.model.parse_command``) decodes it with the same model (tolerantly: a
+field a newer scheduler adds is dropped), so a malformed command dead-letters at decode time
+naming the field: required strings within their limits (``idempotency_key`` ≤ 200,
+``case_id`` ≤ 36, ``step_key`` ≤ 100, ``template`` ≤ 100, none blank), a registered channel, a
+customer with an id, a send window of local ``HH:MM`` times (start before end) in an IANA zone,
+an aware ``expires_at``.
+
+``channel`` is any channel of the registry (``shared.channels``): the built-ins, which the JSON
+schema lists, and one a deployment registers (README: "Adding a channel").
 """
 
 from __future__ import annotations
 
+import functools
 from datetime import time
 from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AfterValidator, Field, StringConstraints, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
 
+from shared import channels
 from shared.contracts.base import Channel, ChurnReason, Id, Published, Time
 from shared.localtime import SendWindow
 
@@ -37,6 +49,39 @@ def _zone(value: str) -> str:
         raise ValueError(f"unknown IANA timezone {value[:64]!r}") from None
     return value
 
+
+def _registered(value: str) -> str:
+    channels.spec(value)  # UnknownChannelError (a ValueError) names the known channels
+    return value
+
+
+def _suppressible(value: str) -> str:
+    if value not in channels.address_fields():
+        raise ValueError(
+            f"{value[:40]!r} is not a channel with a suppressible address "
+            f"(known: {', '.join(channels.address_fields())})"
+        )
+    return value
+
+
+RegisteredChannel = Annotated[
+    str,
+    AfterValidator(_registered),
+    WithJsonSchema(TypeAdapter(Channel).json_schema()),
+]
+"""A channel of the registry (``shared.channels.REGISTRY``): a built-in one (the JSON schema
+lists those) or one registered since. Every event the dispatcher reads or writes about a
+message names its channel with this type, so a registered channel goes end to end."""
+AddressChannel = Annotated[
+    str,
+    AfterValidator(_suppressible),
+    WithJsonSchema(
+        {"enum": [s.name for s in channels.BUILTIN if s.suppressible and s.address_field]}
+        | {"type": "string"}
+    ),
+]
+"""A channel whose recipient is an address that can go on the suppression list (the
+registry's ``suppressible`` channels with an ``address_field``: email, SMS)."""
 
 IdempotencyKey = Annotated[
     str, StringConstraints(min_length=1, max_length=200), AfterValidator(_not_blank)
@@ -81,9 +126,20 @@ class SendWindowSpec(Published):
     @classmethod
     def _after_start(cls, end: str, info: ValidationInfo) -> str:
         start = info.data.get("start")
-        if start is not None:
-            SendWindow(time.fromisoformat(start), time.fromisoformat(end))
+        if start is not None and (problem := _window_problem(start, end)) is not None:
+            raise ValueError(problem)
         return end
+
+
+@functools.lru_cache(maxsize=1024)
+def _window_problem(start: str, end: str) -> str | None:
+    """Why ``start`` to ``end`` is not a send window, or ``None`` (cached: every command carries
+    one of a handful of windows, and the dispatcher decodes each command)."""
+    try:
+        SendWindow(time.fromisoformat(start), time.fromisoformat(end))
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 class DispatchCommand(Published):
@@ -95,7 +151,7 @@ class DispatchCommand(Published):
     step_key: StepKey
     playbook: Short
     playbook_version: int = Field(ge=1)
-    channel: Channel
+    channel: RegisteredChannel
     template: TemplateName
     offer: Short | None
     is_discount: bool
@@ -106,5 +162,13 @@ class DispatchCommand(Published):
     features: list[Short] = Field(description="the released feature a triggered step names")
     feature_description: Annotated[str, StringConstraints(max_length=2000)] | None
     requested_at: Time
-    send_window: SendWindowSpec | None = Field(description="null: the channel has no quiet hours")
-    expires_at: Time = Field(description="the case horizon: never sent at or after it")
+    send_window: SendWindowSpec | None = Field(
+        default=None,
+        description="null: the channel has no quiet hours (absent in commands queued before "
+        "quiet hours were sent along: sent at once)",
+    )
+    expires_at: Time | None = Field(
+        default=None,
+        description="the case horizon: never sent at or after it (the scheduler always writes "
+        "it; absent in commands queued before it was sent along)",
+    )

@@ -5,6 +5,10 @@ keyed by customer id).
 erasure); ``delivered``, ``opened``, ``clicked``, ``bounced``, ``complained`` (and a provider's
 ``failed``) from provider webhooks, which add ``occurred_at`` and ``provider_event_id``. The
 scheduler records each on its step; reports count them.
+
+The dispatcher builds every one with :class:`MessageOutcome` (``services.dispatcher.model.
+outcome``, which takes the model from the contract registry by event type), so what it emits is
+what this contract declares; ``channel`` is any registered channel (``RegisteredChannel``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from typing import Annotated
 
 from pydantic import Field, StringConstraints
 
-from shared.contracts.base import Channel, Id, Published
+from shared.contracts.base import Id, Published
+from shared.contracts.dispatch import RegisteredChannel
 
 Short = Annotated[str, StringConstraints(max_length=200)]
 
@@ -26,7 +31,7 @@ class MessageOutcome(Published):
     step_key: Short
     step_id: int | None
     customer_id: Id
-    channel: Channel
+    channel: RegisteredChannel
     provider: Short | None = Field(description="the provider's label; null: none was called")
     provider_message_id: str | None
     template: Short

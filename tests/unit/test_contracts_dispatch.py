@@ -1,7 +1,7 @@
 """The dispatch command's contract against what the dispatcher actually reads
-(``services.dispatcher.model.parse_command``): every command the model accepts, the
-dispatcher accepts and reads the same way (Hypothesis over the model's whole domain), and
-each rule of the dispatcher's intake is one the model enforces on the same field."""
+(``services.dispatcher.model.parse_command``, which decodes with the contract): every command
+the model accepts, the dispatcher accepts and reads the same way (Hypothesis over the model's
+whole domain), and each near miss is refused by both with the same error naming the field."""
 
 from __future__ import annotations
 
@@ -126,6 +126,7 @@ NEAR_MISSES = {
     "reason a number": (lambda d: d.update(reason=1), "data.reason"),
     "features a string": (lambda d: d.update(features="SSO"), "data.features"),
     "features of numbers": (lambda d: d.update(features=[1]), "data.features"),
+    "phone a boolean": (lambda d: d["customer"].update(phone=True), "data.customer.phone"),
     "send window a string": (lambda d: d.update(send_window="9-20"), "data.send_window"),
     "start not a time": (lambda d: d["send_window"].update(start="nine"), "data.send_window.start"),
     "end not a time": (lambda d: d["send_window"].update(end="25:00"), "data.send_window.end"),
@@ -154,10 +155,14 @@ def test_each_rule_of_the_dispatchers_intake_is_the_models_on_the_same_field(
         parse_command(data)
     with pytest.raises(InvalidEvent) as model:
         DispatchCommand.decode(data)
-    assert dispatcher.value.field == field
-    assert model.value.field is not None
-    assert model.value.field == field or model.value.field.startswith(field + "."), (
-        model.value.field
+    assert dispatcher.value.code == "invalid_payload"
+    assert (dispatcher.value.field, dispatcher.value.reason) == (
+        model.value.field,
+        model.value.reason,
+    )
+    assert dispatcher.value.field is not None
+    assert dispatcher.value.field == field or dispatcher.value.field.startswith(field + "."), (
+        dispatcher.value.field
     )
 
 
@@ -166,13 +171,15 @@ def test_the_example_passes_both() -> None:
     assert DispatchCommand.decode(EXAMPLE).to_data() == EXAMPLE
 
 
-def test_a_command_without_window_and_expiry_is_the_dispatchers_only() -> None:
-    """Older commands had neither; the dispatcher still takes them, the contract (what the
-    scheduler writes today) does not."""
+def test_a_command_without_window_and_expiry_is_still_taken() -> None:
+    """Commands queued before the scheduler sent the window and the expiry had neither: the
+    contract (and so the dispatcher) takes them; one sent along must be valid."""
     data = mutated(lambda d: (d.pop("send_window"), d.pop("expires_at")))
     assert parse_command(data).case_id == EXAMPLE["case_id"]
-    with pytest.raises(InvalidEvent):
-        DispatchCommand.decode(data)
+    assert DispatchCommand.decode(data).to_data() == data
+    with pytest.raises(InvalidEvent) as info:
+        parse_command({**data, "expires_at": None, "send_window": {"start": "09:00"}})
+    assert info.value.field == "data.send_window.end"
 
 
 def test_times_are_written_as_isoformat() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -9,37 +11,51 @@ from zoneinfo import ZoneInfo
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from services.dispatcher.model import (
+    Delivery,
     DispatchCommand,
     SendState,
     address_hash,
     cause_of,
     customer_key_hash,
+    outcome,
     parse_command,
     recheck,
     send_timing,
     suppression_keys,
 )
 from services.scheduler.store import address_hash as scheduler_address_hash
+from shared import domain_events as de
+from shared.channels import ChannelSpec, registered
+from shared.contracts import examples, registry
 from shared.errors import InvalidEvent
 
 _HELSINKI = ZoneInfo("Europe/Helsinki")
 
 
+EXAMPLE = examples.PUBLISHED["dispatch.requested"]
+
+
 def command(**changes: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "idempotency_key": "case-1:d0",
-        "case_id": "case-1",
-        "step_id": 4,
-        "step_key": "d0",
-        "channel": "email",
-        "template": "we_miss_you",
-        "variant": "control",
-        "offer": None,
-        "customer": {"id": "cus_1", "email": "a@example.com", "crm_owner": "o-1"},
-        "features": [],
-    }
+    """A dispatch command as the scheduler writes it (the contract's example), without a send
+    window or expiry unless given."""
+    data: dict[str, Any] = copy.deepcopy(EXAMPLE)
+    del data["send_window"], data["expires_at"]
+    data.update(
+        idempotency_key="case-1:d0",
+        case_id="case-1",
+        step_id=4,
+        step_key="d0",
+        channel="email",
+        template="we_miss_you",
+        variant="control",
+        offer=None,
+        customer={**EXAMPLE["customer"], "id": "cus_1", "email": "a@example.com"}
+        | {"crm_owner": "o-1"},
+        features=[],
+    )
     data.update(changes)
     return data
 
@@ -71,6 +87,9 @@ def test_a_valid_command_is_read_whole() -> None:
         ({"customer": {"email": "a@example.com"}}, "data.customer.id"),
         ({"features": "Dashboards"}, "data.features"),
         ({"offer": 50}, "data.offer"),
+        ({"customer": {**EXAMPLE["customer"], "phone": 5}}, "data.customer.phone"),
+        ({"playbook_version": 0}, "data.playbook_version"),
+        ({"requested_at": "yesterday"}, "data.requested_at"),
     ],
 )
 def test_a_bad_command_names_the_field(changes: dict[str, Any], field: str) -> None:
@@ -78,6 +97,32 @@ def test_a_bad_command_names_the_field(changes: dict[str, Any], field: str) -> N
         parse_command(command(**changes))
     assert info.value.code == "invalid_payload"
     assert info.value.field == field
+
+
+def test_empty_variant_and_owner_read_as_none_and_unknown_fields_are_dropped() -> None:
+    """A newer scheduler may add a field: the command is still taken (tolerant decoding)."""
+    data = command(variant="", customer={**command()["customer"], "crm_owner": ""}, new=1)
+    parsed = parse_command(data)
+    assert (parsed.variant, parsed.crm_owner) == (None, None)
+    assert parsed.data == data
+
+
+def test_a_command_for_a_channel_registered_beyond_the_builtins_is_taken() -> None:
+    push = ChannelSpec(
+        name="push_test",
+        address_field=None,
+        template_dir="push",
+        template_parts=("txt",),
+        provider_kinds=("push",),
+        suppressible=False,
+        unsubscribe_link=False,
+    )
+    with pytest.raises(InvalidEvent) as info:
+        parse_command(command(channel="push_test"))
+    assert info.value.field == "data.channel"
+    assert "unknown channel" in info.value.reason
+    with registered(push):
+        assert parse_command(command(channel="push_test")).channel == "push_test"
 
 
 def test_the_stored_event_reference_becomes_the_cause_of_outcomes() -> None:
@@ -220,3 +265,71 @@ def test_a_bad_expiry_is_named() -> None:
     with pytest.raises(InvalidEvent) as info:
         parse_command(command(expires_at="next tuesday"))
     assert info.value.field == "data.expires_at"
+
+
+# --- outcome events, built with their contracts ------------------------------------------------
+
+DELIVERY = Delivery(
+    id=1,
+    idempotency_key="case-1:d0",
+    case_id="case-1",
+    step_key="d0",
+    customer_id="cus_1",
+    channel="email",
+    template="we_miss_you",
+    variant="control",
+    crm_owner=None,
+    command={"step_id": 4, "playbook": "price_discount"},
+)
+
+
+@pytest.mark.parametrize("type", [*de.MESSAGE_OUTCOMES, de.CUSTOMER_UNSUBSCRIBED])
+def test_every_outcome_is_built_with_its_registered_model_and_passes_it_strictly(
+    type: str,
+) -> None:
+    built = outcome(type, DELIVERY, provider="sendgrid", provider_message_id="m-1", reason="why")
+    assert isinstance(built, registry.PUBLISHED[type].model)
+    data = built.to_data()
+    assert registry.decode(type, data, tolerant=False).to_data() == data
+    assert data == {
+        "idempotency_key": "case-1:d0",
+        "case_id": "case-1",
+        "step_key": "d0",
+        "step_id": 4,
+        "customer_id": "cus_1",
+        "channel": "email",
+        "provider": "sendgrid",
+        "provider_message_id": "m-1",
+        "template": "we_miss_you",
+        "variant": "control",
+        "crm_owner": None,
+        "playbook": "price_discount",
+        "reason": "why",
+    }
+
+
+def test_an_outcome_writes_a_reason_only_when_given_and_a_webhook_report_always() -> None:
+    sent = outcome(de.MESSAGE_SENT, DELIVERY, provider="sendgrid", provider_message_id="m-1")
+    assert "reason" not in sent.to_data()
+    assert "occurred_at" not in sent.to_data()
+    opened = outcome(
+        de.MESSAGE_OPENED,
+        DELIVERY,
+        provider="sendgrid",
+        provider_message_id="m-1",
+        reported=(None, "sg-event-9"),
+    ).to_data()
+    assert (opened["occurred_at"], opened["provider_event_id"]) == (None, "sg-event-9")
+    assert "reason" not in opened
+
+
+def test_an_outcome_refuses_what_its_contract_does_not_declare() -> None:
+    with pytest.raises(KeyError):
+        outcome(de.CASE_CLOSED, DELIVERY, provider=None, provider_message_id=None)
+    with pytest.raises(ValidationError, match="unknown channel"):
+        outcome(
+            de.MESSAGE_SENT,
+            replace(DELIVERY, channel="pigeon"),
+            provider=None,
+            provider_message_id=None,
+        )
