@@ -7,8 +7,8 @@ address) and settings (provider kinds per channel).
 
 Adding a channel is one :class:`ChannelSpec` in :data:`BUILTIN`, its templates under
 ``shared/content/{locale}/{template_dir}/`` with their entries in ``shared/content/catalog.yaml``,
-and one provider adapter (README: "Adding a channel"). Tests register a channel for their own duration with
-:func:`registered`.
+and one provider adapter (README: "Adding a channel"). Tests register a channel for their own
+duration with :func:`registered`.
 
 The pydantic models need a ``Literal`` (their JSON schema and the AsyncAPI document list the
 values); :data:`ChannelName` is that literal, kept beside the table, and

@@ -17,6 +17,7 @@ it, the dispatcher renders from it) and ``winback validate`` runs the same check
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
@@ -29,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared import channels
+from shared.errors import ConfigError
 from shared.yamlfile import FieldPath, Located, YamlFileError, line_of, parse, validation_problems
 
 SHIPPED_CONTENT_DIR = Path(__file__).with_name("content")
@@ -57,8 +59,9 @@ OPTIONAL_PROFILE_FIELDS = frozenset({"name", "churn_reason", "segment", "mrr", "
 DISCOUNT_KINDS = frozenset({"percent_off", "amount_off", "free_months"})
 
 
-class ContentError(YamlFileError):
-    """The content directory is invalid; the message lists ``file:line: field: reason``."""
+class ContentError(YamlFileError, ConfigError):
+    """The content directory is invalid; the message lists ``file:line: field: reason``.
+    A configuration error: a service started with it stops with exit code 2."""
 
     def __init__(self, problems: list[Located]) -> None:
         super().__init__(problems, what="content")
@@ -217,6 +220,17 @@ def load_catalog(directory: str | Path = SHIPPED_CONTENT_DIR) -> Catalog:
     if problems:
         raise ContentError(problems)
     return Catalog(root, MappingProxyType(templates), MappingProxyType(offers))
+
+
+@functools.cache
+def shipped() -> Catalog:
+    """The catalogue of the shipped content (read once per process)."""
+    return load_catalog(SHIPPED_CONTENT_DIR)
+
+
+def catalog_for(content_dir: str | Path | None) -> Catalog:
+    """The catalogue of ``content_dir`` (the ``content_dir`` setting), or the shipped one."""
+    return shipped() if content_dir is None else load_catalog(content_dir)
 
 
 def _read(path: Path, problems: list[Located]) -> tuple[Any, yaml.Node] | None:

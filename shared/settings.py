@@ -539,6 +539,11 @@ class Settings(BaseSettings):
         "interval become one summary line with the count",
     )
     service_name: str = "winback"
+    content_dir: Path | None = Field(
+        default=None,
+        description="a content directory of your own (catalog.yaml, offers.yaml and the message "
+        "files per locale, laid out as shared/content); unset: the shipped content",
+    )
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     topics: TopicSettings = Field(default_factory=TopicSettings)

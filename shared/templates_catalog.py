@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from shared.content import SHIPPED_CONTENT_DIR, Catalog, load_catalog
+from shared.content import Catalog, shipped
 
-SHIPPED: Catalog = load_catalog(SHIPPED_CONTENT_DIR)
+SHIPPED: Catalog = shipped()
 """The catalogue of the content shipped with winback."""
 
 TEMPLATES: Mapping[str, str] = {name: t.about for name, t in SHIPPED.templates.items()}

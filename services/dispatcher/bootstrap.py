@@ -27,12 +27,11 @@ from services.dispatcher.message_log import LoggedWebhooks
 from services.dispatcher.message_log import router as message_log_router
 from services.dispatcher.providers import Provider
 from services.dispatcher.rendering import (
-    TEMPLATE_SPECS,
-    TEMPLATES_DIR,
     Brand,
     Channel,
     TemplateRenderer,
     TemplateSpec,
+    specs_from,
 )
 from services.dispatcher.sender import DeliverySender, SenderConfig
 from services.dispatcher.signatures import (
@@ -47,13 +46,13 @@ from services.dispatcher.webhooks import WebhookAuth, WebhookHandler
 from services.dispatcher.webhooks import router as webhooks_router
 from shared.bootstrap import Core, build_core
 from shared.clock import Clock
+from shared.content import catalog_for
 from shared.errors import ConfigError
 from shared.http.app import bearer_auth, create_app
 from shared.messaging.consumer import ConsumerRunner
 from shared.messaging.pipeline import Pipeline
 from shared.messaging.transport import Transport
 from shared.settings import CHANNEL_KINDS, DispatcherSettings, Settings
-from shared.templates_catalog import TEMPLATE_NAMES, template_pairs
 
 CONSUMER = "dispatcher"
 SOURCE = "/winback/dispatcher"
@@ -103,28 +102,23 @@ def check_settings(settings: Settings) -> None:
 
 
 @functools.cache
-def _checked_renderer(company: str, address: str, templates: Path, names: frozenset[str]) -> None:
+def _checked_renderer(company: str, address: str, content_dir: Path | None) -> None:
     """``check_templates`` once per process for the same inputs (the files do not change)."""
-    TemplateRenderer(Brand(company, address), templates).check_templates(sorted(names))
+    catalog = catalog_for(content_dir)
+    renderer = TemplateRenderer(
+        Brand(company, address), catalog.directory, specs=specs_from(catalog)
+    )
+    renderer.check_templates(sorted(catalog.template_names))
 
 
 def check_templates(settings: Settings) -> None:
-    """Every template of the shared catalogue (``shared.templates_catalog``, which the
-    scheduler's playbook loader holds playbooks to) exists on each of its channels and renders
-    in every shipped locale. The dispatcher reads no playbooks: the catalogue is the contract."""
-    missing = sorted(
-        f"{name} ({channel})"
-        for name, channel in template_pairs()
-        if (name, Channel(channel)) not in TEMPLATE_SPECS
-    )
-    if missing:
-        raise ConfigError(
-            "the template catalogue lists templates the dispatcher lacks: " + ", ".join(missing)
-        )
+    """Every template of the content's catalogue (``content_dir``, or the shipped content;
+    the scheduler's playbook loader holds playbooks to the same catalogue) exists on each of
+    its channels and renders in every locale of the content. The dispatcher reads no
+    playbooks: the catalogue is the contract."""
     d = settings.dispatcher
-    names = frozenset(TEMPLATE_NAMES)
     try:
-        _checked_renderer(d.company_name, d.postal_address, TEMPLATES_DIR, names)
+        _checked_renderer(d.company_name, d.postal_address, settings.content_dir)
     except TemplateError as exc:
         raise ConfigError(str(exc)) from exc
 
@@ -138,12 +132,13 @@ def bootstrap(
     http_clients: Sequence[httpx.AsyncClient] | None = None,
     group: str = CONSUMER,
     providers: Mapping[str, Sequence[Provider]] | None = None,
-    templates: Path = TEMPLATES_DIR,
-    template_specs: Mapping[tuple[str, Channel], TemplateSpec] = TEMPLATE_SPECS,
+    templates: Path | None = None,
+    template_specs: Mapping[tuple[str, Channel], TemplateSpec] | None = None,
 ) -> DispatcherService:
     """``providers``: the provider adapters of channels registered in ``shared.channels``
     beyond the built-in ones; ``templates`` and ``template_specs``: where the messages'
-    templates are and what each needs (README, "Adding a channel")."""
+    templates are and what each needs (README, "Adding a channel"; default: the content
+    directory of the ``content_dir`` setting, or the shipped content)."""
     check_settings(settings)
     d: DispatcherSettings = settings.dispatcher
     check_templates(settings)
@@ -152,8 +147,11 @@ def bootstrap(
     owns_clients = http_clients is None
     clients = make_http_clients(d) if http_clients is None else list(http_clients)
     channels = build_channels(d, clients, core.clock, providers)
+    catalog = catalog_for(settings.content_dir)
     renderer = TemplateRenderer(
-        Brand(d.company_name, d.postal_address), templates, specs=template_specs
+        Brand(d.company_name, d.postal_address),
+        catalog.directory if templates is None else templates,
+        specs=specs_from(catalog) if template_specs is None else template_specs,
     )
     tokens = UnsubscribeTokens(
         [k.get_secret_value().encode() for k in d.unsubscribe_keys],

@@ -337,6 +337,12 @@ class TemplateRenderer:
         only, and with each optional field left out in turn.
         Raises one ``TemplateError`` listing every problem found.
         """
+        problems = self.template_problems(names)
+        if problems:
+            raise TemplateError("template check failed: " + "; ".join(problems))
+
+    def template_problems(self, names: Iterable[str]) -> list[str]:
+        """What ``check_templates`` finds, one problem a line (``winback validate``)."""
         problems = self._check_offers()
         for name in dict.fromkeys(names):
             channels = [chan for (n, chan) in self._specs if n == name]
@@ -345,8 +351,7 @@ class TemplateRenderer:
                 continue
             for chan in channels:
                 problems.extend(self._check_one(name, chan))
-        if problems:
-            raise TemplateError("template check failed: " + "; ".join(problems))
+        return problems
 
     # --- internals -----------------------------------------------------------------------
 

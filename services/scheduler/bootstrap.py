@@ -11,12 +11,13 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.scheduler import api, deps, metrics, reports
-from services.scheduler.domain import OFFERS, TEMPLATE_NAMES, Playbook, load_playbooks
+from services.scheduler.domain import Playbook, load_playbooks
 from services.scheduler.handler import SchedulerHandler
 from services.scheduler.timers import StepFirer
 from services.scheduler.views import policy
 from shared.bootstrap import Core, build_core
 from shared.clock import Clock
+from shared.content import catalog_for
 from shared.http.app import bearer_auth, create_app
 from shared.messaging.consumer import ConsumerRunner
 from shared.messaging.pipeline import Pipeline
@@ -39,8 +40,11 @@ class SchedulerService:
 
 
 def load(settings: Settings) -> list[Playbook]:
-    """The playbooks; a file with errors stops start-up naming the file, line and field."""
-    return load_playbooks(settings.scheduler.playbooks_dir, templates=TEMPLATE_NAMES, offers=OFFERS)
+    """The playbooks, held to the content's catalogue (``content_dir``, or the shipped one); a
+    file with errors stops start-up naming the file, line and field."""
+    return load_playbooks(
+        settings.scheduler.playbooks_dir, catalog=catalog_for(settings.content_dir)
+    )
 
 
 def bootstrap(

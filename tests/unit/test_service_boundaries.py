@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ROOT / "services"
-COMPOSITION_ROOT = {"services.cli", "services.demo"}
+COMPOSITION_ROOT = {"services.cli", "services.demo", "services.validate"}
 
 
 def _module(path: Path, root: Path = ROOT) -> str:

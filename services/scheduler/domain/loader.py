@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from services.scheduler.domain.errors import FieldPath, PlaybookError, PlaybookProblem
 from services.scheduler.domain.playbook import Playbook
 from shared import templates_catalog
+from shared.content import Catalog
 
 
 def load_playbooks(
@@ -24,16 +25,21 @@ def load_playbooks(
     *,
     templates: Collection[str] | None = None,
     offers: Mapping[str, bool] | None = None,
+    catalog: Catalog | None = None,
 ) -> list[Playbook]:
     """Load and validate every playbook file in ``directory``, sorted by (name, version).
 
     Besides each playbook's own rules, checks that (name, version) is unique across files,
     and, when given, that template names are in ``templates`` and offers in ``offers``
     (offer name → is it a discount), with ``is_discount`` agreeing with the catalogue.
+    ``catalog`` (a content directory's, :mod:`shared.content`) gives all three: its template
+    names, its offers and the channels each template ships on.
 
     Raises:
         PlaybookError: with every problem found, or when the directory holds no playbook.
     """
+    if catalog is not None:
+        templates, offers = catalog.template_names, catalog.offer_discounts
     root = Path(directory)
     if not root.is_dir():
         raise PlaybookError([PlaybookProblem((), "playbook directory not found", file=str(root))])
@@ -51,7 +57,9 @@ def load_playbooks(
             problems.append(PlaybookProblem((), f"cannot read: {exc}", file=str(path)))
             continue
         try:
-            playbook, node = _parse(text, str(path), templates=templates, offers=offers)
+            playbook, node = _parse(
+                text, str(path), templates=templates, offers=offers, catalog=catalog
+            )
         except PlaybookError as exc:
             problems.extend(exc.problems)
             continue
@@ -97,6 +105,7 @@ def _parse(
     *,
     templates: Collection[str] | None,
     offers: Mapping[str, bool] | None,
+    catalog: Catalog | None = None,
 ) -> tuple[Playbook, yaml.Node]:
     def located(path: FieldPath, reason: str, line: int | None = None) -> PlaybookProblem:
         return PlaybookProblem(path, reason, file=source, line=line or _line_of(node, path))
@@ -138,7 +147,8 @@ def _parse(
         raise PlaybookError([located(p.path, p.reason) for p in exc.problems]) from None
 
     catalog_problems = [
-        located(path, reason) for path, reason in _catalog_problems(playbook, templates, offers)
+        located(path, reason)
+        for path, reason in _catalog_problems(playbook, templates, offers, catalog)
     ]
     if catalog_problems:
         raise PlaybookError(catalog_problems)
@@ -169,6 +179,7 @@ def _catalog_problems(
     playbook: Playbook,
     templates: Collection[str] | None,
     offers: Mapping[str, bool] | None,
+    catalog: Catalog | None = None,
 ) -> list[tuple[FieldPath, str]]:
     found: list[tuple[FieldPath, str]] = []
     for index, step in enumerate(playbook.steps):
@@ -188,7 +199,9 @@ def _catalog_problems(
                 where = path if field == "without_discount" else (*path, "template")
                 found.append((where, f"unknown template {template!r}"))
             elif templates is not None and template is not None:
-                problem = templates_catalog.channel_problem(template, step.channel)
+                problem = (catalog or templates_catalog.SHIPPED).channel_problem(
+                    template, step.channel
+                )
                 if problem is not None:
                     where = path if path[-1] == "without_discount" else (*path, "template")
                     found.append((where, problem))
