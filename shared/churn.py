@@ -2,6 +2,8 @@
 
 Ingest normalises whatever the billing system said into one of these; the scheduler's
 segmentation and playbooks select on them. One definition, so the two can never drift.
+``payment_failed`` is involuntary churn (the billing system ended the subscription after failed
+payments): it gets its own track (the payment_failed playbook), never a discount.
 Pure: no I/O.
 """
 
@@ -17,6 +19,7 @@ ChurnReason: TypeAlias = Literal[
     "competitor",
     "situational",
     "unused",
+    "payment_failed",
     "unknown",
 ]
 CHURN_REASONS: tuple[ChurnReason, ...] = get_args(ChurnReason)

@@ -517,6 +517,75 @@ class DispatcherSettings(BaseModel):
         return problems
 
 
+# --- billing connectors (ingest's /v1/billing/<provider> webhooks) -----------------------------
+
+
+def _comma_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class StripeBillingSettings(BaseModel):
+    """Stripe: ``Stripe-Signature`` checked against each endpoint secret (rotation: list the new
+    and the old one while Stripe rolls the secret over). Off (404) while no secret is set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="whsec_... endpoint secrets (comma list)"
+    )
+    tolerance_seconds: int = Field(default=300, ge=1, le=3600)
+    api_key: SecretStr | None = Field(default=None, description="for backfill and coupons")
+
+    _split = field_validator("webhook_secrets", mode="before")(_comma_list)
+
+
+class PaddleBillingSettings(BaseModel):
+    """Paddle Billing: ``Paddle-Signature`` (ts, h1) checked against each notification
+    destination's secret key. Off (404) while no secret is set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="pdl_ntfset_... secret keys (comma list)"
+    )
+    tolerance_seconds: int = Field(
+        default=5, ge=1, le=3600, description="Paddle's (and its SDK's) recommended 5 s"
+    )
+    api_key: SecretStr | None = Field(default=None, description="for backfill and coupons")
+
+    _split = field_validator("webhook_secrets", mode="before")(_comma_list)
+
+
+class ChargebeeBillingSettings(BaseModel):
+    """Chargebee: HTTP Basic credentials on the webhook URL. Off (404) while unset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    username: str | None = None
+    password: SecretStr | None = None
+    api_key: SecretStr | None = Field(default=None, description="for backfill and coupons")
+
+    @model_validator(mode="after")
+    def _pair(self) -> ChargebeeBillingSettings:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("give both username and password (or neither)")
+        if self.password is not None and len(self.password.get_secret_value()) < 12:
+            raise ValueError("password: use 12+ characters")
+        return self
+
+
+class BillingSettings(BaseModel):
+    """The billing connectors; each is off until its webhook secret is configured."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stripe: StripeBillingSettings = Field(default_factory=StripeBillingSettings)
+    paddle: PaddleBillingSettings = Field(default_factory=PaddleBillingSettings)
+    chargebee: ChargebeeBillingSettings = Field(default_factory=ChargebeeBillingSettings)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -553,6 +622,7 @@ class Settings(BaseSettings):
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
+    billing: BillingSettings = Field(default_factory=BillingSettings)
 
     @model_validator(mode="after")
     def _no_dev_secrets_in_production(self) -> Settings:

@@ -134,3 +134,81 @@ def settings(migrated_url: str, kafka_bootstrap: str) -> Settings:
         },
         outbox={"idle_poll_seconds": 0.02},
     )
+
+
+STRIPE_MOCK_VERSION = "v0.203.0"
+
+
+def stripe_mock_binary() -> str:
+    """``stripe-mock`` on PATH or where ``go install`` puts it (``scripts/ci-tools`` installs
+    it); a missing binary fails the tests that need it, naming how to install it."""
+    import shutil
+    import subprocess
+
+    found = shutil.which("stripe-mock")
+    if found:
+        return found
+    dirs = []
+    for var, sub in (("GOBIN", ""), ("GOPATH", "bin")):
+        try:
+            value = subprocess.run(
+                ["go", "env", var], capture_output=True, text=True, timeout=30
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            value = ""
+        if value:
+            dirs.append(Path(value.split(os.pathsep)[0]) / sub)
+    dirs.append(Path.home() / "go" / "bin")
+    candidates = [d / "stripe-mock" for d in dirs]
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise RuntimeError(
+        "stripe-mock is not installed: run scripts/ci-tools (or `go install "
+        f"github.com/stripe/stripe-mock@{STRIPE_MOCK_VERSION}`)"
+    )
+
+
+@pytest.fixture(scope="session")
+def stripe_mock() -> Iterator[str]:
+    """Stripe's official mock server (its OpenAPI fixtures), started for the session on a free
+    loopback port: the base URL, e.g. ``http://127.0.0.1:41234``."""
+    import re
+    import subprocess
+    import time
+
+    with tempfile.TemporaryDirectory(prefix="winback-stripe-mock-") as tmp:
+        log_path = Path(tmp) / "stripe-mock.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [
+                    stripe_mock_binary(),
+                    "-http-addr",
+                    "127.0.0.1:0",
+                    "-https-addr",
+                    "127.0.0.1:0",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            deadline = time.monotonic() + 60
+            address = None
+            while address is None:
+                found = re.search(
+                    r"Listening for HTTP at address: (127\.0\.0\.1:\d+)", log_path.read_text()
+                )
+                if found:
+                    address = found.group(1)
+                elif proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"stripe-mock did not start:\n{log_path.read_text()}")
+                else:
+                    time.sleep(0.05)  # polling the server's own log for its address
+            yield f"http://{address}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.ingest import api
+from services.ingest.billing import routes as billing
 from services.ingest.erasure import ErasureHandler
 from services.ingest.handler import IngestHandler
 from shared.bootstrap import Core, build_core
@@ -82,7 +83,8 @@ def bootstrap(
                 settings.ingest.max_event_bytes,
                 settings.ingest.http_batch_limit,
                 type_prefix=settings.ingest.event_type_prefix,
-            )
+            ),
+            billing.router(pipeline, settings.billing, settings.ingest.event_type_prefix),
         ],
         lifespan=core.runtime.lifespan,
     )

@@ -37,10 +37,16 @@ _EXACT: dict[str, Reason] = {
     "seasonal": "situational",
     "champion_left": "situational",
     "not_used": "unused",
+    # involuntary churn: the billing system ended it after failed payments
+    "payment_failed": "payment_failed",  # Stripe cancellation_details.reason
+    "not_paid": "payment_failed",  # Chargebee cancel_reason
+    "no_card": "payment_failed",  # Chargebee cancel_reason
+    "dunning": "payment_failed",
     "unknown": "unknown",
 }
 
 _KEYWORDS: tuple[tuple[tuple[str, ...], Reason], ...] = (
+    (("payment failed", "card declined", "failed payment", "card expired"), "payment_failed"),
     (("budget", "funding", "cost cutting", "freeze"), "budget"),
     (("expensive", "price", "pricing", "cost", "cheaper", "afford"), "price"),
     (("competitor", "switched", "moved to", "alternative"), "competitor"),
