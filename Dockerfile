@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1.7
 # One image for every winback service: `docker run IMAGE ingest|scheduler|dispatcher|relay|migrate`.
 #
-# builder: uv installs the locked dependencies (uv.lock, no dev group) and then the project itself
-#          as a wheel (not editable) into /opt/venv.
+# builder: uv installs the locked dependencies (uv.lock, no dev group, no `local` extra: no
+#          pgserver, the embedded development database) and then the project itself as a wheel
+#          (not editable) into /opt/venv.
 # runtime: the same slim Python, the venv only (no compiler, no uv, no sources), a non-root user.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -28,7 +29,8 @@ COPY shared ./shared
 COPY services ./services
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable \
- && /opt/venv/bin/winback --help >/dev/null
+ && /opt/venv/bin/winback --help >/dev/null \
+ && ! /opt/venv/bin/python -c "import pgserver" 2>/dev/null
 
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="winback" \

@@ -1,5 +1,9 @@
 """The ``winback`` command: start a service (or all of them), run migrations, publish a test
-event."""
+event.
+
+Exit codes: 0 done; 1 a failure while working (one line on stderr); 2 a configuration or an
+argument that can never work (one line per problem on stderr); 69 the database or the broker
+did not answer (sysexits' EX_UNAVAILABLE; one line on stderr); 130 interrupted."""
 
 from __future__ import annotations
 
@@ -25,16 +29,42 @@ from shared.clock import AcceleratedClock, Clock
 from shared.errors import ConfigError
 from shared.gc_tuning import tune_for_service
 from shared.messaging.transport import Transport
+from shared.retry import is_transient
 from shared.runtime import Runtime
 from shared.settings import Settings, load_settings
 
 SERVICES = ("ingest", "scheduler", "dispatcher")
+log = logging.getLogger("winback")
 
 
+EXIT_FAILED = 1
+"""A failure while working (the broker refused a test event): one line on stderr."""
 EXIT_CONFIG = 2
-"""A configuration that can never work (``ConfigError``): one line on stderr."""
+"""A configuration or an argument that can never work (``ConfigError``, ``UsageError``): one
+line per problem on stderr."""
 EXIT_UNAVAILABLE = 69
-"""``winback migrate``: the database did not answer within ``--wait`` (sysexits' EX_UNAVAILABLE)."""
+"""The database (``winback migrate``: within ``--wait``) or the broker
+(``publish-test-event``) did not answer: one line on stderr (sysexits' EX_UNAVAILABLE)."""
+
+
+class UsageError(Exception):
+    """An argument that can never work (bad JSON to ``--data``): exit code 2, one line."""
+
+
+def version() -> str:
+    """The installed package's version (``winback --version``, ``winback_build_info``)."""
+    from shared.metrics import package_version
+
+    return package_version()
+
+
+def _unavailable(what: str, where: str, exc: BaseException, within: float | None = None) -> None:
+    """One line on stderr and exit code ``EXIT_UNAVAILABLE``."""
+    wait = f" within {within:g} s" if within else ""
+    error = str(exc) if str(exc).startswith(type(exc).__name__) else f"{type(exc).__name__}: {exc}"
+    line = f"winback: {what} did not answer{wait} ({where}): {error}"
+    print(" ".join(line.split())[:500], file=sys.stderr)
+    raise SystemExit(EXIT_UNAVAILABLE) from None
 
 
 @dataclass
@@ -170,17 +200,25 @@ def wait_for_database(url: str, seconds: float | None) -> None:
     except ConfigError:
         raise
     except Exception as exc:
-        within = f" within {seconds:g} s" if seconds else ""
-        print(
-            f"winback: the database did not answer{within} ({where}): {type(exc).__name__}: {exc}"[
-                :500
-            ],
-            file=sys.stderr,
-        )
-        raise SystemExit(EXIT_UNAVAILABLE) from None
+        _unavailable("the database", where, exc, seconds)
+
+
+def _safe_url(url: str) -> str:
+    """``url`` without its password, for a message."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from shared.db.engine import normalise_url
+
+    try:
+        return make_url(normalise_url(url)).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "database.url"
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
+    from alembic.util.exc import CommandError
+
     from shared.db import migrate
 
     with ExitStack() as stack:
@@ -189,10 +227,18 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
 
             settings = with_local_database(settings, stack)
         wait_for_database(settings.database.url, args.wait)
-        if args.down:
-            migrate.downgrade(settings.database.url, args.down)
-        else:
-            migrate.upgrade(settings.database.url, "head")
+        try:
+            if args.down:
+                migrate.downgrade(settings.database.url, args.down)
+            else:
+                migrate.upgrade(settings.database.url, "head")
+        except CommandError as exc:  # alembic's: no such revision
+            raise UsageError(f"migrate: {exc}") from None
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            # it answered the check and went away while migrating
+            _unavailable("the database", _safe_url(settings.database.url), exc)
     print("migrations done")
 
 
@@ -218,7 +264,7 @@ def cmd_service(settings: Settings, args: argparse.Namespace) -> None:
                 bus = MemoryBus(path=path, max_record_bytes=settings.kafka.max_record_bytes)
                 stack.callback(bus.close)
                 transport = bus
-                print(f"event bus: in-process (no Kafka configured), kept in {path}", flush=True)
+                log.info("event bus: in-process (no Kafka configured), kept in %s", path)
             if args.demo:
                 clock = AcceleratedClock(factor=args.speed)
         if args.command == "run" or args.migrate:
@@ -237,28 +283,38 @@ def cmd_service(settings: Settings, args: argparse.Namespace) -> None:
                 clock,
                 settings.ingest.event_type_prefix,
             )
-            print(
-                f"demo: clock runs {args.speed:g}x (1 s = {args.speed / 3600:.1f} h); "
-                "events are on their way",
-                flush=True,
+            log.info(
+                "demo: clock runs %gx (1 s = %.1f h); events are on their way",
+                args.speed,
+                args.speed / 3600,
             )
         for service in services:
-            print(
-                f"{service.name}: http://{settings.http.host}:{service.port}  (docs at /docs)",
-                flush=True,
+            log.info(
+                "%s: http://%s:%d  (docs at /docs)", service.name, settings.http.host, service.port
             )
         tune_for_service()  # built: what exists now lives as long as the process
         asyncio.run(_serve(services, settings.http.host, demo))
 
 
+def _json_object(text: str, option: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise UsageError(f"{option}: not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{option}: must be a JSON object ({{...}}), not {type(value).__name__}")
+    return value
+
+
 def cmd_publish(settings: Settings, args: argparse.Namespace) -> None:
     from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
-    if not settings.kafka.bootstrap_servers:
-        raise ConfigError("kafka.bootstrap_servers (WINBACK_KAFKA__BOOTSTRAP_SERVERS) is empty")
     data: dict[str, Any] = {"customer_id": args.customer}
     if args.data:
-        data.update(orjson.loads(args.data))
+        data.update(_json_object(args.data, "--data"))
+    if not settings.kafka.bootstrap_servers:
+        raise ConfigError("kafka.bootstrap_servers (WINBACK_KAFKA__BOOTSTRAP_SERVERS) is empty")
     event = {
         "specversion": "1.0",
         "id": args.id or str(uuid.uuid4()),
@@ -271,8 +327,8 @@ def cmd_publish(settings: Settings, args: argparse.Namespace) -> None:
 
     async def send() -> None:
         producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
-        await producer.start()
         try:
+            await producer.start()
             await producer.send_and_wait(
                 args.topic or settings.topics.inbound[0],
                 orjson.dumps(event),
@@ -282,7 +338,16 @@ def cmd_publish(settings: Settings, args: argparse.Namespace) -> None:
         finally:
             await producer.stop()
 
-    asyncio.run(send())
+    # the outcome is this command's one line: not aiokafka's log of each connection attempt
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    try:
+        asyncio.run(send())
+    except (KafkaConnectionError, KafkaTimeoutError, OSError) as exc:
+        _unavailable("the broker", settings.kafka.bootstrap_servers, exc)
+    except KafkaError as exc:
+        line = f"winback: the broker refused the event: {type(exc).__name__}: {exc}"
+        print(line[:500], file=sys.stderr)
+        raise SystemExit(EXIT_FAILED) from None
     print(orjson.dumps(event).decode())
 
 
@@ -292,22 +357,11 @@ def cmd_asyncapi(settings: Settings, args: argparse.Namespace) -> None:
     sys.stdout.write(to_yaml(document(settings.topics, settings.ingest.event_type_prefix)))
 
 
-def cmd_validate(settings: Settings, args: argparse.Namespace) -> None:
-    from services.validate import validate
-
-    report = validate(
-        args.playbooks or settings.scheduler.playbooks_dir, args.content or settings.content_dir
-    )
-    for problem in report.problems:
-        print(problem)
-    if not report.ok:
-        print(f"winback validate: {len(report.problems)} problem(s)", file=sys.stderr)
-        raise SystemExit(1)
-    print(report.summary())
-
-
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="winback", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="winback", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--version", action="version", version=f"winback {version()}")
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser(
         "migrate",
@@ -349,7 +403,7 @@ def parser() -> argparse.ArgumentParser:
     pub = sub.add_parser("publish-test-event", help="publish one CloudEvent to Kafka")
     pub.add_argument("--type", default="subscription.cancelled")
     pub.add_argument("--customer", default="cus_demo_1")
-    pub.add_argument("--data", help="JSON merged into the event data")
+    pub.add_argument("--data", help="a JSON object merged into the event data")
     pub.add_argument("--id")
     pub.add_argument("--source", default="/billing/test")
     pub.add_argument("--topic")
@@ -358,13 +412,6 @@ def parser() -> argparse.ArgumentParser:
         help="print the AsyncAPI 3.0 document of every event and topic (YAML; "
         "docs/asyncapi.yaml is this with the default settings)",
     )
-    val = sub.add_parser(
-        "validate",
-        help="check playbooks and content as the services do at start-up; one line per "
-        "problem (file:line: field: reason), exit code 1 if any",
-    )
-    val.add_argument("--playbooks", type=Path, help="playbook directory (default: the setting)")
-    val.add_argument("--content", type=Path, help="content directory (default: the setting)")
     return p
 
 
@@ -386,7 +433,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"winback: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
     winback_logging.configure(
-        settings.log_level, f"winback-{args.command}", settings.log_repeat_interval_seconds
+        settings.log_level,
+        f"winback-{args.command}",
+        settings.log_repeat_interval_seconds,
+        settings.log_format,
     )
     try:
         if args.command == "migrate":
@@ -395,11 +445,9 @@ def main(argv: list[str] | None = None) -> None:
             cmd_publish(settings, args)
         elif args.command == "asyncapi":
             cmd_asyncapi(settings, args)
-        elif args.command == "validate":
-            cmd_validate(settings, args)
         else:
             cmd_service(settings, args)
-    except (ConfigError, PlaybookError) as exc:
+    except (ConfigError, PlaybookError, UsageError) as exc:
         print(f"winback: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
     except KeyboardInterrupt:

@@ -1,6 +1,11 @@
 """Structured JSON logs with a correlation id carried from the incoming event to every
 outgoing one. Email addresses, phone numbers and free text never reach the log.
 
+Timestamps are RFC 3339 in UTC with milliseconds (``2026-11-30T03:00:00.123Z``). A log
+stream that is a terminal gets one readable line per record instead of JSON
+(``log_format``: ``auto``, the default; ``json`` or ``console`` to force either). ANSI
+escapes never reach a line (uvicorn's ``color_message`` extra is dropped).
+
 Repeats are throttled: while the broker is down, aiokafka logs every reconnect attempt of
 every client, thousands of lines a minute. ``RepeatThrottle`` lets the first record of a
 kind through (same logger, level and message template), counts the repeats for an interval
@@ -18,12 +23,16 @@ from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import IO, Any, Literal
 
 from pythonjsonlogger.json import JsonFormatter
 
 correlation_id: ContextVar[str | None] = ContextVar("correlation_id", default=None)
 
+LogFormat = Literal["auto", "json", "console"]
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+# extras that are our own plumbing (or a colour copy of the message), not fields of a line
+_DROP = {"color_message"}
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")
 _PHONE = re.compile(r"\+\d[\d\s().-]{6,}\d")
 # keys whose values are never logged, whatever they hold
@@ -48,8 +57,13 @@ def scrub(value: Any) -> Any:
 
 class _PiiFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = scrub(record.getMessage())
+        text = record.getMessage()
+        if "\x1b" in text:
+            text = _ANSI.sub("", text)
+        record.msg = scrub(text)
         record.args = None
+        for key in _DROP & record.__dict__.keys():
+            del record.__dict__[key]
         for key, value in list(record.__dict__.items()):
             if key in _REDACT_KEYS:
                 record.__dict__[key] = "[redacted]"
@@ -216,19 +230,77 @@ def throttled(logger: logging.Logger) -> logging.LoggerAdapter[logging.Logger]:
     return _Throttled(logger, {})
 
 
+def rfc3339(created: float) -> str:
+    """``created`` (seconds since the epoch) as RFC 3339 in UTC with milliseconds:
+    ``2026-11-30T03:00:00.123Z``."""
+    seconds = int(created)
+    millis = int((created - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+class _Json(JsonFormatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return rfc3339(record.created)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """One readable line per record, for a terminal:
+    ``2026-11-30T03:00:00.123Z INFO    winback.cli: message  key=value ...`` (the record's
+    extra fields after the message; a traceback on the lines below)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = (
+            f"{rfc3339(record.created)} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        )
+        extras = [
+            f"{key}={value}"
+            for key, value in record.__dict__.items()
+            if key not in _STD and key not in _DROP and key not in (THROTTLE, _SUMMARY)
+        ]
+        if extras:
+            line += "  " + " ".join(extras)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
+
+
+def choose_format(setting: str, stream: IO[str]) -> Literal["json", "console"]:
+    """``json`` or ``console`` as set; ``auto``: ``console`` when ``stream`` is a terminal,
+    ``json`` otherwise (a pipe, a file, a container's log collector)."""
+    if setting == "json":
+        return "json"
+    if setting == "console":
+        return "console"
+    try:
+        return "console" if stream.isatty() else "json"
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return "json"
+
+
 def configure(
     level: str = "INFO",
     service: str = "winback",
     repeat_interval: float = REPEAT_INTERVAL_SECONDS,
-) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter(
-            "%(asctime)s %(levelname)s %(name)s %(message)s",
-            rename_fields={"levelname": "level", "asctime": "time"},
-            static_fields={"service": service},
+    log_format: str = "auto",
+    stream: IO[str] | None = None,
+) -> Literal["json", "console"]:
+    """Send every log record to ``stream`` (stderr) as JSON or, on a terminal, as readable
+    lines (``choose_format``); return the format chosen."""
+    out = stream if stream is not None else sys.stderr
+    chosen = choose_format(log_format, out)
+    handler = logging.StreamHandler(out)
+    if chosen == "console":
+        handler.setFormatter(ConsoleFormatter())
+    else:
+        handler.setFormatter(
+            _Json(
+                "%(asctime)s %(levelname)s %(name)s %(message)s",
+                rename_fields={"levelname": "level", "asctime": "time"},
+                static_fields={"service": service},
+            )
         )
-    )
     # the throttle first: it groups by the message template, which the PII filter replaces
     handler.addFilter(RepeatThrottle(repeat_interval))
     handler.addFilter(_PiiFilter())
@@ -237,6 +309,8 @@ def configure(
     root.setLevel(level)
     logging.getLogger("aiokafka").setLevel("WARNING")
     logging.getLogger("uvicorn.access").setLevel("WARNING")
+    logging.getLogger("alembic.runtime.plugins").setLevel("WARNING")  # a line per plugin
+    return chosen
 
 
 @contextmanager

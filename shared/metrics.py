@@ -2,7 +2,32 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import platform
+from importlib import metadata
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+
+def package_version() -> str:
+    """The installed winback package's version (``0+unknown`` when run from sources that
+    were never installed)."""
+    try:
+        return metadata.version("winback")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+BUILD_INFO = Info(
+    "winback_build",
+    "The running build: winback's version and the Python it runs on (always 1)",
+)
+BUILD_INFO.info(
+    {
+        "version": package_version(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+    }
+)
 
 EVENTS = Counter(
     "winback_events_consumed_total",

@@ -19,7 +19,7 @@ def with_local_database(settings: Settings, stack: ExitStack) -> Settings:
 
     url, server = start_embedded(settings.database.data_dir.resolve(), cleanup="stop")
     stack.callback(server.cleanup)
-    print(f"database: embedded PostgreSQL, data in {settings.database.data_dir}", flush=True)
+    log.info("database: embedded PostgreSQL, data in %s", settings.database.data_dir)
     return settings.model_copy(
         update={"database": settings.database.model_copy(update={"url": url})}
     )
@@ -33,7 +33,7 @@ def with_local_broker(settings: Settings, stack: ExitStack) -> Settings:
 
     broker = LocalKafka(settings.kafka.data_dir.resolve()).start()
     stack.callback(broker.stop)
-    print(f"kafka: local broker at {broker.bootstrap_servers}", flush=True)
+    log.info("kafka: local broker at %s", broker.bootstrap_servers)
     return settings.model_copy(
         update={
             "kafka": settings.kafka.model_copy(

@@ -1,4 +1,5 @@
-"""An embedded PostgreSQL 16 from the ``pgserver`` package, for local runs and tests."""
+"""An embedded PostgreSQL 16 from the ``pgserver`` package (the ``local`` extra, not in the
+production image), for local runs and tests."""
 
 from __future__ import annotations
 
@@ -7,15 +8,29 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from shared.errors import ConfigError
+
 # pgserver looks up a runtime directory through platformdirs, which warns when
 # XDG_RUNTIME_DIR is unset (as it is in CI); give it a private one.
 os.environ.setdefault("XDG_RUNTIME_DIR", str(Path.home() / ".cache" / "winback" / "run"))
 Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
+NOT_INSTALLED = (
+    "database.url (WINBACK_DATABASE__URL) is empty and the embedded PostgreSQL is not "
+    "installed: install the local extra (uv sync --extra local, or pip install "
+    "'winback[local]') or set WINBACK_DATABASE__URL"
+)
+
+
 def start_embedded(data_dir: Path, cleanup: str | None = "stop") -> tuple[str, Any]:
-    """Start (or reuse) the server on ``data_dir``; return its asyncpg URL and the handle."""
-    import pgserver
+    """Start (or reuse) the server on ``data_dir``; return its asyncpg URL and the handle.
+    ``pgserver`` is an optional dependency (the ``local`` extra): without it, a
+    ``ConfigError`` saying how to install it."""
+    try:
+        import pgserver
+    except ImportError:
+        raise ConfigError(NOT_INSTALLED) from None
 
     data_dir.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(data_dir, cleanup_mode=cleanup)  # type: ignore[attr-defined]

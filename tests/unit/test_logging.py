@@ -5,13 +5,20 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import pty
+import re
+import subprocess
+import sys
+
+import pytest
 
 from shared import logging as winback_logging
 
 
 def capture(fn: object) -> dict[str, object]:
     stream = io.StringIO()
-    winback_logging.configure("INFO", "test")
+    winback_logging.configure("INFO", "test", log_format="json")
     handler = logging.getLogger().handlers[0]
     assert isinstance(handler, logging.StreamHandler)
     handler.setStream(stream)
@@ -234,7 +241,7 @@ def test_our_own_logs_pass_unless_a_retry_loop_asks_for_throttling() -> None:
 
 def test_configured_logs_throttle_kafka_chatter_and_still_scrub_the_summary() -> None:
     stream = io.StringIO()
-    winback_logging.configure("INFO", "test", repeat_interval=3600)
+    winback_logging.configure("INFO", "test", repeat_interval=3600, log_format="json")
     handler = logging.getLogger().handlers[0]
     assert isinstance(handler, logging.StreamHandler)
     handler.setStream(stream)
@@ -253,3 +260,123 @@ def test_configured_logs_throttle_kafka_chatter_and_still_scrub_the_summary() ->
     assert out[1]["level"] == "ERROR"
     assert out[1]["name"] == "aiokafka.client"
     assert out[1]["repeats"] == 49
+
+
+RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def test_timestamps_are_rfc3339_in_utc_with_milliseconds() -> None:
+    assert winback_logging.rfc3339(1_796_007_600.123_4) == "2026-11-30T03:00:00.123Z"
+    assert winback_logging.rfc3339(0.0) == "1970-01-01T00:00:00.000Z"
+    line = capture(lambda: logging.getLogger("winback.test").info("now"))
+    assert RFC3339_UTC.match(str(line["time"])), line["time"]
+
+
+def test_no_ansi_escapes_reach_a_json_line() -> None:
+    # uvicorn logs "Started server process [%d]" with a coloured copy in color_message
+    def emit() -> None:
+        logging.getLogger("uvicorn.error").info(
+            "Started server \x1b[1mprocess\x1b[0m [%d]",
+            42,
+            extra={"color_message": "Started server process [\x1b[36m%d\x1b[0m]"},
+        )
+
+    stream = io.StringIO()
+    winback_logging.configure("INFO", "test", log_format="json", stream=stream)
+    try:
+        emit()
+    finally:
+        logging.getLogger().handlers.clear()
+    text = stream.getvalue()
+    line = json.loads(text)
+    assert line["message"] == "Started server process [42]"
+    assert "color_message" not in line
+    assert "\x1b" not in text
+    assert "\\u001b" not in text
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("setting", "tty", "expected"),
+    [
+        ("auto", True, "console"),
+        ("auto", False, "json"),
+        ("json", True, "json"),
+        ("console", False, "console"),
+    ],
+)
+def test_the_format_follows_the_stream_unless_forced(
+    setting: str, tty: bool, expected: str
+) -> None:
+    stream = _Tty() if tty else io.StringIO()
+    assert winback_logging.choose_format(setting, stream) == expected
+    assert winback_logging.configure(log_format=setting, stream=stream) == expected
+    logging.getLogger().handlers.clear()
+
+
+def test_a_closed_stream_gets_json() -> None:
+    stream = io.StringIO()
+    stream.close()
+    assert winback_logging.choose_format("auto", stream) == "json"
+
+
+CHILD = """
+import logging
+from shared import logging as winback_logging
+winback_logging.configure(log_format={fmt!r})
+logging.getLogger("winback.test").warning("hello %s", "there", extra={{"port": 8081}})
+"""
+
+
+def _child_stderr_on_a_terminal(fmt: str) -> str:
+    """A child process whose stderr is a pseudo-terminal: what it logged there."""
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD.format(fmt=fmt)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            timeout=60,
+            check=True,
+        )
+        assert proc.stdout == b""
+        os.close(follower)
+        follower = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the child's end is closed and everything was read
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        if follower != -1:
+            os.close(follower)
+        os.close(leader)
+    return out.decode()
+
+
+def test_a_terminal_gets_readable_lines_and_a_pipe_gets_json() -> None:
+    text = _child_stderr_on_a_terminal("auto")
+    when, level, rest = text.strip().split(maxsplit=2)
+    assert RFC3339_UTC.match(when)
+    assert (level, rest) == ("WARNING", "winback.test: hello there  port=8081")
+    assert "{" not in text
+
+    forced = json.loads(_child_stderr_on_a_terminal("json"))
+    assert (forced["message"], forced["port"]) == ("hello there", 8081)
+
+    piped = subprocess.run(
+        [sys.executable, "-c", CHILD.format(fmt="auto")],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(piped.stderr)["message"] == "hello there"

@@ -1,0 +1,119 @@
+"""Every expected start-up failure of ``winback`` is one clear line on stderr and a documented
+exit code, never a traceback: run as the operator would, as a process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from services.cli import EXIT_CONFIG, EXIT_UNAVAILABLE
+from tests.support.procs import winback_executable
+
+
+def winback(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``winback ARGS`` with a clean environment (no ``WINBACK_`` variables but ``env``)."""
+    base = {k: v for k, v in os.environ.items() if not k.upper().startswith("WINBACK_")}
+    return subprocess.run(
+        [winback_executable(), *args],
+        env={**base, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (bound and released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def one_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_version_comes_from_the_package_metadata(tmp_path: Path) -> None:
+    proc = winback("--version", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"winback {metadata.version('winback')}"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ('{"plan": ', "winback: --data: not valid JSON: "),
+        ("[1, 2]", "winback: --data: must be a JSON object ({...}), not list"),
+    ],
+)
+def test_bad_json_to_publish_test_event_names_the_option(
+    tmp_path: Path, data: str, expected: str
+) -> None:
+    env = {"WINBACK_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
+    proc = winback("publish-test-event", "--data", data, cwd=tmp_path, env=env)
+    assert proc.returncode == EXIT_CONFIG == 2
+    assert one_line(proc).startswith(expected)
+
+
+def test_an_unreachable_broker_is_one_line_and_exit_69(tmp_path: Path) -> None:
+    servers = f"127.0.0.1:{free_port()}"
+    proc = winback(
+        "publish-test-event", cwd=tmp_path, env={"WINBACK_KAFKA__BOOTSTRAP_SERVERS": servers}
+    )
+    assert proc.returncode == EXIT_UNAVAILABLE == 69
+    assert one_line(proc).startswith(f"winback: the broker did not answer ({servers}): ")
+    assert proc.stdout == ""  # no event printed: none was sent
+
+
+def test_a_database_that_is_down_during_migrate_is_one_line_and_exit_69(tmp_path: Path) -> None:
+    url = f"postgresql+asyncpg://winback:secret-pw@127.0.0.1:{free_port()}/winback"
+    proc = winback("migrate", cwd=tmp_path, env={"WINBACK_DATABASE__URL": url})
+    assert proc.returncode == EXIT_UNAVAILABLE
+    line = one_line(proc)
+    assert line.startswith("winback: the database did not answer (postgresql+asyncpg://winback:")
+    assert "secret-pw" not in line
+
+
+def test_a_typo_in_a_setting_stops_start_up_with_its_name(tmp_path: Path) -> None:
+    proc = winback("migrate", cwd=tmp_path, env={"WINBACK_SCHEDULER__CAP_PER_WEK": "1"})
+    assert proc.returncode == EXIT_CONFIG
+    assert proc.stderr.splitlines() == [
+        "winback: invalid configuration:",
+        "  environment variable WINBACK_SCHEDULER__CAP_PER_WEK: no such setting "
+        "(did you mean WINBACK_SCHEDULER__CAP_PER_WEEK?)",
+    ]
+
+
+def without_pgserver(tmp_path: Path) -> dict[str, str]:
+    """``PYTHONPATH`` with a ``pgserver`` that is not there (as in the production image)."""
+    fake = tmp_path / "no-pgserver" / "pgserver"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'pgserver'\", name='pgserver')\n"
+    )
+    return {"PYTHONPATH": str(fake.parent)}
+
+
+def test_without_pgserver_the_cli_works_and_run_says_how_to_install_it(tmp_path: Path) -> None:
+    env = without_pgserver(tmp_path)
+    assert winback("--help", cwd=tmp_path, env=env).returncode == 0
+    proc = winback("run", cwd=tmp_path, env=env)
+    assert proc.returncode == EXIT_CONFIG
+    line = one_line(proc)
+    assert line.startswith("winback: database.url (WINBACK_DATABASE__URL) is empty and the ")
+    assert "uv sync --extra local" in line
+    assert "pip install 'winback[local]'" in line
+    assert not (tmp_path / ".winback" / "pgdata").exists()
