@@ -11,7 +11,13 @@
 - ``deploy/helm/winback``: ``helm lint`` and ``helm template``, then the rendered manifests:
   environment names, probes and ports, labels and selectors, HPA/PDB targets, non-root with a
   read-only root filesystem, the migration hook, and that the PrometheusRule and the dashboard
-  ConfigMap carry the same files as deploy/.
+  ConfigMap carry the same files as deploy/. Default values and ``ci/full-values.yaml``
+  (everything on) are validated offline against the Kubernetes schemas (``kubernetes-validate``)
+  and the CRD schemas in tests/fixtures/k8s; ``values.schema.json`` refuses typos and wrong
+  types; the Ingress and HTTPRoute expose only the public routes; the monitoring objects need
+  ``monitoring.coreos.com/v1``.
+- Alerts link their section of docs/runbooks.md; the dashboard's job/namespace/instance
+  variables filter every query; its MRR is in each currency's own precision.
 
 promtool comes from the Debian package ``prometheus`` and helm from ``go install``: both are put
 in place by ``bash scripts/ci-tools``; a missing tool fails the test (never skipped).
