@@ -28,6 +28,7 @@ from shared import logging as winback_logging
 from shared.clock import AcceleratedClock, Clock
 from shared.errors import ConfigError
 from shared.gc_tuning import tune_for_service
+from shared.messaging import dlq_cli
 from shared.messaging.transport import Transport
 from shared.retry import is_transient
 from shared.runtime import Runtime
@@ -412,6 +413,7 @@ def parser() -> argparse.ArgumentParser:
         help="print the AsyncAPI 3.0 document of every event and topic (YAML; "
         "docs/asyncapi.yaml is this with the default settings)",
     )
+    dlq_cli.add_parser(sub)
     return p
 
 
@@ -445,6 +447,8 @@ def main(argv: list[str] | None = None) -> None:
             cmd_publish(settings, args)
         elif args.command == "asyncapi":
             cmd_asyncapi(settings, args)
+        elif args.command == "dlq":
+            raise SystemExit(dlq_cli.run(settings, args))
         else:
             cmd_service(settings, args)
     except (ConfigError, PlaybookError, UsageError) as exc:
