@@ -48,7 +48,13 @@ KAFKA = "kafka"
 
 
 class NotStarted(Exception):
-    """What ``/ready`` reports for a dependency start-up is still waiting for (or failed on)."""
+    """What ``/ready`` reports for a dependency start-up is still waiting for (or failed on):
+    ``public_reason`` is what the probe tells its caller (no error text), the message is for
+    the log."""
+
+    def __init__(self, message: str, public_reason: str) -> None:
+        super().__init__(message)
+        self.public_reason = public_reason
 
 
 async def database_answers(engine: AsyncEngine) -> None:
@@ -169,9 +175,13 @@ class Runtime:
         if self._waiting_for != dependency:
             return
         if self.failure is not None:
-            raise NotStarted(f"start-up failed: {type(self.failure).__name__}: {self.failure}")
+            raise NotStarted(
+                f"start-up failed: {type(self.failure).__name__}: {self.failure}",
+                f"start-up failed on {dependency}",
+            )
         seen = f": {self._last_error}" if self._last_error else ""
-        raise NotStarted(f"start-up is waiting for {dependency}{seen}")
+        waiting = f"start-up is waiting for {dependency}"
+        raise NotStarted(f"{waiting}{seen}", waiting)
 
     async def _reach_database(self) -> None:
         await database_answers(self.engine)

@@ -7,6 +7,7 @@ it does not have, and a ``WINBACK_`` variable that names no setting is refused t
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -163,6 +164,25 @@ class SchedulerSettings(BaseModel):
         return self
 
 
+ApiScope = Literal["ingest", "read", "operate", "erase"]
+API_SCOPES: tuple[ApiScope, ...] = ("ingest", "read", "operate", "erase")
+
+
+class ApiKey(BaseModel):
+    """One bearer key and what it may do. A bare string is a key with every scope (the
+    single-key settings of before scopes keep working)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: SecretStr = Field(min_length=1)
+    scopes: list[ApiScope] = Field(default_factory=lambda: list(API_SCOPES), min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare(cls, value: Any) -> Any:
+        return {"key": value} if isinstance(value, str | SecretStr) else value
+
+
 class HttpSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -171,14 +191,18 @@ class HttpSettings(BaseModel):
     scheduler_port: int = Field(default=8082, ge=0, le=65535)
     dispatcher_port: int = Field(default=8083, ge=0, le=65535)
     relay_port: int = Field(default=8084, ge=0, le=65535)
-    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
-        default_factory=lambda: [SecretStr(DEV_SECRET)]
+    api_keys: Annotated[list[ApiKey], NoDecode] = Field(
+        default_factory=lambda: [ApiKey(key=SecretStr(DEV_SECRET))],
+        description="bearer keys: a comma-separated list (each key has every scope), or a JSON "
+        'list of {"key": ..., "scopes": [...]} (scopes: ingest, read, operate, erase)',
     )
 
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
@@ -627,7 +651,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _no_dev_secrets_in_production(self) -> Settings:
         if self.environment == "production":
-            for key in self.http.api_keys:
+            for api_key in self.http.api_keys:
+                key = api_key.key
                 if key.get_secret_value() in ("", DEV_SECRET) or len(key.get_secret_value()) < 16:
                     raise ValueError(
                         "http.api_keys: production needs real API keys (16+ characters), "

@@ -58,7 +58,7 @@ from services.dispatcher.resilience import (
     StateListener,
     rate_limiter,
 )
-from services.dispatcher.transport import client as pooled_client
+from services.dispatcher.transport import provider_client
 from shared.clock import Clock
 from shared.settings import CHANNEL_KINDS, DispatcherSettings, ProviderSettings
 
@@ -246,7 +246,7 @@ def make_http_clients(settings: DispatcherSettings) -> list[httpx.AsyncClient]:
     tls = ssl.create_default_context(cafile=certifi.where())
     if http.transport == "pooled":
         return [
-            pooled_client(max_connections=http.max_connections, timeout=timeout, ssl_context=tls)
+            provider_client(max_connections=http.max_connections, timeout=timeout, ssl_context=tls)
             for _ in range(http.clients)
         ]
     limits = httpx.Limits(

@@ -23,7 +23,10 @@ connection is not reused); none after 1xx/204/304 or a HEAD. Interim 1xx answers
 CR, LF or NUL can reach the wire).
 
 Scope: HTTP/1.1 with keep-alive, TLS via an ``ssl.SSLContext``, no proxies, no HTTP/2, no
-streaming (provider answers are small and read whole). Error mapping, as httpcore does it:
+streaming (provider answers are small and read whole). Proxies: when the environment names one
+(``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``, as ``urllib.request.getproxies`` reads them),
+``client`` returns httpx's own client instead, which honours them per URL (``NO_PROXY``
+included); which one is used is logged once. Error mapping, as httpcore does it:
 
 - connecting: timeout → ``httpx.ConnectTimeout``; refused/unreachable → ``httpx.ConnectError``;
 - no free connection within the pool timeout → ``httpx.PoolTimeout``;
@@ -38,9 +41,11 @@ dropped; one idle for longer than ``keepalive_expiry`` is dropped too.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import ssl
 import time
+import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -510,6 +515,64 @@ class PooledClient(httpx.AsyncClient):
         return httpx.Request("POST", target.url, content=content, headers=merged)
 
 
+log = logging.getLogger(__name__)
+_logged: set[str] = set()
+PROXY_SCHEMES: Final = ("https", "http", "all")
+
+
+def environment_proxies() -> dict[str, str]:
+    """The proxies the environment names for HTTP(S) (``HTTPS_PROXY``, ``HTTP_PROXY``,
+    ``ALL_PROXY``, either case), by scheme."""
+    found = urllib.request.getproxies()
+    return {scheme: found[scheme] for scheme in PROXY_SCHEMES if found.get(scheme)}
+
+
+def _log_once(kind: str, message: str, **extra: Any) -> None:
+    if kind not in _logged:
+        _logged.add(kind)
+        log.info(message, extra={"transport": kind, **extra})
+
+
+def provider_client(
+    *,
+    max_connections: int,
+    timeout: httpx.Timeout,
+    ssl_context: ssl.SSLContext | None = None,
+    keepalive_expiry: float = 30.0,
+    **kwargs: Any,
+) -> httpx.AsyncClient:
+    """A client for provider calls: a ``PooledClient`` (``client``), or, when the environment
+    names a proxy, httpx's own client, which goes through it (minding ``NO_PROXY``): the
+    pooled transport speaks to origins directly only. Which one is logged once."""
+    proxies = environment_proxies()
+    if proxies:
+        _log_once(
+            "httpx",
+            "provider HTTP calls use httpx's transport: the environment names a proxy",
+            proxy_schemes=sorted(proxies),
+        )
+        limits = httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=keepalive_expiry,
+        )
+        return httpx.AsyncClient(
+            limits=limits,
+            timeout=timeout,
+            verify=ssl_context if ssl_context is not None else True,
+            trust_env=True,
+            **kwargs,
+        )
+    _log_once("pooled", "provider HTTP calls use the pooled HTTP/1.1 transport (no proxy set)")
+    return client(
+        max_connections=max_connections,
+        timeout=timeout,
+        ssl_context=ssl_context,
+        keepalive_expiry=keepalive_expiry,
+        **kwargs,
+    )
+
+
 def client(
     *,
     max_connections: int,
@@ -518,7 +581,8 @@ def client(
     keepalive_expiry: float = 30.0,
     **kwargs: Any,
 ) -> PooledClient:
-    """A ``PooledClient``: an ``httpx.AsyncClient`` over a ``PooledTransport``."""
+    """A ``PooledClient``: an ``httpx.AsyncClient`` over a ``PooledTransport`` (no proxy:
+    ``provider_client`` chooses)."""
     transport = PooledTransport(
         max_connections=max_connections,
         keepalive_expiry=keepalive_expiry,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -15,6 +15,7 @@ from services.ingest.openapi import request_body
 from shared import metrics
 from shared.cloudevents import from_json_dict, loads
 from shared.errors import InvalidEvent
+from shared.http.auth import require_scope
 from shared.http.problems import Problem
 from shared.messaging.pipeline import Incoming, Pipeline
 
@@ -42,21 +43,20 @@ def _binary_event(request: Request, body: bytes) -> dict[str, Any]:
 
 def router(
     pipeline: Pipeline,
-    auth: Any,
     max_bytes: int,
     batch_limit: int,
     type_prefix: str = "com.example",
 ) -> APIRouter:
-    api = APIRouter(prefix="/v1", tags=["events"], dependencies=[Depends(auth)])
+    api = APIRouter(prefix="/v1", tags=["events"], dependencies=[require_scope("ingest")])
 
     @api.post(
         "/events",
         status_code=202,
         response_model=Accepted,
         summary="Submit one CloudEvent or a batch (JSON array); 202 once stored",
+        operation_id="postEvents",
         responses={
-            401: {"description": "missing bearer token (problem+json)"},
-            403: {"description": "bad bearer token (problem+json)"},
+            # 401/403 (API key, scope ingest) and 503 are added by document_problems
             413: {"description": "request too large (problem+json)"},
             422: {"description": "an event is not valid; the field is named (problem+json)"},
         },

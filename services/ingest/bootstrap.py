@@ -13,7 +13,7 @@ from services.ingest.erasure import ErasureHandler
 from services.ingest.handler import IngestHandler
 from shared.bootstrap import Core, build_core
 from shared.clock import Clock
-from shared.http.app import bearer_auth, create_app
+from shared.http.app import create_app
 from shared.http.dead_letters import router as dead_letters_router
 from shared.messaging.consumer import ConsumerRunner
 from shared.messaging.pipeline import Pipeline
@@ -81,7 +81,6 @@ def bootstrap(
         routers=[
             api.router(
                 pipeline,
-                bearer_auth(settings.http.api_keys),
                 settings.ingest.max_event_bytes,
                 settings.ingest.http_batch_limit,
                 type_prefix=settings.ingest.event_type_prefix,
@@ -90,5 +89,6 @@ def bootstrap(
             dead_letters_router(core.transport, topics.dead_letter, auth, auth),
         ],
         lifespan=core.runtime.lifespan,
+        api_keys=settings.http.api_keys,
     )
     return IngestService(core, pipeline, consumer, app)

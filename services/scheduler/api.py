@@ -23,6 +23,7 @@ from services.scheduler.deps import ApiSettings, ClockDep, Engine, Migrator, Set
 from services.scheduler.domain import DEFAULT_LADDER, Playbook, WindowLadder, find_playbook
 from services.scheduler.queries import cases as queries
 from services.scheduler.views import migration_json, returned_at_of
+from shared.http.auth import require_scope
 from shared.http.problems import Problem
 from shared.http.types import INTEGRAL, IsoDateTime
 
@@ -285,19 +286,20 @@ def _encode_cursor(last: Row[Any]) -> str:
     return base64.urlsafe_b64encode(f"{last.opened_at.isoformat()}|{last.id}".encode()).decode()
 
 
+# 401 and 403 (no key, or a key without the route's scope) and 503 are documented for every
+# route by shared.http.problems.document_problems
 RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"description": "missing bearer token (problem+json)"},
-    403: {"description": "bad bearer token (problem+json)"},
     404: {"description": "not found (problem+json)"},
     422: {"description": "invalid parameter, named (problem+json)"},
 }
 routes = APIRouter(prefix="/v1", tags=["win-back status"])
 
 
-def router(auth: Callable[..., Awaitable[None]]) -> APIRouter:
-    """The status API's routes behind ``auth``; they read the engine, clock and settings
-    ``deps.install`` put in the app's state."""
-    guarded = APIRouter(dependencies=[Depends(auth)])
+def router(auth: Callable[..., Awaitable[None]] | None = None) -> APIRouter:
+    """The status API's routes; each declares the API key scope it needs (``require_scope``:
+    the keys are the app's, ``create_app(api_keys=...)``), ``auth`` is an extra guard if
+    given. They read the engine, clock and settings ``deps.install`` put in the app's state."""
+    guarded = APIRouter(dependencies=[Depends(auth)] if auth is not None else [])
     guarded.include_router(routes)
     return guarded
 
@@ -307,6 +309,8 @@ def router(auth: Callable[..., Awaitable[None]]) -> APIRouter:
     response_model=WinbackStatus,
     responses=RESPONSES,
     summary="A customer's win-back status",
+    operation_id="getCustomerWinback",
+    dependencies=[require_scope("read")],
 )
 async def customer_status(
     customer_id: CustomerId, engine: Engine, clock: ClockDep, settings: Settings
@@ -335,6 +339,7 @@ async def customer_status(
     response_model=CasePage,
     responses=RESPONSES,
     summary="Cases, filtered, newest first, with cursor pagination",
+    dependencies=[require_scope("read")],
 )
 async def list_cases(
     engine: Engine,
@@ -404,6 +409,7 @@ for _action in ACTIONS:
         responses={**RESPONSES, 409: {"description": "the case is closed (problem+json)"}},
         summary=f"{_action.capitalize()} a case",
         name=f"{_action}_case",
+        dependencies=[require_scope("operate")],
     )
 
 
@@ -412,6 +418,8 @@ for _action in ACTIONS:
     response_model=MigrationOut,
     responses=RESPONSES,
     summary="Move open cases onto another version of their playbook",
+    operation_id="migratePlaybookCases",
+    dependencies=[require_scope("operate")],
     description=(
         "Moves at most `limit` open (or paused) cases running `from_version` onto "
         "`to_version` (default: the latest loaded version), one transaction per case: "
@@ -438,6 +446,8 @@ async def migrate_cases(name: PlaybookName, body: MigrationIn, migrator: Migrato
     status_code=202,
     responses=RESPONSES,
     summary="GDPR erasure: every service removes the person's data",
+    operation_id="eraseCustomer",
+    dependencies=[require_scope("erase")],
 )
 async def erase(customer_id: CustomerId, work: UnitsOfWork) -> dict[str, Any]:
     try:

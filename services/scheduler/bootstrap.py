@@ -18,7 +18,7 @@ from services.scheduler.views import policy
 from shared.bootstrap import Core, build_core
 from shared.clock import Clock
 from shared.content import catalog_for
-from shared.http.app import bearer_auth, create_app
+from shared.http.app import create_app
 from shared.messaging.consumer import ConsumerRunner
 from shared.messaging.pipeline import Pipeline
 from shared.messaging.transport import Transport
@@ -103,15 +103,12 @@ def bootstrap(
         topics.dead_letter,
     ]
 
-    auth = bearer_auth(settings.http.api_keys)
     app = create_app(
         "winback scheduler",
         checks=core.runtime.readiness_checks,
-        routers=[
-            api.router(auth),
-            reports.router(auth),
-        ],
+        routers=[api.router(), reports.router()],  # each route declares its API key scope
         lifespan=core.runtime.lifespan,
+        api_keys=settings.http.api_keys,
     )
     deps.install(
         app,

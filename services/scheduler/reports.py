@@ -73,6 +73,7 @@ from services.scheduler.queries.reports import (
     count_winback,
     snapshot,
 )
+from shared.http.auth import require_scope
 from shared.http.problems import Problem
 from shared.http.types import IsoDate
 
@@ -362,18 +363,18 @@ def _filters(start: date | None, end: date | None, playbook: str | None) -> Filt
     return Filters(start, end, playbook)
 
 
+# 401, 403 and 503 are documented for every route by shared.http.problems.document_problems
 RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"description": "missing bearer token (problem+json)"},
-    403: {"description": "bad bearer token (problem+json)"},
     422: {"description": "invalid parameter, named (problem+json)"},
 }
 routes = APIRouter(prefix="/v1/reports", tags=["reports"])
 
 
-def router(auth: Callable[..., Awaitable[None]]) -> APIRouter:
-    """``GET /v1/reports/winback`` and ``GET /v1/reports/messages`` behind ``auth``; they read
-    the engine and the clock ``deps.install`` put in the app's state."""
-    guarded = APIRouter(dependencies=[Depends(auth)])
+def router(auth: Callable[..., Awaitable[None]] | None = None) -> APIRouter:
+    """``GET /v1/reports/winback`` and ``GET /v1/reports/messages`` (scope ``read``; ``auth``
+    is an extra guard if given); they read the engine and the clock ``deps.install`` put in
+    the app's state."""
+    guarded = APIRouter(dependencies=[Depends(auth)] if auth is not None else [])
     guarded.include_router(routes)
     return guarded
 
@@ -384,6 +385,8 @@ def router(auth: Callable[..., Awaitable[None]]) -> APIRouter:
     response_model_by_alias=True,
     responses=RESPONSES,
     summary="Reactivation, measured lift over the holdout, revenue, time to return, re-churn",
+    operation_id="getWinbackReport",
+    dependencies=[require_scope("read")],
     description=(
         "Cases by churn date, split into the contacted arm and the holdout (randomly "
         "sent nothing). Per group: targeted, returned and the rate (Wilson 95% interval) "
@@ -434,6 +437,8 @@ async def winback(
     response_model_by_alias=True,
     responses=RESPONSES,
     summary="Message engagement per playbook step, channel, template and variant",
+    operation_id="getMessagesReport",
+    dependencies=[require_scope("read")],
     description=(
         "Messages handed to the dispatcher (holdout steps are never sent) of cases by "
         "churn date: sent, delivered (a delivery report, or an open or click), opened, "

@@ -1,28 +1,40 @@
-"""The FastAPI app every service starts from: /health, /ready, /metrics, problem+json."""
+"""The FastAPI app every service starts from: /health, /ready, /metrics, problem+json, scoped
+bearer keys, HTTP request metrics and an OpenAPI document with operation ids chosen by hand."""
 
 from __future__ import annotations
 
-import hmac
+import logging
+import re
 import types
 import typing
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.responses import PlainTextResponse
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from pydantic import BaseModel, SecretStr
+from starlette.routing import BaseRoute
 
+from shared.http.auth import SCHEME, bearer_auth, install_keys, scope_sentence
+from shared.http.metrics import RequestMetrics
 from shared.http.problems import Problem, document_problems, install, problems
+from shared.logging import throttled
+from shared.settings import ApiKey
+
+__all__ = ["bearer_auth", "create_app", "operation_id"]
 
 ReadinessCheck = tuple[str, Callable[[], Awaitable[None]]]
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
-_bearer = HTTPBearer(auto_error=False)
+METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4"
+"""The Prometheus text exposition format, as documented (served with ``; charset=utf-8``)."""
+UNREACHABLE: Final = "unreachable"
+log = logging.getLogger(__name__)
+_not_ready = throttled(log)
 
 
 class Health(BaseModel):
@@ -34,38 +46,64 @@ class Readiness(BaseModel):
     checks: list[str]
 
 
+def operation_id(route: BaseRoute) -> str:
+    """A route's OpenAPI operation id: its function name in camelCase (``list_cases`` →
+    ``listCases``); a route whose function name would not say what it does sets
+    ``operation_id=`` itself, which FastAPI uses instead of this."""
+    name = getattr(route, "name", None) or "operation"
+    first, *rest = [part for part in re.split(r"[^0-9A-Za-z]+", name) if part]
+    return first + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
 def create_app(
     title: str,
     checks: Sequence[ReadinessCheck],
     routers: Sequence[APIRouter] = (),
     lifespan: Callable[[FastAPI], AsyncIterator[None]] | Lifespan | None = None,
     version: str = "0.1.0",
+    api_keys: Iterable[ApiKey | SecretStr | str] = (),
 ) -> FastAPI:
+    """The service's app; ``api_keys`` are the bearer keys (and their scopes) that routes
+    declaring ``require_scope`` accept."""
     app = FastAPI(
         title=title,
         version=version,
         lifespan=lifespan,  # type: ignore[arg-type]
         dependencies=[Depends(single_valued_query)],
+        generate_unique_id_function=operation_id,
     )
     install(app)
+    install_keys(app, api_keys)
+    app.add_middleware(RequestMetrics)
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         # every error answer documented as problem+json with the one Problem schema
         if app.openapi_schema is None:
-            app.openapi_schema = document_problems(_hoist_defs(generate()))
+            document = document_problems(_hoist_defs(generate()))
+            app.openapi_schema = _check_operation_ids(_document_scopes(document))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-    @app.get("/health", tags=["ops"], summary="Liveness: the process answers")
+    @app.get(
+        "/health",
+        tags=["ops"],
+        summary="Liveness: the process answers",
+        operation_id="getHealth",
+    )
     async def health() -> Health:
         return Health(status="ok")
 
     @app.get(
         "/ready",
         tags=["ops"],
-        summary="Readiness: the database and Kafka are reachable",
+        summary="Readiness: the database and Kafka are reachable and start-up is done",
+        description="503 names each dependency that is not ready (`errors[].field`: "
+        "`database`, `kafka`) with a fixed reason: `start-up is waiting for <dependency>`, "
+        "`start-up failed on <dependency>` or `unreachable`. What went wrong goes to the "
+        "service's log, not to the caller.",
+        operation_id="getReadiness",
         responses=problems(503),
     )
     async def ready() -> Readiness:
@@ -74,12 +112,18 @@ def create_app(
             try:
                 await check()
             except Exception as exc:
-                failures.append({"field": name, "reason": f"{type(exc).__name__}: {exc}"[:300]})
+                reason = _public_reason(exc)
+                _not_ready.warning(
+                    "readiness check failed",
+                    extra={"dependency": name, "reason": reason, "error": repr(exc)[:500]},
+                )
+                failures.append({"field": name, "reason": reason})
         if failures:
             raise Problem(
                 503,
                 "Not ready",
                 "; ".join(f"{f['field']}: {f['reason']}" for f in failures),
+                type="/problems/not-ready",
                 errors=failures,
             )
         return Readiness(status="ready", checks=[name for name, _ in checks])
@@ -87,16 +131,61 @@ def create_app(
     @app.get(
         "/metrics",
         tags=["ops"],
-        summary="Prometheus metrics (text format)",
-        response_class=PlainTextResponse,
-        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+        summary="Prometheus metrics (text exposition format 0.0.4)",
+        operation_id="getMetrics",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "the metrics, in the Prometheus text format",
+                "content": {METRICS_CONTENT_TYPE: {"schema": {"type": "string"}}},
+            }
+        },
     )
     async def prometheus_metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     for router in routers:
         app.include_router(router)
     return app
+
+
+def _public_reason(exc: Exception) -> str:
+    """What ``/ready`` may tell anyone about a failed check: a fixed text an exception carries
+    for the purpose (``public_reason``: start-up waiting for or failed on the dependency),
+    else ``unreachable``; never the exception's own text (addresses, user names)."""
+    reason = getattr(exc, "public_reason", None)
+    return reason if isinstance(reason, str) and reason else UNREACHABLE
+
+
+def _document_scopes(document: dict[str, Any]) -> dict[str, Any]:
+    """Each operation behind a scoped key says so in its description as well as in its
+    security requirement (``{"HTTPBearer": ["read"]}``)."""
+    for item in document.get("paths", {}).values():
+        for operation in item.values():
+            if not isinstance(operation, dict):
+                continue
+            for requirement in operation.get("security", []):
+                for scope in requirement.get(SCHEME, []):
+                    sentence = scope_sentence(scope)
+                    text = operation.get("description", "")
+                    if sentence not in text:
+                        operation["description"] = f"{text}\n\n{sentence}".strip()
+    return document
+
+
+def _check_operation_ids(document: dict[str, Any]) -> dict[str, Any]:
+    seen: dict[str, str] = {}
+    for path, item in document.get("paths", {}).items():
+        for method, operation in item.items():
+            if not isinstance(operation, dict) or "operationId" not in operation:
+                continue
+            where = f"{method.upper()} {path}"
+            other = seen.setdefault(operation["operationId"], where)
+            if other != where:
+                raise ValueError(
+                    f"operation id {operation['operationId']!r} is used by {other} and {where}"
+                )
+    return document
 
 
 async def single_valued_query(request: Request) -> None:
@@ -126,31 +215,6 @@ def _takes_many(annotation: Any) -> bool:
     return origin in (list, tuple, set, frozenset) or (
         isinstance(origin, type) and issubclass(origin, Sequence) and origin is not str
     )
-
-
-def bearer_auth(keys: Sequence[SecretStr]) -> Callable[..., Awaitable[None]]:
-    """A dependency checking ``Authorization: Bearer <key>`` in constant time."""
-    secrets = [k.get_secret_value().encode() for k in keys]
-
-    async def check(
-        request: Request,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ) -> None:
-        if credentials is None or credentials.scheme.lower() != "bearer":
-            raise Problem(
-                401,
-                "Unauthorized",
-                "a bearer token is required",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        given = credentials.credentials.encode()
-        ok = False
-        for secret in secrets:
-            ok |= hmac.compare_digest(given, secret)
-        if not ok:
-            raise Problem(403, "Forbidden", "the bearer token is not valid")
-
-    return check
 
 
 def _hoist_defs(document: dict[str, Any]) -> dict[str, Any]:

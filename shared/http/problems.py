@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from shared.errors import TransientError
+from shared.logging import throttled
+from shared.retry import is_transient
+
+log = logging.getLogger(__name__)
+_unreachable = throttled(log)
 PROBLEM = "application/problem+json"
 PROBLEM_REF = "#/components/schemas/Problem"
 
@@ -44,15 +52,15 @@ class ProblemDetails(BaseModel):
 # what each error status means wherever it is not described more precisely
 DESCRIPTIONS: dict[int, str] = {
     400: "not the expected payload shape",
-    401: "missing bearer token or signature",
-    403: "the bearer token is not valid",
+    401: "no API key, or one this service does not know (or a missing or bad signature)",
+    403: "the API key lacks the scope this operation needs; the scope is named",
     404: "not found",
     405: "method not allowed",
     409: "conflicts with the resource's state",
     413: "request too large",
     415: "unsupported content type",
     422: "a parameter or the body is not valid; the field is named",
-    503: "a dependency (database, broker) is unreachable",
+    503: "a dependency (database, broker) is unreachable; try again (Retry-After)",
 }
 
 
@@ -66,21 +74,28 @@ def problems(*statuses: int, **described: str) -> dict[int | str, dict[str, Any]
     return out
 
 
+# paths that touch no database or broker: they never answer 503
+NO_DEPENDENCIES = frozenset({"/health", "/metrics"})
+
+
 def document_problems(schema: dict[str, Any]) -> dict[str, Any]:
     """Make an OpenAPI document say what the API really answers on errors: every 4xx/5xx
     response is ``application/problem+json`` with the one ``Problem`` schema (FastAPI's own 422
-    ``HTTPValidationError`` goes), and an operation behind the bearer token documents 401 and
-    403. Idempotent."""
+    ``HTTPValidationError`` goes), an operation behind the bearer token documents 401 and
+    403, and every operation but the probes that need nothing documents 503 (a dependency
+    unreachable). Idempotent."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     problem = ProblemDetails.model_json_schema(ref_template="#/components/schemas/{model}")
     components.update(problem.pop("$defs", {}))
     components["Problem"] = problem
     content = {PROBLEM: {"schema": {"$ref": PROBLEM_REF}}}
-    for item in schema.get("paths", {}).values():
+    for path, item in schema.get("paths", {}).items():
         for operation in item.values():
             if not isinstance(operation, dict) or "responses" not in operation:
                 continue
             responses: dict[str, Any] = operation["responses"]
+            if path not in NO_DEPENDENCIES:
+                responses.setdefault("503", {"description": f"{DESCRIPTIONS[503]} (problem+json)"})
             if "requestBody" in operation:
                 responses.setdefault("400", {"description": "the body cannot be parsed"})
             if any("HTTPBearer" in requirement for requirement in operation.get("security", [])):
@@ -167,7 +182,29 @@ def install(app: FastAPI) -> None:
             Problem(exc.status_code, str(exc.detail), headers=headers), request.url.path
         )
 
+    async def on_unreachable(request: Request, exc: Exception) -> JSONResponse:
+        # a database or broker outage while answering: 503 (try again), not a 500; anything
+        # else is a bug and goes on to the server error handler
+        if not is_transient(exc):
+            raise exc
+        _unreachable.warning(
+            "a request failed: a dependency is unreachable",
+            extra={"path": request.url.path, "error": repr(exc)[:500]},
+        )
+        return problem_response(
+            Problem(
+                503,
+                "Service unavailable",
+                "a dependency is unreachable; try again",
+                type="/problems/unavailable",
+                headers={"Retry-After": "1"},
+            ),
+            request.url.path,
+        )
+
     app.add_exception_handler(Problem, on_problem)
+    for transient in (DBAPIError, OSError, TransientError):
+        app.add_exception_handler(transient, on_unreachable)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
 

@@ -245,7 +245,7 @@ async def test_the_api_needs_a_valid_bearer_token(settings: Settings, engine: As
         openapi = await http.get("/openapi.json")
     assert none.status_code == 401
     assert none.headers["content-type"] == "application/problem+json"
-    assert wrong.status_code == 403
+    assert wrong.status_code == 401  # a key it does not know; 403 is a known key's scope
     assert health.status_code == 200
     assert metrics.status_code == 200
     assert "winback_events_consumed_total" in metrics.text
@@ -261,6 +261,9 @@ async def test_ready_is_503_naming_the_unreachable_database(settings: Settings) 
     assert ready.status_code == 503
     assert ready.headers["content-type"] == "application/problem+json"
     assert ready.json()["errors"][0]["field"] == "database"
+    # a fixed reason: the driver's error (host, port, user) goes to the log only
+    assert ready.json()["errors"][0]["reason"] == "unreachable"
+    assert "database: unreachable" in ready.json()["detail"]
 
 
 async def test_ready_is_200_when_database_and_kafka_answer(

@@ -11,14 +11,13 @@ from typing import Any
 
 import httpx
 import pytest
-from pydantic import SecretStr
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.scheduler import deps, reports
 from shared.clock import FrozenClock
 from shared.db.tables import case_steps, cases, win_backs
-from shared.http.app import bearer_auth, create_app
+from shared.http.app import create_app
 from shared.settings import DEV_SECRET
 from tests.support.http import serve
 
@@ -235,7 +234,8 @@ async def client(engine: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(
         "winback reports test",
         checks=[],
-        routers=[reports.router(bearer_auth([SecretStr(DEV_SECRET)]))],
+        routers=[reports.router()],
+        api_keys=[DEV_SECRET],
     )
     deps.install(app, engine, FrozenClock(AS_OF))
     async with (
@@ -293,7 +293,7 @@ async def test_lift_of_1000_contacted_against_1000_held_out(engine: AsyncEngine)
             "/v1/reports/winback", headers={"authorization": "Bearer wrong"}
         )
 
-    assert unauthorised.status_code == 403
+    assert unauthorised.status_code == 401  # a key the service does not know
     assert body["group_by"] == "none"
     assert body["as_of"].startswith("2027-01-01T00:00:00")
     [group] = body["groups"]

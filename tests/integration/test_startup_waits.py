@@ -174,9 +174,10 @@ def not_ready_for(response: httpx.Response | None, dependency: str) -> bool:
 
 def start_up_waiting_for(response: httpx.Response | None, dependency: str) -> bool:
     """503 naming ``dependency`` because start-up is waiting for it (before start-up reaches
-    that step, the probe may name it from its own check, with the client's error)."""
+    that step, the probe may name it from its own check: ``unreachable``). The reason is a
+    fixed text: what start-up saw goes to the log, not to the caller."""
     return not_ready_for(response, dependency) and (
-        f"start-up is waiting for {dependency}" in problem_of(response, dependency)
+        problem_of(response, dependency) == f"start-up is waiting for {dependency}"
     )
 
 
