@@ -243,6 +243,22 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
     print("migrations done")
 
 
+def _local_broker(settings: Settings, stack: ExitStack) -> Settings:
+    """``--local-kafka``: the local broker started, or one line on stderr and exit code
+    ``EXIT_UNAVAILABLE`` (no Java, no jars, the broker exited) pointing at its log."""
+    from shared.local.embedded import with_local_broker
+    from shared.local.kafka_broker import BrokerStartError
+
+    try:
+        return with_local_broker(settings, stack)
+    except BrokerStartError as exc:
+        first = str(exc).splitlines()[0].rstrip(":") if str(exc) else type(exc).__name__
+        log_path = Path(settings.kafka.data_dir) / "broker.log"
+        where = f" (its log: {log_path})" if log_path.exists() else ""
+        print(f"winback: --local-kafka: {first}{where}", file=sys.stderr)
+        raise SystemExit(EXIT_UNAVAILABLE) from None
+
+
 def cmd_service(settings: Settings, args: argparse.Namespace) -> None:
     from shared.db import migrate
 
@@ -252,11 +268,11 @@ def cmd_service(settings: Settings, args: argparse.Namespace) -> None:
     demo = None
     with ExitStack() as stack:
         if args.command == "run":
-            from shared.local.embedded import with_local_broker, with_local_database
+            from shared.local.embedded import with_local_database
 
             settings = with_local_database(settings, stack)
             if not settings.kafka.bootstrap_servers and args.local_kafka:
-                settings = with_local_broker(settings, stack)
+                settings = _local_broker(settings, stack)
             if not settings.kafka.bootstrap_servers:
                 from shared.messaging.memory import MemoryBus
 

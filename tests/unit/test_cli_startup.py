@@ -117,3 +117,15 @@ def test_without_pgserver_the_cli_works_and_run_says_how_to_install_it(tmp_path:
     assert "uv sync --extra local" in line
     assert "pip install 'winback[local]'" in line
     assert not (tmp_path / ".winback" / "pgdata").exists()
+
+
+def test_a_local_broker_that_cannot_start_is_one_line_and_exit_69(tmp_path: Path) -> None:
+    # no Java and no Maven on PATH, no jars in the cache: the local broker cannot start
+    env = {
+        "PATH": str(Path(winback_executable()).parent),
+        "WINBACK_CACHE_DIR": str(tmp_path / "cache"),
+        "WINBACK_DATABASE__URL": f"postgresql+asyncpg://winback@127.0.0.1:{free_port()}/winback",
+    }
+    proc = winback("run", "--local-kafka", cwd=tmp_path, env=env)
+    assert proc.returncode == EXIT_UNAVAILABLE
+    assert one_line(proc).startswith("winback: --local-kafka: ")
