@@ -38,7 +38,7 @@ import shutil
 import subprocess
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -1464,6 +1464,66 @@ def test_ingress_and_httproute_expose_only_the_public_routes() -> None:
         "winback.example.com",
         "hooks.example.com",
     }
+
+
+@pytest.fixture(scope="module")
+def app_paths() -> dict[str, set[str]]:
+    """The paths each service's app serves (its OpenAPI document, from the same bootstrap the
+    service runs; nothing connects)."""
+    from services.dispatcher.bootstrap import bootstrap as dispatcher_bootstrap
+    from services.ingest.bootstrap import bootstrap as ingest_bootstrap
+    from services.scheduler.bootstrap import bootstrap as scheduler_bootstrap
+
+    settings = load_settings(
+        environment="test",
+        database={"url": "postgresql+asyncpg://unused@127.0.0.1:9/unused"},
+        kafka={"bootstrap_servers": "127.0.0.1:9"},
+    )
+    builders: dict[str, Callable[[Settings], Any]] = {
+        "ingest": ingest_bootstrap,
+        "scheduler": scheduler_bootstrap,
+        "dispatcher": dispatcher_bootstrap,
+    }
+    return {name: set(build(settings).app.openapi()["paths"]) for name, build in builders.items()}
+
+
+def test_public_routes_are_the_apps_public_paths_and_nothing_else(
+    app_paths: dict[str, set[str]],
+) -> None:
+    docs = _render(*SCENARIOS["full"])
+    component = {
+        s["metadata"]["name"]: s["metadata"]["labels"]["app.kubernetes.io/component"]
+        for s in _kind(docs, "Service")
+    }
+    for kind, entries in _routes(docs).items():
+        for service, paths in app_paths.items():
+            exposed = {
+                path
+                for path in paths
+                for prefix, backend, _ in entries
+                if _prefix_matches(prefix, path) and component[backend] == service
+            }
+            public = {
+                path
+                for path in paths
+                for prefix, owner in PUBLIC_ROUTES.items()
+                if owner == service and _prefix_matches(prefix, path)
+            }
+            assert exposed == public, f"{kind} exposes {sorted(exposed - public)} of {service}"
+            misrouted = {
+                (path, component[backend])
+                for path in paths
+                for prefix, backend, _ in entries
+                if _prefix_matches(prefix, path) and component[backend] != service
+            }
+            assert not misrouted, f"{kind} sends {service}'s paths elsewhere: {misrouted}"
+    # each public prefix leads to something its service serves (the billing webhooks once the
+    # billing connector, being built in issue 16, is there)
+    for prefix, service in PUBLIC_ROUTES.items():
+        if prefix == "/v1/billing/" and importlib.util.find_spec("services.ingest.billing") is None:
+            continue
+        served = [p for p in app_paths[service] if _prefix_matches(prefix, p)]
+        assert served, f"{service} serves nothing under {prefix}: {sorted(app_paths[service])}"
 
 
 def test_public_routes_follow_the_enabled_services() -> None:
