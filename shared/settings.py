@@ -610,6 +610,62 @@ class BillingSettings(BaseModel):
     chargebee: ChargebeeBillingSettings = Field(default_factory=ChargebeeBillingSettings)
 
 
+class OfferCostSettings(BaseModel):
+    """What one redeemed offer costs the business, for the results report's cost and ROI."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mrr_months: float = Field(
+        default=0.0,
+        ge=0,
+        le=36,
+        description="months of the customer's regained MRR given away (50% off for 3 months: "
+        "1.5; a free month: 1)",
+    )
+    fixed_minor: float = Field(
+        default=0.0, ge=0, description="a fixed cost per redemption (results.currency minor units)"
+    )
+
+
+class ResultsSettings(BaseModel):
+    """The prices the results report charges for cost, cost per reactivation and ROI."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    currency: str = Field(
+        default="EUR", pattern=r"^[A-Z]{3}$", description="the currency of cost and ROI"
+    )
+    message_cost_minor: dict[str, float] = Field(
+        default_factory=lambda: {"email": 0.1, "sms": 7.0, "crm": 0.0, "webhook": 0.0},
+        description='minor units per message sent, by channel ("email") or channel and '
+        'provider ("email/sendgrid", which wins)',
+    )
+    offer_cost: dict[str, OfferCostSettings] = Field(
+        default_factory=lambda: {
+            "discount_50pct_3mo": OfferCostSettings(mrr_months=1.5),
+            "discount_20pct_12mo": OfferCostSettings(mrr_months=2.4),
+            "free_month": OfferCostSettings(mrr_months=1.0),
+            "extended_trial_30d": OfferCostSettings(mrr_months=1.0),
+            "premium_onboarding": OfferCostSettings(fixed_minor=15000),
+            "migration_help": OfferCostSettings(fixed_minor=10000),
+        },
+        description="cost per redeemed offer (an offer on the step a return is credited to)",
+    )
+    exchange_rates: dict[str, float] = Field(
+        default_factory=dict,
+        description="one unit of a currency in results.currency; returns in a currency "
+        "without a rate are left out of the money figures (and counted)",
+    )
+
+    @field_validator("message_cost_minor", "exchange_rates")
+    @classmethod
+    def _not_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if amount < 0:
+                raise ValueError(f"{name}: must not be negative")
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -646,6 +702,7 @@ class Settings(BaseSettings):
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
     billing: BillingSettings = Field(default_factory=BillingSettings)
 
     @model_validator(mode="after")

@@ -122,5 +122,6 @@ def bootstrap(
             fallback_timezone=settings.scheduler.fallback_timezone,
             max_record_bytes=settings.kafka.max_record_bytes,
         ),
+        costs=reports.cost_model(settings.results, catalog_for(settings.content_dir).offers),
     )
     return SchedulerService(core, playbooks, pipeline, consumer, firer, app)

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.scheduler.case_migration import CaseMigrator
 from services.scheduler.commands import Work
 from services.scheduler.domain import Playbook
+from services.scheduler.domain.results import CostModel
 from shared.clock import Clock
 from shared.messaging.transport import DEFAULT_MAX_RECORD_BYTES
 
@@ -30,12 +31,18 @@ class ApiSettings:
 
 
 def install(
-    app: FastAPI, engine: AsyncEngine, clock: Clock, settings: ApiSettings | None = None
+    app: FastAPI,
+    engine: AsyncEngine,
+    clock: Clock,
+    settings: ApiSettings | None = None,
+    costs: CostModel | None = None,
 ) -> None:
     """Put the engine, the clock and (for the status API) its settings in ``app.state``; the
-    reports need only the engine and the clock."""
+    reports need the engine and the clock, and price cost and ROI with ``costs`` (the default
+    ``results`` settings and shipped offers if not given)."""
     app.state.engine = engine
     app.state.clock = clock
+    app.state.results_costs = costs
     app.state.scheduler_api = settings
     if settings is not None:
         app.state.scheduler_work = Work(

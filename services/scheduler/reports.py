@@ -39,27 +39,42 @@ Definitions
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import csv
+import io
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from datetime import date, datetime
-from typing import Annotated, Any
+from functools import cache
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.scheduler.deps import ClockDep, Engine
 from services.scheduler.domain.results import (
+    INTENT_TO_TREAT,
     Z95,
+    ArmMoney,
+    ArmMoneyCounts,
     ArmResult,
+    CostModel,
+    Economics,
     EngagementResult,
     GroupResult,
     Interval,
+    LiftDefinition,
+    MoneyView,
+    OfferCost,
     RechurnPrevented,
     RechurnResult,
+    economics,
     engagement,
     group_result,
+    rate,
     rechurn_prevented,
     rechurn_result,
+    still_active,
 )
 from services.scheduler.queries.reports import (
     GROUP_KEYS,
@@ -67,146 +82,271 @@ from services.scheduler.queries.reports import (
     Filters,
     GroupBy,
     Key,
+    MoneyTally,
+    Period,
     ReonboardingTally,
+    count_cohorts,
     count_messages,
+    count_money,
+    count_owners,
     count_reonboarding,
     count_winback,
     snapshot,
 )
+from shared.content import Offer, shipped
+from shared.errors import ConfigError
 from shared.http.auth import require_scope
 from shared.http.problems import Problem
 from shared.http.types import IsoDate
+from shared.settings import ResultsSettings
 
 
 # -- the API's answers --------------------------------------------------------------------------
+def _d(text: str) -> Any:
+    return Field(description=text)
+
+
 class IntervalOut(BaseModel):
-    low: float
-    high: float
+    low: float = _d("lower end of the 95% interval")
+    high: float = _d("upper end of the 95% interval")
 
 
 class RevenueOut(BaseModel):
-    currency: str | None
-    returns: int
-    mrr_regained_minor: int
+    currency: str | None = _d("currency of the MRR (null: not known)")
+    returns: int = _d("returns in this currency (win_backs rows)")
+    mrr_regained_minor: int = _d("sum of the MRR customers came back with, in minor units")
 
 
 class RechurnOut(BaseModel):
-    days: int
-    matured: int = Field(description="returns at least `days` days before as_of")
-    rechurned: int = Field(description="of them, churned again within `days` days")
-    rate: float | None
-    rate_ci: IntervalOut | None
+    days: int = _d("the horizon N: a new churn within N days of the return is a re-churn")
+    matured: int = _d("returns at least `days` days before as_of")
+    rechurned: int = _d("of them, churned again within `days` days")
+    rate: float | None = _d("rechurned ÷ matured (null without matured returns)")
+    rate_ci: IntervalOut | None = _d("Wilson score interval of the rate")
 
 
 class DaysToReturnOut(BaseModel):
-    median: float | None
-    p90: float | None
+    median: float | None = _d("median of days from churn to return over the arm's returns")
+    p90: float | None = _d("90th percentile (percentile_cont) of days from churn to return")
 
 
 class ArmOut(BaseModel):
-    targeted: int
-    returned: int
-    rate: float | None = Field(description="returned ÷ targeted")
-    rate_ci: IntervalOut | None = Field(description="Wilson score interval")
-    credited: int = Field(description="returns credited to a sent step (attribution window)")
-    days_to_return: DaysToReturnOut
-    mrr_regained: list[RevenueOut]
-    rechurn: list[RechurnOut]
+    targeted: int = _d("win-back cases assigned to this arm whose churn falls in from/to")
+    returned: int = _d(
+        "of them, cases with a return recorded within the attribution horizon, whatever "
+        "closed the case first (intent to treat)"
+    )
+    returned_after_close: int = _d(
+        "of the returned, returns recorded on a case already closed for another reason "
+        "(horizon, unsubscribed, superseded, cancelled)"
+    )
+    rate: float | None = _d("returned ÷ targeted")
+    rate_ci: IntervalOut | None = _d("Wilson score interval")
+    credited: int = _d("returns credited to a sent step (last touch within the attribution window)")
+    days_to_return: DaysToReturnOut = _d("days from churn to return over the arm's returns")
+    mrr_regained: list[RevenueOut] = _d("MRR of the arm's returns, per currency")
+    rechurn: list[RechurnOut] = _d("re-churn of the arm's returns at 90/180/365 days")
 
 
 class LiftOut(BaseModel):
-    absolute: float | None = Field(description="contacted rate - holdout rate")
-    ci: IntervalOut | None = Field(description="Newcombe hybrid score interval")
-    p_value: float | None = Field(description="two-sided pooled two-proportion z-test")
-    relative: float | None = Field(description="absolute lift ÷ holdout rate")
-    incremental_returns: float | None = Field(description="absolute lift times contacted targeted")
-    incremental_returns_ci: IntervalOut | None
+    absolute: float | None = _d("contacted rate - holdout rate (intent to treat)")
+    ci: IntervalOut | None = _d("Newcombe hybrid score interval")
+    p_value: float | None = _d("two-sided pooled two-proportion z-test")
+    relative: float | None = _d("absolute lift ÷ holdout rate")
+    incremental_returns: float | None = _d("absolute lift times contacted targeted")
+    incremental_returns_ci: IntervalOut | None = _d("the lift's interval times contacted targeted")
+
+
+class ArmMoneyOut(BaseModel):
+    messages_sent: int = _d("messages a provider accepted (step sent, or a later outcome)")
+    message_cost: float = _d(
+        "Σ messages sent * results.message_cost_minor[channel/provider, else channel]"
+    )
+    offers_redeemed: int = _d("returns credited to a step that carried an offer")
+    offer_cost: float = _d(
+        "Σ per redeemed offer: offer_cost.mrr_months * MRR regained + offer_cost.fixed_minor"
+    )
+    cost: float = _d("campaign cost: message_cost + offer_cost")
+    mrr_regained: float = _d("Σ MRR regained by the arm's returns (converted)")
+    recovered_revenue: float = _d(
+        "Σ MRR regained * months the customer stayed after the return (until the next churn "
+        "or as_of), at most revenue_months; a month is 30 days"
+    )
+    unconverted_returns: int = _d(
+        "returns in a currency with no results.exchange_rates entry: left out of the money"
+    )
+
+
+class MoneyViewOut(BaseModel):
+    reactivations: float | None = _d(
+        "raw: contacted returned; incremental: (contacted returned ÷ targeted - holdout "
+        "returned ÷ targeted) * contacted targeted"
+    )
+    mrr_regained: float | None = _d(
+        "raw: contacted MRR regained; incremental: the same ITT difference"
+    )
+    recovered_revenue: float | None = _d(
+        "raw: contacted recovered revenue; incremental: the same ITT difference"
+    )
+    cost: float | None = _d(
+        "raw: contacted cost; incremental: contacted cost - holdout cost per targeted * "
+        "contacted targeted"
+    )
+    cost_per_reactivation: float | None = _d(
+        "cost ÷ reactivations (null unless both are positive); compare with CAC"
+    )
+    roi: float | None = _d("(recovered revenue - cost) ÷ cost (null without a cost)")
+
+
+class EconomicsOut(BaseModel):
+    currency: str = _d("results.currency: every amount here is in its minor units")
+    revenue_months: int = _d("the horizon of recovered revenue (query parameter)")
+    contacted: ArmMoneyOut = _d("the contacted arm's cost and value")
+    holdout: ArmMoneyOut = _d("the holdout's (no messages; returns' value)")
+    raw: MoneyViewOut = _d("the contacted arm alone, as if every return were caused")
+    incremental: MoneyViewOut = _d(
+        "beyond what the holdout says would have happened anyway (null without a holdout)"
+    )
 
 
 class GroupOut(BaseModel):
-    key: dict[str, Any]
-    contacted: ArmOut
-    holdout: ArmOut
-    lift: LiftOut
+    key: dict[str, Any] = _d("the group's key, by group_by ({} for none)")
+    contacted: ArmOut = _d("cases assigned to be contacted")
+    holdout: ArmOut = _d("cases randomly assigned to get no message")
+    lift: LiftOut = _d("contacted vs holdout by assignment (intent to treat)")
+    economics: EconomicsOut = _d("cost, value and ROI, raw and incremental side by side")
 
 
 class FiltersOut(BaseModel):
-    from_: date | None = Field(alias="from", serialization_alias="from")
-    to: date | None
-    playbook: str | None
+    from_: date | None = Field(
+        alias="from", serialization_alias="from", description="first date (UTC), inclusive"
+    )
+    to: date | None = _d("last date (UTC), inclusive")
+    playbook: str | None = _d("only this playbook")
 
 
 class ReonboardingArmOut(BaseModel):
-    cases: int = Field(description="re-onboarding cases whose return falls in from/to")
-    rechurn: list[RechurnOut]
+    cases: int = _d("re-onboarding cases whose return falls in from/to")
+    rechurn: list[RechurnOut] = _d("re-churn within 90/180 days of the return")
 
 
 class RechurnPreventedOut(BaseModel):
-    days: int
-    difference: float | None = Field(
-        description="holdout re-churn rate - contacted re-churn rate: re-churns prevented per "
+    days: int = _d("the horizon in days")
+    difference: float | None = _d(
+        "holdout re-churn rate - contacted re-churn rate: re-churns prevented per "
         "case (positive: re-onboarding helped)"
     )
-    ci: IntervalOut | None = Field(description="Newcombe hybrid score interval")
-    p_value: float | None = Field(description="two-sided pooled two-proportion z-test")
-    rechurns_prevented: float | None = Field(description="difference times contacted matured")
-    rechurns_prevented_ci: IntervalOut | None
+    ci: IntervalOut | None = _d("Newcombe hybrid score interval")
+    p_value: float | None = _d("two-sided pooled two-proportion z-test")
+    rechurns_prevented: float | None = _d("difference times contacted matured")
+    rechurns_prevented_ci: IntervalOut | None = _d("the interval times contacted matured")
 
 
 class ReonboardingOut(BaseModel):
-    key: dict[str, Any] = Field(description="{playbook} with group_by=playbook, else {}")
-    contacted: ReonboardingArmOut
-    holdout: ReonboardingArmOut
-    prevented: list[RechurnPreventedOut]
+    key: dict[str, Any] = _d("{playbook} with group_by=playbook, else {}")
+    contacted: ReonboardingArmOut = _d("re-onboarding cases contacted")
+    holdout: ReonboardingArmOut = _d("re-onboarding cases held out")
+    prevented: list[RechurnPreventedOut] = _d("re-churns prevented at 90/180 days")
 
 
 class WinbackReport(BaseModel):
-    as_of: datetime
-    confidence: float
-    group_by: str
-    filters: FiltersOut
-    groups: list[GroupOut]
+    as_of: datetime = _d("the clock's now: what 'old enough' is measured against")
+    confidence: float = _d("the intervals' confidence level")
+    group_by: str = _d("how the cases are split")
+    lift_definition: LiftDefinition = _d(
+        "intent_to_treat: contacted vs holdout by assignment; a case's return counts "
+        "whatever happened after assignment (unsubscribed, capped, superseded, closed at its "
+        "horizon) if it came within the playbook's attribution horizon of the churn"
+    )
+    revenue_months: int = _d("months of recovered revenue counted per return")
+    filters: FiltersOut = _d("the filters applied (churn dates, playbook)")
+    groups: list[GroupOut] = _d("one entry per group")
     reonboarding: list[ReonboardingOut] = Field(
         description="re-churn of re-onboarded customers, contacted vs holdout, by return date"
     )
 
 
 class EngagementOut(BaseModel):
-    key: dict[str, Any]
-    dispatched: int
-    sent: int
-    delivered: int = Field(description="with a delivery report, or an open or click")
-    opened: int
-    clicked: int
-    bounced: int
-    complained: int
-    unsubscribed: int
-    failed: int
-    suppressed: int
-    rate_base: str = Field(description="delivered when deliveries are reported, else sent")
-    open_rate: float | None
-    open_rate_ci: IntervalOut | None
-    click_rate: float | None
-    click_rate_ci: IntervalOut | None
-    bounce_rate: float | None
-    complaint_rate: float | None
-    unsubscribe_rate: float | None
+    key: dict[str, Any] = _d("playbook, step_key, channel, template, variant")
+    dispatched: int = _d("steps handed to the dispatcher")
+    sent: int = _d("accepted by a provider (state sent, or any later outcome)")
+    delivered: int = _d("with a delivery report, or an open or click")
+    opened: int = _d("with an open reported")
+    clicked: int = _d("with a click reported")
+    bounced: int = _d("with a bounce reported")
+    complained: int = _d("with a spam complaint reported")
+    unsubscribed: int = _d("with an unsubscribe from the message")
+    failed: int = _d("state failed")
+    suppressed: int = _d("state suppressed (suppression list, consent)")
+    rate_base: str = _d("delivered when deliveries are reported, else sent")
+    open_rate: float | None = _d("opened ÷ rate base")
+    open_rate_ci: IntervalOut | None = _d("Wilson score interval")
+    click_rate: float | None = _d("clicked ÷ rate base")
+    click_rate_ci: IntervalOut | None = _d("Wilson score interval")
+    bounce_rate: float | None = _d("bounced ÷ sent")
+    complaint_rate: float | None = _d("complained ÷ sent")
+    unsubscribe_rate: float | None = _d("unsubscribed ÷ sent")
 
 
 class MessagesReport(BaseModel):
-    filters: FiltersOut
-    confidence: float
-    items: list[EngagementOut]
+    filters: FiltersOut = _d("the filters applied (churn dates, playbook)")
+    confidence: float = _d("the intervals' confidence level")
+    items: list[EngagementOut] = _d("one entry per step, channel, template and variant")
+
+
+class StillActiveOut(BaseModel):
+    days: int = _d("N: days after the return")
+    matured: int = _d("returns at least N days before as_of (old enough to judge)")
+    active: int = _d("of them, not churned again within N days")
+    rate: float | None = _d("active ÷ matured (null until a return is old enough)")
+    rate_ci: IntervalOut | None = _d("Wilson score interval")
+
+
+class CohortOut(BaseModel):
+    period: str = _d("the month (2026-03) or quarter (2026-Q1) of the return, UTC")
+    period_start: date = _d("first day of the period")
+    currency: str | None = _d("currency of the returns' MRR")
+    returned: int = _d("returns of win-back cases in the period (credited or not)")
+    credited: int = _d("of them, credited to a sent step")
+    still_active: list[StillActiveOut] = _d("still active at 30/90/180/365 days")
+    rechurned: int = _d("returned customers who churned again by as_of")
+    rechurn_rate: float | None = _d("rechurned ÷ returned")
+    mrr_at_return_minor: int = _d("Σ MRR the customers came back with")
+    mrr_now_minor: int = _d("Σ current MRR (profile) of those not churned again")
+    mrr_retained: float | None = _d("mrr_now ÷ mrr_at_return (above 1: expansion)")
+
+
+class CohortsReport(BaseModel):
+    as_of: datetime = _d("the clock's now")
+    period: Period = _d("month or quarter")
+    filters: FiltersOut = _d("return dates (UTC) and playbook")
+    cohorts: list[CohortOut] = _d("one entry per period and currency, oldest first")
+
+
+class OwnerOut(BaseModel):
+    crm_owner: str | None = _d("the CRM owner on the credited step (null: none recorded)")
+    currency: str | None = _d("currency of the MRR")
+    win_backs: int = _d("returns credited to a sent step in the period")
+    customers: int = _d("distinct customers among them")
+    mrr_regained_minor: int = _d("Σ MRR the credited customers came back with")
+    first_return: datetime = _d("earliest credited return")
+    last_return: datetime = _d("latest credited return")
+
+
+class OwnersReport(BaseModel):
+    filters: FiltersOut = _d("return dates (UTC) and playbook")
+    owners: list[OwnerOut] = _d("one entry per owner and currency")
 
 
 def _interval(value: Interval | None) -> IntervalOut | None:
     return IntervalOut(low=value.low, high=value.high) if value is not None else None
 
 
-def _arm_out(arm: ArmResult) -> ArmOut:
+def _arm_out(arm: ArmResult, returned_after_close: int) -> ArmOut:
     return ArmOut(
         targeted=arm.targeted,
         returned=arm.returned,
+        returned_after_close=returned_after_close,
         rate=arm.rate,
         rate_ci=_interval(arm.rate_ci),
         credited=arm.credited,
@@ -223,12 +363,34 @@ def _arm_out(arm: ArmResult) -> ArmOut:
     )
 
 
-def _group_out(key: dict[str, Any], result: GroupResult) -> GroupOut:
+def _money_out(arm: ArmMoney) -> ArmMoneyOut:
+    return ArmMoneyOut(**{f: getattr(arm, f) for f in ArmMoneyOut.model_fields})
+
+
+def _view_out(view: MoneyView) -> MoneyViewOut:
+    return MoneyViewOut(**{f: getattr(view, f) for f in MoneyViewOut.model_fields})
+
+
+def _economics_out(e: Economics) -> EconomicsOut:
+    return EconomicsOut(
+        currency=e.currency,
+        revenue_months=e.revenue_months,
+        contacted=_money_out(e.contacted),
+        holdout=_money_out(e.holdout),
+        raw=_view_out(e.raw),
+        incremental=_view_out(e.incremental),
+    )
+
+
+def _group_out(
+    key: dict[str, Any], result: GroupResult, arms: dict[bool, ArmTally], money: Economics
+) -> GroupOut:
     lift = result.lift
     return GroupOut(
         key=key,
-        contacted=_arm_out(result.contacted),
-        holdout=_arm_out(result.holdout),
+        economics=_economics_out(money),
+        contacted=_arm_out(result.contacted, arms.get(False, ArmTally()).returned_after_close),
+        holdout=_arm_out(result.holdout, arms.get(True, ArmTally()).returned_after_close),
         lift=LiftOut(
             absolute=lift.absolute,
             ci=_interval(lift.ci),
@@ -291,20 +453,157 @@ def _sort_key(key: Key) -> tuple[tuple[bool, str], ...]:
 
 
 async def winback_report(
-    conn: AsyncConnection, group_by: GroupBy, filters: Filters, as_of: datetime
+    conn: AsyncConnection,
+    group_by: GroupBy,
+    filters: Filters,
+    as_of: datetime,
+    costs: CostModel | None = None,
+    revenue_months: int = 12,
 ) -> list[GroupOut]:
     found = await count_winback(conn, group_by, filters, as_of)
+    money = await count_money(conn, group_by, filters, as_of, revenue_months)
+    costs = costs or default_costs()
     names = GROUP_KEYS[group_by]
     if not found and group_by == "none":
         found[()] = {}
     groups = []
     for key in sorted(found, key=_sort_key):
         arms = found[key]
-        result = group_result(
-            arms.get(False, ArmTally()).counts(), arms.get(True, ArmTally()).counts(), Z95
+        contacted, holdout = arms.get(False, ArmTally()), arms.get(True, ArmTally())
+        result = group_result(contacted.counts(), holdout.counts(), Z95)
+        spent = money.get(key, {})
+
+        value = economics(
+            _priced(contacted, spent.get(False)),
+            _priced(holdout, spent.get(True)),
+            costs,
+            revenue_months,
         )
-        groups.append(_group_out(dict(zip(names, key, strict=True)), result))
+        groups.append(_group_out(dict(zip(names, key, strict=True)), result, arms, value))
     return groups
+
+
+def _priced(tally: ArmTally, spent: MoneyTally | None) -> ArmMoneyCounts:
+    m = spent or MoneyTally()
+    return ArmMoneyCounts(tally.targeted, tally.returned, m.messages, m.offers, m.values)
+
+
+def cost_model(settings: ResultsSettings, offers: Mapping[str, Offer]) -> CostModel:
+    """The report's prices: per message from the ``results`` settings; per redeemed offer
+    from the content's ``offers`` (:func:`offer_price`), unless ``results.offer_cost`` names
+    the offer."""
+    base = CostModel(
+        currency=settings.currency,
+        message_cost_minor=dict(settings.message_cost_minor),
+        exchange_rates=dict(settings.exchange_rates),
+    )
+    prices = {name: offer_price(offer, base, name) for name, offer in offers.items()}
+    for name, given in settings.offer_cost.items():
+        prices[name] = OfferCost(given.mrr_months, given.fixed_minor)
+    return replace(base, offer_cost=prices)
+
+
+def offer_price(offer: Offer, model: CostModel, name: str = "offer") -> OfferCost:
+    """What one redemption of a content offer costs: percent off for N months is percent/100
+    x N months of the regained MRR; free months that many; a trial extension its days / 30;
+    amount off for N months N x the amount; plus ``cost_minor`` (a specialist's time).
+    Amounts in another currency are converted with ``results.exchange_rates``.
+
+    Raises:
+        ConfigError: an amount's currency has no exchange rate.
+    """
+    months = 0.0
+    if offer.kind == "percent_off" and offer.percent_off and offer.duration_months:
+        months = offer.percent_off / 100 * offer.duration_months
+    elif offer.kind == "free_months" and offer.months:
+        months = float(offer.months)
+    elif offer.kind == "trial_extension" and offer.days:
+        months = offer.days / 30
+    fixed = 0.0
+    amounts = [(offer.cost_minor, offer.cost_currency)]
+    if offer.kind == "amount_off" and offer.amount_off_minor and offer.duration_months:
+        amounts.append((offer.amount_off_minor * offer.duration_months, offer.currency))
+    for amount, currency in amounts:
+        if amount is None:
+            continue
+        converted = model.convert(amount, currency)
+        if converted is None:
+            raise ConfigError(
+                f"results.exchange_rates: offer {name!r} costs {currency}, which has no rate "
+                f"to {model.currency}"
+            )
+        fixed += converted
+    return OfferCost(months, fixed)
+
+
+@cache
+def default_costs() -> CostModel:
+    """The prices of the default ``results`` settings and the shipped offers."""
+    return cost_model(ResultsSettings(), shipped().offers)
+
+
+def _costs(request: Request) -> CostModel:
+    found: CostModel | None = getattr(request.app.state, "results_costs", None)
+    return found if found is not None else default_costs()
+
+
+Costs = Annotated[CostModel, Depends(_costs)]
+
+
+async def cohorts_report(
+    conn: AsyncConnection, period: Period, filters: Filters, as_of: datetime
+) -> list[CohortOut]:
+    found = []
+    for c in await count_cohorts(conn, period, filters, as_of):
+        start = c.period_start
+        label = (
+            f"{start.year}-Q{(start.month - 1) // 3 + 1}"
+            if period == "quarter"
+            else f"{start.year}-{start.month:02d}"
+        )
+        actives = [still_active(a, Z95) for a in c.still_active]
+        found.append(
+            CohortOut(
+                period=label,
+                period_start=start,
+                currency=c.currency,
+                returned=c.returned,
+                credited=c.credited,
+                still_active=[
+                    StillActiveOut(
+                        days=a.days,
+                        matured=a.matured,
+                        active=a.active,
+                        rate=a.rate,
+                        rate_ci=_interval(a.rate_ci),
+                    )
+                    for a in actives
+                ],
+                rechurned=c.rechurned,
+                rechurn_rate=rate(c.rechurned, c.returned),
+                mrr_at_return_minor=c.mrr_at_return_minor,
+                mrr_now_minor=c.mrr_now_minor,
+                mrr_retained=c.mrr_now_minor / c.mrr_at_return_minor
+                if c.mrr_at_return_minor > 0
+                else None,
+            )
+        )
+    return found
+
+
+async def owners_report(conn: AsyncConnection, filters: Filters) -> list[OwnerOut]:
+    return [
+        OwnerOut(
+            crm_owner=o.crm_owner,
+            currency=o.currency,
+            win_backs=o.win_backs,
+            customers=o.customers,
+            mrr_regained_minor=o.mrr_regained_minor,
+            first_return=o.first_return,
+            last_return=o.last_return,
+        )
+        for o in await count_owners(conn, filters)
+    ]
 
 
 async def reonboarding_report(
@@ -406,17 +705,21 @@ def router(auth: Callable[..., Awaitable[None]] | None = None) -> APIRouter:
 async def winback(
     engine: Engine,
     clock: ClockDep,
+    costs: Costs,
     start: FromDate = None,
     to: ToDate = None,
     playbook: PlaybookFilter = None,
     group_by: Annotated[GroupBy, Query(description="how to split the cases")] = "none",
+    revenue_months: Annotated[
+        int, Query(ge=1, le=60, description="months of recovered revenue counted per return")
+    ] = 12,
 ) -> WinbackReport:
     filters = _filters(start, to, playbook)
     as_of = clock.now()
 
     async def both(conn: AsyncConnection) -> tuple[list[GroupOut], list[ReonboardingOut]]:
         return (
-            await winback_report(conn, group_by, filters, as_of),
+            await winback_report(conn, group_by, filters, as_of, costs, revenue_months),
             await reonboarding_report(conn, group_by, filters, as_of),
         )
 
@@ -425,6 +728,8 @@ async def winback(
         as_of=as_of,
         confidence=0.95,
         group_by=group_by,
+        lift_definition=INTENT_TO_TREAT,
+        revenue_months=revenue_months,
         filters=FiltersOut.model_validate({"from": start, "to": to, "playbook": playbook}),
         groups=groups,
         reonboarding=reonboarding,
@@ -459,4 +764,106 @@ async def messages(
         filters=FiltersOut.model_validate({"from": start, "to": to, "playbook": playbook}),
         confidence=0.95,
         items=items,
+    )
+
+
+ReturnFrom = Annotated[
+    IsoDate | None,
+    Query(alias="from", description="returned on or after this date (UTC, ISO 8601)"),
+]
+ReturnTo = Annotated[IsoDate | None, Query(description="returned on or before this date (UTC)")]
+
+
+@routes.get(
+    "/cohorts",
+    response_model=CohortsReport,
+    response_model_by_alias=True,
+    responses=RESPONSES,
+    summary="Returned customers by month or quarter of return: retention, re-churn, MRR",
+    operation_id="getCohortsReport",
+    dependencies=[require_scope("read")],
+    description=(
+        "Returns of win-back cases (credited or not) grouped by the UTC month or quarter of "
+        "the return and currency: still active at 30/90/180/365 days (not churned again "
+        "within N days) over the returns at least N days old (`matured`; a rate only once "
+        "one is old enough), re-churned by now, MRR at return and now (the current MRR of "
+        "those not churned again). `from`/`to` select return dates."
+    ),
+)
+async def cohorts(
+    engine: Engine,
+    clock: ClockDep,
+    period: Annotated[Period, Query(description="month or quarter of the return")] = "quarter",
+    start: ReturnFrom = None,
+    to: ReturnTo = None,
+    playbook: PlaybookFilter = None,
+) -> CohortsReport:
+    filters = _filters(start, to, playbook)
+    as_of = clock.now()
+    found = await snapshot(engine, lambda conn: cohorts_report(conn, period, filters, as_of))
+    return CohortsReport(
+        as_of=as_of,
+        period=period,
+        filters=FiltersOut.model_validate({"from": start, "to": to, "playbook": playbook}),
+        cohorts=found,
+    )
+
+
+OWNER_COLUMNS = (
+    "crm_owner",
+    "currency",
+    "win_backs",
+    "customers",
+    "mrr_regained_minor",
+    "first_return",
+    "last_return",
+)
+
+
+@routes.get(
+    "/owners",
+    response_model=OwnersReport,
+    response_model_by_alias=True,
+    responses={
+        **RESPONSES,
+        200: {
+            "description": "JSON, or with format=csv a CSV file with a header row: "
+            + ",".join(OWNER_COLUMNS),
+            "content": {"text/csv": {"schema": {"type": "string"}}},
+        },
+    },
+    summary="Credited win-backs per CRM owner, for a commission system (JSON or CSV)",
+    operation_id="getOwnersReport",
+    dependencies=[require_scope("read")],
+    description=(
+        "Returns credited to a sent step (last touch within the attribution window) per CRM "
+        "owner on that step and currency: win-backs, distinct customers, MRR regained (minor "
+        "units), first and last return. `from`/`to` select return dates (a commission "
+        "period). `format=csv`: text/csv with a header row."
+    ),
+)
+async def owners(
+    engine: Engine,
+    start: ReturnFrom = None,
+    to: ReturnTo = None,
+    playbook: PlaybookFilter = None,
+    format: Annotated[Literal["json", "csv"], Query(description="json (default) or csv")] = "json",
+) -> Any:
+    filters = _filters(start, to, playbook)
+    found = await snapshot(engine, lambda conn: owners_report(conn, filters))
+    if format == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\r\n")
+        writer.writerow(OWNER_COLUMNS)
+        for o in found:
+            row = o.model_dump(mode="json")
+            writer.writerow(["" if row[c] is None else row[c] for c in OWNER_COLUMNS])
+        return Response(
+            out.getvalue(),
+            media_type="text/csv; charset=utf-8",
+            headers={"content-disposition": 'attachment; filename="winback-owners.csv"'},
+        )
+    return OwnersReport(
+        filters=FiltersOut.model_validate({"from": start, "to": to, "playbook": playbook}),
+        owners=found,
     )
