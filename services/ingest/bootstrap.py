@@ -14,6 +14,7 @@ from services.ingest.handler import IngestHandler
 from shared.bootstrap import Core, build_core
 from shared.clock import Clock
 from shared.http.app import create_app
+from shared.http.auth import require_scope
 from shared.http.dead_letters import router as dead_letters_router
 from shared.messaging.consumer import ConsumerRunner
 from shared.messaging.pipeline import Pipeline
@@ -74,7 +75,6 @@ def bootstrap(
     core.runtime.consumers += [consumer, erasure]
     core.runtime.topics = [*topics.inbound, topics.domain, topics.erasure, topics.dead_letter]
 
-    auth = bearer_auth(settings.http.api_keys)
     app = create_app(
         "winback ingest",
         checks=core.runtime.readiness_checks,
@@ -86,7 +86,9 @@ def bootstrap(
                 type_prefix=settings.ingest.event_type_prefix,
             ),
             billing.router(pipeline, settings.billing, settings.ingest.event_type_prefix),
-            dead_letters_router(core.transport, topics.dead_letter, auth, auth),
+            dead_letters_router(
+                core.transport, topics.dead_letter, require_scope("read"), require_scope("operate")
+            ),
         ],
         lifespan=core.runtime.lifespan,
         api_keys=settings.http.api_keys,
