@@ -3,7 +3,9 @@ exit code, never a traceback: run as the operator would, as a process."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import subprocess
 from importlib import metadata
@@ -129,3 +131,19 @@ def test_a_local_broker_that_cannot_start_is_one_line_and_exit_69(tmp_path: Path
     proc = winback("run", "--local-kafka", cwd=tmp_path, env=env)
     assert proc.returncode == EXIT_UNAVAILABLE
     assert one_line(proc).startswith("winback: --local-kafka: ")
+
+
+@pytest.mark.parametrize("log_format", ["console", "json"])
+def test_the_log_format_setting_reaches_the_command_logs(tmp_path: Path, log_format: str) -> None:
+    # stderr is a pipe: JSON unless WINBACK_LOG_FORMAT says otherwise
+    url = f"postgresql+asyncpg://winback@127.0.0.1:{free_port()}/winback"
+    env = {"WINBACK_DATABASE__URL": url, "WINBACK_LOG_FORMAT": log_format}
+    proc = winback("migrate", "--wait", "1", cwd=tmp_path, env=env)
+    assert proc.returncode == EXIT_UNAVAILABLE
+    *logged, last = proc.stderr.splitlines()
+    assert last.startswith("winback: the database did not answer within 1 s (")
+    retry = next(line for line in logged if "reaching the database failed; retrying" in line)
+    if log_format == "console":
+        assert re.match(r"^\S+Z WARNING winback\.migrate: reaching the database failed", retry)
+    else:
+        assert json.loads(retry)["level"] == "WARNING"
