@@ -434,6 +434,17 @@ class DispatcherSettings(BaseModel):
         default=None, description="CRM task owner when the customer has none"
     )
     crm_task_due_hours: float = Field(default=24, gt=0)
+    sms_max_segments: int = Field(
+        default=3,
+        ge=1,
+        le=10,
+        description="previews and winback validate warn when an SMS takes more segments",
+    )
+    test_recipients: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="who POST /v1/test-sends may send to: glob patterns (comma list), e.g. "
+        "*@acme.example,+35840*; none set: anyone outside production, no one in production",
+    )
     webhooks: DispatcherWebhookSettings = Field(default_factory=DispatcherWebhookSettings)
     http: DispatcherHttpSettings = Field(default_factory=DispatcherHttpSettings)
     retry: DispatcherRetrySettings = Field(default_factory=DispatcherRetrySettings)
@@ -460,7 +471,7 @@ class DispatcherSettings(BaseModel):
         description="a delivery left 'sending' this long belongs to a crashed dispatcher",
     )
 
-    @field_validator("unsubscribe_keys", "highlights", mode="before")
+    @field_validator("unsubscribe_keys", "highlights", "test_recipients", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -25,6 +25,8 @@ from services.dispatcher.errors import TemplateError
 from services.dispatcher.handler import DispatchHandler
 from services.dispatcher.message_log import LoggedWebhooks
 from services.dispatcher.message_log import router as message_log_router
+from services.dispatcher.preview import Previewer
+from services.dispatcher.preview import router as preview_router
 from services.dispatcher.providers import Provider
 from services.dispatcher.rendering import (
     Brand,
@@ -259,6 +261,19 @@ def bootstrap(
         routers=[
             webhooks_router(webhooks, auth, core.clock),
             message_log_router(core.engine, bearer_auth(settings.http.api_keys)),
+            preview_router(
+                Previewer(
+                    composer,
+                    catalog,
+                    core.engine,
+                    core.clock,
+                    sms_max_segments=d.sms_max_segments,
+                    crm_default_owner=d.crm_default_owner,
+                ),
+                channels,
+                d.test_recipients,
+                production=settings.environment == "production",
+            ),
             unsubscribe_router(
                 unsubscribes,
                 tokens,
@@ -269,6 +284,7 @@ def bootstrap(
             ),
         ],
         lifespan=core.runtime.lifespan,
+        api_keys=settings.http.api_keys,
     )
     return DispatcherService(
         core=core,
