@@ -1356,8 +1356,16 @@ def test_values_schema_is_draft_07_and_admits_the_chart_values() -> None:
         (["--set-json", 'ingress.hosts="winback.example.com"'], "/ingress/hosts"),
         (["--set", "config.KAFKA_BOOTSTRAP=kafka:9092"], "/config"),
         (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy"),
+        # what the templates need once a switch is on
+        (
+            ["--set", "services.scheduler.autoscaling.enabled=false",
+             "--set", "services.scheduler.replicas=null"],
+            "missing property 'replicas'",
+        ),
+        (["--set", "services.ingest.autoscaling.maxReplicas=null"], "'maxReplicas'"),
+        (["--set", "httpRoute.enabled=true"], "/httpRoute/parentRefs"),
     ],
-)
+)  # fmt: skip
 def test_values_schema_refuses_typos_and_wrong_types(args: list[str], complaint: str) -> None:
     helm = _tool("helm")
     for command in (["lint", "--strict", str(CHART)], ["template", "rel", str(CHART)]):
