@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 import uuid
 from collections.abc import Iterator
@@ -113,14 +114,31 @@ async def _serve(services: list[Service], host: str, demo: Any = None) -> None:
     class Server(uvicorn.Server):
         """Several servers share one loop: the signal handling is ours, not each server's."""
 
+        service = ""
+
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             yield
 
-    servers = [
-        Server(uvicorn.Config(s.app, host=host, port=s.port, log_config=None, lifespan="on"))
-        for s in services
-    ]
+        async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+            try:
+                await super().serve(sockets)
+            except SystemExit:
+                # uvicorn exits when it cannot listen (it logged why: the port taken, say)
+                where = f"{self.config.host}:{self.config.port}"
+                setting = f"WINBACK_HTTP__{self.service.upper()}_PORT"
+                failures.append(
+                    (self.service, OSError(f"cannot listen on {where} (see the log; {setting})"))
+                )
+                _exit()
+
+    servers = []
+    for s in services:
+        server = Server(
+            uvicorn.Config(s.app, host=host, port=s.port, log_config=None, lifespan="on")
+        )
+        server.service = s.name
+        servers.append(server)
     loop = asyncio.get_running_loop()
     failures: list[tuple[str, BaseException]] = []
 

@@ -147,3 +147,25 @@ def test_the_log_format_setting_reaches_the_command_logs(tmp_path: Path, log_for
         assert re.match(r"^\S+Z WARNING winback\.migrate: reaching the database failed", retry)
     else:
         assert json.loads(retry)["level"] == "WARNING"
+
+
+def test_a_port_that_is_taken_ends_start_up_with_one_line_naming_the_setting(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            # start-up waits for these in the background; the port fails first
+            "WINBACK_DATABASE__URL": f"postgresql+asyncpg://winback@127.0.0.1:{free_port()}/w",
+            "WINBACK_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+            "WINBACK_HTTP__RELAY_PORT": str(port),
+        }
+        proc = winback("relay", cwd=tmp_path, env=env)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"winback: relay: start-up failed: OSError: cannot listen on 127.0.0.1:{port} "
+        "(see the log; WINBACK_HTTP__RELAY_PORT)"
+    )
