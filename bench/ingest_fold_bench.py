@@ -27,6 +27,7 @@ from typing import Any
 
 from services.ingest import events as ev
 from services.ingest.customer import CustomerState, Draft, OpenEpisode, apply, apply_to
+from shared.contracts.inbound import INBOUND
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 PROFILE = {
@@ -40,7 +41,7 @@ Batch = list[tuple[str, ev.Inbound]]
 
 
 def inbound(name: str, at: datetime, data: dict[str, Any]) -> ev.Inbound:
-    payload = ev.PAYLOADS[name].model_validate(data)
+    payload = INBOUND[name].model_validate(data)
     return ev.Inbound(name=name, payload=payload, occurred_at=at)
 
 

@@ -16,6 +16,9 @@ applies, whatever its time: an objection to direct marketing is absolute.
 Events are applied to a ``Draft``: the customer's state, changed in place while a batch's
 events are folded into it (``apply_to``), so no event rebuilds a frozen state register by
 register. ``apply`` is the same step on a frozen ``CustomerState``.
+
+What an event publishes is built with its contract's model (``shared.contracts.customer``):
+``Effects.emit`` holds the models, the handler takes each one's type from the registry.
 """
 
 from __future__ import annotations
@@ -25,8 +28,25 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from services.ingest import events as ev
+from services.ingest.events import Inbound
 from services.ingest.reasons import normalise_reason
+from shared.contracts.base import Published
+from shared.contracts.customer import (
+    ChurnEpisodeData,
+    ChurnRecorded,
+    ConsentChanged,
+    CustomerActivity,
+    CustomerReturned,
+    CustomerSnapshot,
+    FeatureAnnounced,
+    ProfileUpdated,
+)
+from shared.contracts.inbound import (
+    ConsentWithdrawn,
+    CustomerEvent,
+    FeatureReleased,
+    SubscriptionReactivated,
+)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ACTIVITY_BUCKET = timedelta(hours=1)
@@ -85,7 +105,7 @@ class CustomerState:
         """One word for people and queries: churned-like lifecycle first, then inactivity."""
         return status_of(self.lifecycle, self.activity)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> CustomerSnapshot:
         return _snapshot(self)
 
 
@@ -129,7 +149,7 @@ class Draft:
     def status(self) -> str:
         return status_of(self.lifecycle, self.activity)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> CustomerSnapshot:
         return _snapshot(self)
 
     def freeze(self) -> CustomerState:
@@ -179,17 +199,17 @@ def status_of(lifecycle: str, activity: str) -> str:
 _NO_PROFILE: dict[str, Any] = dict.fromkeys(PROFILE_FIELDS)
 
 
-def _snapshot(customer: CustomerState | Draft) -> dict[str, Any]:
-    """The customer as published: id, every profile field (times as ISO strings), status,
-    consent."""
-    out: dict[str, Any] = {"id": customer.id, **_NO_PROFILE}
+def _snapshot(customer: CustomerState | Draft) -> CustomerSnapshot:
+    """The customer as published: id, every profile field, status, consent."""
+    data: dict[str, Any] = {"id": customer.id, **_NO_PROFILE}
     for name, value in customer.profile.items():
         if name in _NO_PROFILE:
-            out[name] = value.isoformat() if isinstance(value, datetime) else value
-    out["status"] = status_of(customer.lifecycle, customer.activity)
-    out["consent"] = dict(customer.consent)
-    out["opted_out_all"] = customer.opted_out_all
-    return out
+            data[name] = value
+    data["status"] = status_of(customer.lifecycle, customer.activity)
+    data["consent"] = dict(customer.consent)
+    data["opted_out_all"] = customer.opted_out_all
+    # validated from a dict: the profile is one already (and the constructor is slower)
+    return CustomerSnapshot.model_validate(data)
 
 
 @dataclass(frozen=True)
@@ -211,31 +231,31 @@ class Episode:
     ended_at: datetime | None = None
     end_reason: str | None = None
 
-    def public(self) -> dict[str, Any]:
+    def public(self) -> ChurnEpisodeData:
         """The episode as published: no free-text comment (it may hold PII)."""
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "reason": self.reason,
-            "reason_raw": self.reason_raw,
-            "feature": self.feature,
-            "competitor": self.competitor,
-            "occurred_at": self.occurred_at.isoformat(),
-            "mrr_at_churn_minor": self.mrr_at_churn_minor,
-            "currency": self.currency,
-            "tenure_days": self.tenure_days,
-        }
+        return ChurnEpisodeData(
+            id=self.id,
+            kind=self.kind,
+            reason=self.reason,
+            reason_raw=self.reason_raw,
+            feature=self.feature,
+            competitor=self.competitor,
+            occurred_at=self.occurred_at,
+            mrr_at_churn_minor=self.mrr_at_churn_minor,
+            currency=self.currency,
+            tenure_days=self.tenure_days,
+        )
 
 
 @dataclass
 class Effects:
     """What applying one event changes: the new state (``apply``; ``apply_to`` changes its
-    draft instead), rows to write, events to emit."""
+    draft instead), rows to write, events to emit (their contracts' models)."""
 
     state: CustomerState | None
     new_episode: Episode | None = None
     ended: list[tuple[str, datetime, str]] = field(default_factory=list)
-    emit: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    emit: list[Published] = field(default_factory=list)
 
 
 def episode_id(source: str, event_id: str) -> str:
@@ -272,13 +292,13 @@ def _end_before(
 
 def apply(
     state: CustomerState | None,
-    inbound: ev.Inbound,
+    inbound: Inbound,
     source: str,
     event_id: str,
 ) -> Effects:
     """Apply one validated inbound event to a customer's state (``None`` = unknown)."""
     payload = inbound.payload
-    if not isinstance(payload, ev.CustomerEvent):
+    if not isinstance(payload, CustomerEvent):
         return _feature_released(inbound)
     draft = Draft(state) if state is not None else Draft.new(payload.customer_id)
     effects = apply_to(draft, inbound, source, event_id)
@@ -286,11 +306,11 @@ def apply(
     return effects
 
 
-def apply_to(draft: Draft, inbound: ev.Inbound, source: str, event_id: str) -> Effects:
+def apply_to(draft: Draft, inbound: Inbound, source: str, event_id: str) -> Effects:
     """Apply one validated customer event to ``draft`` in place (``effects.state`` stays
     ``None``): the effects of ``apply`` with the same state."""
     payload = inbound.payload
-    assert isinstance(payload, ev.CustomerEvent)
+    assert isinstance(payload, CustomerEvent)
     at = inbound.occurred_at
     name = inbound.name
     merged = _merge_fields(draft, payload.customer.fields_set(), at)
@@ -304,42 +324,36 @@ def apply_to(draft: Draft, inbound: ev.Inbound, source: str, event_id: str) -> E
     elif name == "user.active":
         _active(effects, draft, at)
     elif name == "consent.withdrawn":
-        assert isinstance(payload, ev.ConsentWithdrawn)
+        assert isinstance(payload, ConsentWithdrawn)
         if payload.channel == "all":
             draft.opted_out_all = True
         else:
             draft.consent[payload.channel] = False
         effects.emit.append(
-            (
-                "consent.changed",
-                {
-                    "customer_id": draft.id,
-                    "channel": payload.channel,
-                    "granted": False,
-                    "at": at.isoformat(),
-                    "customer": draft.snapshot(),
-                },
+            ConsentChanged(
+                customer_id=draft.id,
+                channel=payload.channel,
+                granted=False,
+                at=at,
+                customer=draft.snapshot(),
             )
         )
     elif name == "customer.updated" and merged:
-        effects.emit.append(("customer.updated", {"customer": draft.snapshot()}))
+        effects.emit.append(ProfileUpdated(customer=draft.snapshot()))
     return effects
 
 
-def _feature_released(inbound: ev.Inbound) -> Effects:
+def _feature_released(inbound: Inbound) -> Effects:
     payload = inbound.payload
-    assert isinstance(payload, ev.FeatureReleased)
+    assert isinstance(payload, FeatureReleased)
     return Effects(
         state=None,
         emit=[
-            (
-                "feature.released",
-                {
-                    "feature": payload.feature,
-                    "name": payload.name,
-                    "description": payload.description,
-                    "released_at": inbound.occurred_at.isoformat(),
-                },
+            FeatureAnnounced(
+                feature=payload.feature,
+                name=payload.name,
+                description=payload.description,
+                released_at=inbound.occurred_at,
             )
         ],
     )
@@ -347,7 +361,7 @@ def _feature_released(inbound: ev.Inbound) -> Effects:
 
 def _episode(
     draft: Draft,
-    inbound: ev.Inbound,
+    inbound: Inbound,
     kind: str,
     source: str,
     event_id: str,
@@ -390,18 +404,15 @@ def _open(effects: Effects, draft: Draft, episode: Episode) -> None:
     effects.new_episode = episode
     effects.ended.extend(ended)
     effects.emit.append(
-        (
-            "churn.recorded",
-            {
-                "customer": draft.snapshot(),
-                "episode": episode.public(),
-                "superseded": [e[0] for e in ended],
-            },
+        ChurnRecorded(
+            customer=draft.snapshot(),
+            episode=episode.public(),
+            superseded=[e[0] for e in ended],
         )
     )
 
 
-def _churn(effects: Effects, draft: Draft, inbound: ev.Inbound, source: str, event_id: str) -> None:
+def _churn(effects: Effects, draft: Draft, inbound: Inbound, source: str, event_id: str) -> None:
     at = inbound.occurred_at
     kind, lifecycle = LIFECYCLE_CHURN[inbound.name]
     if at < draft.lifecycle_at:
@@ -417,9 +428,7 @@ def _churn(effects: Effects, draft: Draft, inbound: ev.Inbound, source: str, eve
     _open(effects, draft, episode)
 
 
-def _inactive(
-    effects: Effects, draft: Draft, inbound: ev.Inbound, source: str, event_id: str
-) -> None:
+def _inactive(effects: Effects, draft: Draft, inbound: Inbound, source: str, event_id: str) -> None:
     at = inbound.occurred_at
     if at < draft.activity_at:
         return  # activity seen after this: the customer was not inactive
@@ -432,9 +441,9 @@ def _inactive(
     _open(effects, draft, _episode(draft, inbound, "user_inactive", source, event_id))
 
 
-def _reactivated(effects: Effects, draft: Draft, inbound: ev.Inbound) -> None:
+def _reactivated(effects: Effects, draft: Draft, inbound: Inbound) -> None:
     payload = inbound.payload
-    assert isinstance(payload, ev.SubscriptionReactivated)
+    assert isinstance(payload, SubscriptionReactivated)
     at = inbound.occurred_at
     _merge_fields(
         draft,
@@ -456,16 +465,13 @@ def _reactivated(effects: Effects, draft: Draft, inbound: ev.Inbound) -> None:
         draft.lifecycle_at = at
         if was in CHURNED or was == "inactive" or ended:
             effects.emit.append(
-                (
-                    "customer.returned",
-                    {
-                        "customer": draft.snapshot(),
-                        "kind": "reactivated",
-                        "returned_at": at.isoformat(),
-                        "previous_status": was,
-                        "ended_episodes": [e[0] for e in ended],
-                        "mrr_minor": draft.profile.get("mrr_minor"),
-                    },
+                CustomerReturned(
+                    customer=draft.snapshot(),
+                    kind="reactivated",
+                    returned_at=at,
+                    previous_status=was,
+                    ended_episodes=[e[0] for e in ended],
+                    mrr_minor=draft.profile.get("mrr_minor"),
                 )
             )
     effects.ended.extend(ended)
@@ -479,16 +485,13 @@ def _active(effects: Effects, draft: Draft, at: datetime) -> None:
         draft.activity_at = at
     if ended:
         effects.emit.append(
-            (
-                "customer.returned",
-                {
-                    "customer": draft.snapshot(),
-                    "kind": "activity",
-                    "returned_at": at.isoformat(),
-                    "previous_status": "inactive",
-                    "ended_episodes": [e[0] for e in ended],
-                    "mrr_minor": draft.profile.get("mrr_minor"),
-                },
+            CustomerReturned(
+                customer=draft.snapshot(),
+                kind="activity",
+                returned_at=at,
+                previous_status="inactive",
+                ended_episodes=[e[0] for e in ended],
+                mrr_minor=draft.profile.get("mrr_minor"),
             )
         )
     # a churned customer's case may exit on any activity; for everyone else (a returned
@@ -496,9 +499,10 @@ def _active(effects: Effects, draft: Draft, at: datetime) -> None:
     # enough — a product that reports every page view must not become a stream of events
     if lifecycle in CHURNED or _hour(at) > _hour(activity_at):
         effects.emit.append(
-            (
-                "customer.activity",
-                {"customer_id": draft.id, "at": at.isoformat(), "status": status},
+            CustomerActivity(
+                customer_id=draft.id,
+                at=at,
+                status=status,
             )
         )
     effects.ended.extend(ended)

@@ -11,8 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared import domain_events as de
 from shared.cloudevents import CloudEvent
+from shared.contracts.customer import CustomerErased
 from shared.db.tables import churn_episodes, customers
-from shared.errors import InvalidEvent
 from shared.messaging.pipeline import Incoming, Tx
 
 
@@ -33,11 +33,12 @@ async def erase(conn: AsyncConnection, ids: Sequence[str]) -> None:
 
 class ErasureHandler:
     def decode(self, event: CloudEvent) -> str | None:
+        """The id of the customer to erase, or ``None`` for another type on the topic. The data
+        decodes through its contract (``CustomerErased``, tolerant of fields added later): a
+        malformed one raises ``InvalidEvent`` naming the field and dead-letters here."""
         if event.type != de.CUSTOMER_ERASED:
             return None
-        if not isinstance(event.data, dict) or not event.data.get("customer_id"):
-            raise InvalidEvent("invalid_payload", "customer_id is required", "data.customer_id")
-        return str(event.data["customer_id"])
+        return CustomerErased.decode(event.data, tolerant=True).customer_id
 
     async def handle(self, tx: Tx, items: Sequence[Incoming[Any]]) -> None:
         await erase(tx.conn, [i.payload for i in items if i.payload is not None])

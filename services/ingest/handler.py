@@ -7,10 +7,10 @@ from typing import Any
 
 from services.ingest import store
 from services.ingest.customer import Draft, Episode, apply, apply_to
-from services.ingest.events import Inbound, decode
-from shared import domain_events
+from services.ingest.events import PUBLISHES, Inbound, decode
 from shared.clock import Clock
 from shared.cloudevents import CloudEvent
+from shared.contracts.customer import FeatureAnnounced
 from shared.messaging.pipeline import Incoming, Tx
 
 
@@ -52,13 +52,16 @@ class IngestHandler:
             if effects.new_episode is not None:
                 new_episodes.append(effects.new_episode)
             ended.extend(effects.ended)
-            for name, data in effects.emit:
-                key = cid if cid is not None else str(data.get("feature", ""))
+            for model in effects.emit:
+                if cid is not None:
+                    key = cid
+                else:
+                    key = model.feature if isinstance(model, FeatureAnnounced) else ""
                 tx.emit(
                     self.domain_topic,
                     key,
-                    f"{domain_events.PREFIX}.{name}",
-                    data,
+                    PUBLISHES[type(model)].name,
+                    model.to_data(),
                     cause=event,
                     subject=cid,
                 )

@@ -4,16 +4,15 @@ The route reads the raw body (structured mode: one CloudEvent or a JSON array ba
 ``application/cloudevents+json``, ``application/cloudevents-batch+json`` or plain
 ``application/json``; binary mode: ``ce-`` headers with the data as the body), so FastAPI
 cannot derive the schema: it is built here from the same limits and payload models the
-decoding applies (``shared.cloudevents``, ``services.ingest.events``). One branch per event
-type: the ``type`` (with the configured prefix) decides the ``data`` schema. What JSON Schema
-cannot say — a time at most a few minutes ahead, a phone number that exists, an IANA zone —
-the 422 answer names."""
+decoding applies (``shared.cloudevents``, the inbound contracts of ``shared.contracts``). One
+branch per event type: the ``type`` (with the configured prefix) decides the ``data`` schema.
+What JSON Schema cannot say — a time at most a few minutes ahead, a phone number that exists,
+an IANA zone — the 422 answer names."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from services.ingest.events import PAYLOADS
 from shared.cloudevents import (
     ATTRIBUTE_LIMITS,
     MAX_EXTENSION_VALUE_CHARS,
@@ -22,6 +21,7 @@ from shared.cloudevents import (
     STRUCTURED,
     TIME_RANGE,
 )
+from shared.contracts.registry import INBOUND
 
 BATCH = "application/cloudevents-batch+json"
 # no control characters (C0, DEL, C1): what shared.cloudevents refuses in an attribute
@@ -63,7 +63,8 @@ def request_body(type_prefix: str, batch_limit: int) -> dict[str, Any]:
     """``openapi_extra`` for the route: the request body in each structured content type."""
     defs: dict[str, Any] = {}
     branches: list[dict[str, Any]] = []
-    for name, model in PAYLOADS.items():
+    for name, contract in INBOUND.items():
+        model = contract.model
         schema = model.model_json_schema(ref_template=_DEFS + "{model}")
         defs.update(schema.pop("$defs", {}))
         defs[model.__name__] = schema

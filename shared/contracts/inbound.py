@@ -1,13 +1,12 @@
 """Lifecycle events from billing and product systems: the ``data`` of each inbound type.
 
 Types arrive as ``<prefix>.<name>`` (``com.example.subscription.cancelled``; the prefix is
-``ingest.event_type_prefix``) on the inbound topics or ``POST /v1/events``; ingest validates
-them. These models carry exactly ingest's rules (``services/ingest/events.py``; a differential
-test, ``tests/unit/test_contracts_inbound.py``, holds the two equal): unknown fields ignored,
-whitespace stripped, every string bounded and free of control characters (free text may hold
-tab and line breaks), every time aware and within ``shared.cloudevents.TIME_RANGE``, every
-amount within a PostgreSQL bigint. Email is normalised (domain lower-cased), phone to E.164,
-currency upper-cased, times to UTC.
+``ingest.event_type_prefix``) on the inbound topics or ``POST /v1/events``; ingest decodes
+them with these models (``services/ingest/events.py``, through ``registry.INBOUND``), so they
+are ingest's rules, in one place: unknown fields ignored, whitespace stripped, every string
+bounded and free of control characters (free text may hold tab and line breaks), every time
+aware and within ``shared.cloudevents.TIME_RANGE``, every amount within a PostgreSQL bigint.
+Email is normalised (domain lower-cased), phone to E.164, currency upper-cased, times to UTC.
 """
 
 from __future__ import annotations

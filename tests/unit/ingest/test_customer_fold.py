@@ -10,14 +10,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.ingest import events as ev
-from services.ingest.customer import CustomerState, Draft, apply, apply_to
+from services.ingest.customer import CustomerState, Draft, Effects, apply, apply_to
+from shared import domain_events as de
+from shared.contracts.inbound import INBOUND
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def inbound(name: str, at: datetime, **data: Any) -> ev.Inbound:
     data.setdefault("customer_id", "c1")
-    return ev.Inbound(name=name, payload=ev.PAYLOADS[name].model_validate(data), occurred_at=at)
+    payload = INBOUND[name].model_validate(data)
+    return ev.Inbound(name=name, payload=payload, occurred_at=at)
+
+
+def emitted(effects: Effects) -> list[tuple[str, dict[str, Any]]]:
+    """The events as the handler publishes them: type from the registry, data on the wire."""
+    return [(ev.PUBLISHES[type(model)].name, model.to_data()) for model in effects.emit]
 
 
 def fold(events: list[ev.Inbound]) -> CustomerState | None:
@@ -45,7 +53,7 @@ def test_a_cancellation_makes_the_customer_churned_and_opens_an_episode() -> Non
     assert effects.new_episode.reason == "price"
     assert effects.new_episode.mrr_at_churn_minor == 4900
     assert effects.new_episode.tenure_days == 365
-    assert [name for name, _ in effects.emit] == ["churn.recorded"]
+    assert [name for name, _ in emitted(effects)] == [de.CHURN_RECORDED]
 
 
 def test_a_reactivation_that_arrives_first_wins_over_the_older_cancellation() -> None:
@@ -71,8 +79,8 @@ def test_a_reactivation_ends_the_open_episode_and_reports_the_return() -> None:
     assert back.state.status == "active"
     assert back.state.open_episodes == ()
     assert [e[2] for e in back.ended] == ["returned"]
-    assert back.emit[0][0] == "customer.returned"
-    assert back.emit[0][1]["mrr_minor"] == 9900
+    assert emitted(back)[0][0] == de.CUSTOMER_RETURNED
+    assert emitted(back)[0][1]["mrr_minor"] == 9900
 
 
 def test_a_stale_profile_update_does_not_overwrite_a_newer_one() -> None:
@@ -118,7 +126,7 @@ def test_activity_after_inactivity_ends_the_passive_episode() -> None:
     back = apply(quiet.state, inbound("user.active", T0 + timedelta(days=3)), "/p", "a")
     assert back.state is not None
     assert back.state.status == "active"
-    assert [name for name, _ in back.emit] == ["customer.returned", "customer.activity"]
+    assert [name for name, _ in emitted(back)] == [de.CUSTOMER_RETURNED, de.CUSTOMER_ACTIVITY]
 
 
 def test_activity_of_a_customer_who_is_not_churned_is_forwarded_once_an_hour() -> None:
@@ -131,7 +139,7 @@ def test_activity_of_a_customer_who_is_not_churned_is_forwarded_once_an_hour() -
         assert effects.state is not None
         state = effects.state
         assert state.activity_at == at  # the register always moves
-        forwarded += [d["at"] for name, d in effects.emit if name == "customer.activity"]
+        forwarded += [d["at"] for name, d in emitted(effects) if name == de.CUSTOMER_ACTIVITY]
     assert forwarded == [(T0 + timedelta(hours=h)).isoformat() for h in range(4)]
 
 
@@ -139,15 +147,15 @@ def test_a_cancellation_supersedes_an_open_inactivity_episode() -> None:
     quiet = apply(None, inbound("user.inactive", T0), "/p", "i")
     gone = apply(quiet.state, inbound("subscription.cancelled", T0 + timedelta(days=5)), "/b", "c")
     assert [e[2] for e in gone.ended] == ["superseded"]
-    assert gone.emit[0][1]["superseded"] == [quiet.new_episode.id]  # type: ignore[union-attr]
+    assert emitted(gone)[0][1]["superseded"] == [quiet.new_episode.id]  # type: ignore[union-attr]
 
 
 def test_feature_release_has_no_customer_and_is_passed_on() -> None:
     out = apply(None, inbound("feature.released", T0, feature="sso", customer_id=None), "/p", "f")
     assert out.state is None
-    assert out.emit == [
+    assert emitted(out) == [
         (
-            "feature.released",
+            de.FEATURE_RELEASED,
             {"feature": "sso", "name": None, "description": None, "released_at": T0.isoformat()},
         )
     ]

@@ -9,6 +9,7 @@ import orjson
 from services.ingest import events as ev
 from services.ingest import store
 from services.ingest.customer import CustomerState, Draft, OpenEpisode, apply
+from shared.contracts.inbound import INBOUND
 
 T0 = datetime(2026, 3, 1, 12, 30, 15, 250_000, tzinfo=UTC)
 
@@ -46,7 +47,7 @@ def test_customer_columns_are_the_upserts_columns_in_the_customers_order() -> No
 
 
 def test_episode_columns_are_the_inserts_columns() -> None:
-    payload = ev.PAYLOADS["subscription.cancelled"].model_validate(
+    payload = INBOUND["subscription.cancelled"].model_validate(
         {"customer_id": "c1", "reason": "too_expensive"}
     )
     effects = apply(
