@@ -1,5 +1,6 @@
 """Results reports: measured lift over the holdout, re-churn of returned customers, win-back
-revenue and time to return, and message engagement.
+revenue and time to return, cost and ROI, cohorts of returned customers, credited win-backs
+per CRM owner, and message engagement.
 
 The database counts (``services.scheduler.queries.reports``: ``GROUP BY``, ``FILTER``,
 ``percentile_cont``: never a row per case into Python); the pure core
@@ -11,14 +12,30 @@ Definitions
 * The unit is a **case** (one churn episode). ``targeted``: cases whose churn falls in the
   ``from``/``to`` dates (UTC, both inclusive), split by ``cases.holdout`` into the contacted
   arm and the holdout arm. ``returned``: those of them that came back (``returned_at`` set).
-  Intent to treat: a case counts in its arm whatever happened to it later.
+  Intent to treat (``lift_definition``): a case counts in its arm whatever happened to it
+  later, and so does its return — the handler records every return on the customer's latest
+  win-back case within the playbook's attribution horizon of the churn, open or closed
+  (``returned_after_close``: returns on a case closed first for another reason). Counting
+  only returns while a case is open would bias the lift low: contacted customers can
+  unsubscribe (closing their case), holdout customers cannot.
+* **Cost and ROI** (``economics``, in ``results.currency`` minor units): messages sent
+  (``sent`` state or later evidence) times ``results.message_cost_minor`` by
+  ``channel/provider`` or ``channel``; offers redeemed (the offer on a return's credited step)
+  priced from the content's ``offers.yaml`` (percent off x months of the regained MRR, free
+  months, a trial extension's days / 30, amount off x months, ``cost_minor``) unless
+  ``results.offer_cost`` names the offer; MRR regained; recovered revenue = MRR regained x the
+  months (30 days) the customer stayed after the return, until the next churn or ``as_of``,
+  at most ``revenue_months``. Raw: the contacted arm's figures. Incremental: each figure per
+  targeted case minus the holdout's, times the contacted arm's targeted. Other currencies are
+  converted with ``results.exchange_rates`` (without a rate: ``unconverted_returns``).
 * **Re-churn** at N days: a return (a ``win_backs`` row) re-churned if the same customer has a
   later case with ``churned_at`` in ``(returned_at, returned_at + N days]``. Only returns at
   least N days before ``as_of`` (the clock's now) are old enough to judge, so only they count
   in the N-day denominator (``matured``).
 * ``group_by``: ``none`` (one group), ``playbook``, ``reason`` (the normalised churn reason),
   ``lifecycle`` (passive user / churned customer / lost lead / expired trial),
-  ``value_tier``, ``label`` (a case is in the group of each of its segment labels — these
+  ``value_tier``, ``crm_owner`` (the customer's CRM owner now, from the scheduler's copy of
+  the profile), ``label`` (a case is in the group of each of its segment labels — these
   groups overlap; a case without labels is under ``label: null``), ``variant`` (per playbook
   step and variant: a case is in the group of every step variant it was *assigned*, sent or
   not; holdout cases are assigned variants too, so each variant has its own randomised
@@ -35,6 +52,11 @@ Definitions
   re-churn rate minus the contacted arm's (re-churns prevented per case: positive is good),
   with Newcombe's interval, the z-test and times the contacted matured cases. Grouped by
   playbook when ``group_by=playbook``; for every other ``group_by``, one ungrouped entry.
+* **Cohorts** (``/cohorts``): returns by UTC month or quarter of the return; still active at N
+  days = not churned again within N days, over the returns at least N days old; MRR now = the
+  profile's MRR of those not churned again.
+* **Owners** (``/owners``): credited returns per CRM owner on the credited step, by return
+  date — what a commission system imports (JSON, or CSV with a header row).
 """
 
 from __future__ import annotations
