@@ -778,7 +778,10 @@ def settings_places() -> Places:
     def named(var: str, default: Path | None, kind: str) -> Path | None:
         value = os.environ.get(var)
         if value is None:
-            return default if default is not None and default.exists() else None
+            present = default is not None and (
+                default.is_dir() if kind == "directory" else default.is_file()
+            )
+            return default if present else None
         if not value:
             return None
         path = Path(value)
