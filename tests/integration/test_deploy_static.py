@@ -61,9 +61,6 @@ ALERTS_TEST = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
 ALERT_TESTS = (ALERTS_TEST, ROOT / "deploy" / "prometheus" / "alerts_kpi_test.yml")
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
 RUNBOOK_URL = "https://github.com/example/winback/blob/main/docs/runbooks.md#"
-# metrics the alerts read that code in progress will export (issue 16's billing connector counts
-# its webhooks by provider and outcome); accepted while no module exports them yet
-ANNOUNCED_METRICS = {"winback_billing_webhooks_total"}
 # series Prometheus itself writes for every target
 PROMETHEUS_SERIES = {"up"}
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -71,7 +68,12 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboard.json"
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 CHART = ROOT / "deploy" / "helm" / "winback"
-METRIC_MODULES = ("shared.metrics", "services.scheduler.metrics", "services.dispatcher.metrics")
+METRIC_MODULES = (
+    "shared.metrics",
+    "services.scheduler.metrics",
+    "services.dispatcher.metrics",
+    "services.ingest.billing.routes",  # winback_billing_webhooks_total
+)
 SERVICES = ("ingest", "scheduler", "dispatcher")
 TOOL_TIMEOUT = 120
 
@@ -533,7 +535,7 @@ def test_alert_expressions_use_only_exported_metrics(
         f"{rule['alert']}: {name}"
         for rule in alert_rules
         for name in metric_names(rule["expr"])
-        if name not in exported | ANNOUNCED_METRICS | PROMETHEUS_SERIES
+        if name not in exported | PROMETHEUS_SERIES
     }
     assert not unknown, f"alert expressions read metrics no service exports: {sorted(unknown)}"
 
@@ -1525,11 +1527,8 @@ def test_public_routes_are_the_apps_public_paths_and_nothing_else(
                 if _prefix_matches(prefix, path) and component[backend] != service
             }
             assert not misrouted, f"{kind} sends {service}'s paths elsewhere: {misrouted}"
-    # each public prefix leads to something its service serves (the billing webhooks once the
-    # billing connector, being built in issue 16, is there)
+    # each public prefix leads to something its service serves
     for prefix, service in PUBLIC_ROUTES.items():
-        if prefix == "/v1/billing/" and importlib.util.find_spec("services.ingest.billing") is None:
-            continue
         served = [p for p in app_paths[service] if _prefix_matches(prefix, p)]
         assert served, f"{service} serves nothing under {prefix}: {sorted(app_paths[service])}"
 
