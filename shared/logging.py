@@ -14,6 +14,7 @@ and then writes one summary line with the count. Our own retry loops opt in per 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -253,7 +254,7 @@ class ConsoleFormatter(logging.Formatter):
             f"{rfc3339(record.created)} {record.levelname:<7} {record.name}: {record.getMessage()}"
         )
         extras = [
-            f"{key}={value}"
+            f"{key}={_console_value(value)}"
             for key, value in record.__dict__.items()
             if key not in _STD and key not in _DROP and key not in (THROTTLE, _SUMMARY)
         ]
@@ -264,6 +265,14 @@ class ConsoleFormatter(logging.Formatter):
         if record.stack_info:
             line += "\n" + self.formatStack(record.stack_info)
         return line
+
+
+def _console_value(value: Any) -> str:
+    """A field's value as ``key=value`` shows it: quoted (JSON string) when it has spaces."""
+    text = str(value)
+    if not text or any(c.isspace() or c == '"' for c in text):
+        return json.dumps(text, ensure_ascii=False)
+    return text
 
 
 def choose_format(setting: str, stream: IO[str]) -> Literal["json", "console"]:

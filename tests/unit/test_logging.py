@@ -328,7 +328,9 @@ CHILD = """
 import logging
 from shared import logging as winback_logging
 winback_logging.configure(log_format={fmt!r})
-logging.getLogger("winback.test").warning("hello %s", "there", extra={{"port": 8081}})
+logging.getLogger("winback.test").warning(
+    "hello %s", "there", extra={{"port": 8081, "operation": "reaching the database"}}
+)
 """
 
 
@@ -367,7 +369,10 @@ def test_a_terminal_gets_readable_lines_and_a_pipe_gets_json() -> None:
     text = _child_stderr_on_a_terminal("auto")
     when, level, rest = text.strip().split(maxsplit=2)
     assert RFC3339_UTC.match(when)
-    assert (level, rest) == ("WARNING", "winback.test: hello there  port=8081")
+    assert (level, rest) == (
+        "WARNING",
+        'winback.test: hello there  port=8081 operation="reaching the database"',
+    )
     assert "{" not in text
 
     forced = json.loads(_child_stderr_on_a_terminal("json"))
