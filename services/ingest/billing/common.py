@@ -1,7 +1,8 @@
 """What the billing mappings share. Pure: no I/O.
 
 - ``Mapped``: one provider event read into one of our inbound events (or ignored);
-- ``monthly_minor``: a recurring price normalised to a month, in minor units;
+- ``monthly`` / ``monthly_minor``: a recurring price normalised to a month, in minor units
+  (items are summed exactly and rounded once);
 - ``zone_for``: a time zone from a phone number or an address country;
 - ``conform``: drop the optional fields our inbound contract would refuse, so a customer's odd
   phone number never costs the whole cancellation.
@@ -52,14 +53,23 @@ PER_MONTH: Mapping[str, Fraction] = {
 }
 
 
-def monthly_minor(amount: int, quantity: int, interval: str, count: int = 1) -> int | None:
-    """``amount`` (minor units) x ``quantity`` every ``count`` ``interval``s, per month, rounded
-    half up; ``None`` for an interval we do not know or a count below 1."""
+def monthly(amount: int, quantity: int, interval: str, count: int = 1) -> Fraction | None:
+    """``amount`` (minor units) x ``quantity`` every ``count`` ``interval``s, per month, exactly;
+    ``None`` for an interval we do not know or a count below 1."""
     per = PER_MONTH.get(interval)
     if per is None or count < 1 or amount < 0 or quantity < 0:
         return None
-    exact = Fraction(amount * quantity) * per / count
-    return int(exact + Fraction(1, 2))
+    return Fraction(amount * quantity) * per / count
+
+
+def round_half_up(value: Fraction) -> int:
+    return int(value + Fraction(1, 2))
+
+
+def monthly_minor(amount: int, quantity: int, interval: str, count: int = 1) -> int | None:
+    """``monthly`` rounded half up to a whole minor unit."""
+    exact = monthly(amount, quantity, interval, count)
+    return None if exact is None else round_half_up(exact)
 
 
 def as_int(value: Any) -> int | None:

@@ -1,7 +1,8 @@
 """``POST /v1/billing/stripe|paddle|chargebee``: billing webhooks in, no code to write.
 
 Authenticated by each provider's own scheme (``auth.py``), not our API key. A connector is off
-— 404 — until its secret is configured (``WINBACK_BILLING__<PROVIDER>__…``). A missing, bad or
+— 404 — until its secret is configured (``WINBACK_BILLING__<PROVIDER>__…``); a request without
+the provider's signature header (or credentials) is a 400 either way. A missing, bad or
 stale signature is a 400 problem, counted, and nothing is recorded. A verified event is mapped
 by the provider's pure mapping and goes through the same pipeline as ``POST /v1/events``, in
 one transaction: the CloudEvent's id is the provider's event id (source
@@ -26,7 +27,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import Counter
 from pydantic import BaseModel
 
-from services.ingest.billing import stripe
+from services.ingest.billing import chargebee, paddle, stripe
 from services.ingest.billing.auth import (
     PADDLE_HEADER,
     STRIPE_HEADER,
@@ -65,6 +66,8 @@ class Received(BaseModel):
 @dataclass(frozen=True)
 class Connector:
     provider: str
+    header: str
+    """The header that carries the signature or credentials."""
     check: Callable[[Request, bytes], None] | None
     """Raises ``SignatureError``; ``None`` = not configured."""
     read: Callable[[Any], Mapped]
@@ -92,7 +95,18 @@ def connectors(settings: BillingSettings) -> dict[str, Connector]:
         verify_basic(request.headers.get("authorization"), *credentials)
 
     return {
-        "stripe": Connector("stripe", check_stripe if stripe_secrets else None, stripe.map_event),
+        "stripe": Connector(
+            "stripe", STRIPE_HEADER, check_stripe if stripe_secrets else None, stripe.map_event
+        ),
+        "paddle": Connector(
+            "paddle", PADDLE_HEADER, check_paddle if paddle_secrets else None, paddle.map_event
+        ),
+        "chargebee": Connector(
+            "chargebee",
+            "Authorization",
+            check_chargebee if credentials else None,
+            chargebee.map_event,
+        ),
     }
 
 
@@ -154,6 +168,15 @@ def router(pipeline: Pipeline, settings: BillingSettings, type_prefix: str) -> A
 
     async def receive(provider: str, request: Request) -> JSONResponse:
         connector = table[provider]
+        if not request.headers.get(connector.header):
+            # unsigned: refused the same whether the connector is on or not
+            WEBHOOKS.labels(provider, "signature_missing").inc()
+            raise Problem(
+                400,
+                "Signature refused",
+                f"{provider} webhook: no {connector.header} header",
+                type="/problems/signature-missing",
+            )
         if connector.check is None:
             WEBHOOKS.labels(provider, "not_configured").inc()
             raise Problem(404, "Not found", f"the {provider} connector is not configured")

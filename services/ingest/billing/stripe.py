@@ -18,6 +18,7 @@ The customer id is Stripe's (``cus_…``). The event time is the event's ``creat
 from __future__ import annotations
 
 from datetime import timedelta
+from fractions import Fraction
 from typing import Any
 
 from services.ingest.billing.common import (
@@ -29,9 +30,10 @@ from services.ingest.billing.common import (
     conform,
     items,
     locale_of,
-    monthly_minor,
+    monthly,
     obj,
     phone_e164,
+    round_half_up,
     text,
     unix_time,
     zone_for,
@@ -100,7 +102,7 @@ def mrr(sub: dict[str, Any]) -> tuple[int | None, str | None]:
     """The subscription's monthly recurring revenue in minor units and its currency: each
     item's unit amount x quantity, its price's interval normalised to a month. Items without a
     per-unit amount (tiered, metered) count as nothing; ``None`` when no item has one."""
-    total: int | None = None
+    total: Fraction | None = None
     currency = text(sub.get("currency"), 3)
     for item in items(obj(sub.get("items")).get("data")):
         price = obj(item.get("price")) or obj(item.get("plan"))
@@ -111,12 +113,13 @@ def mrr(sub: dict[str, Any]) -> tuple[int | None, str | None]:
         quantity = as_int(item.get("quantity"))
         if amount is None or not isinstance(interval, str):
             continue
-        monthly = monthly_minor(amount, 1 if quantity is None else quantity, interval, count)
-        if monthly is None:
+        part = monthly(amount, 1 if quantity is None else quantity, interval, count)
+        if part is None:
             continue
-        total = (total or 0) + monthly
+        total = (total or 0) + part
         currency = currency or text(price.get("currency"), 3)
-    return total, (currency.upper() if currency else None)
+    amount = None if total is None else round_half_up(total)
+    return amount, (currency.upper() if currency else None)
 
 
 def plan_name(sub: dict[str, Any]) -> str | None:
