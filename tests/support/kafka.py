@@ -68,10 +68,12 @@ async def produce(
 
 
 async def read_all(
-    bootstrap: str, topic: str, expect: int, timeout: float = 30.0, settle: float = 0.5
+    bootstrap: str, topic: str, expect: int, timeout: float = 30.0
 ) -> list[ConsumerRecord[bytes, bytes]]:
-    """Read the topic from the start until ``expect`` records arrived (then ``settle`` more
-    seconds, to catch extras) or ``timeout`` passed. Returns what was read."""
+    """Every record of ``topic`` from its start, read once at least ``expect`` have arrived and
+    every partition is read to the end it had at that moment (so a record written before the
+    ``expect``-th one arrived is in the answer too: an extra copy shows up in the count). Gives
+    up after ``timeout`` and returns what it read; the caller's assertion shows the rest."""
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
@@ -81,21 +83,29 @@ async def read_all(
     )
     await consumer.start()
     out: list[ConsumerRecord[bytes, bytes]] = []
+    ends: dict[TopicPartition, int] | None = None
     try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        settle_until: float | None = None
-        while loop.time() < deadline:
-            if settle_until is not None and loop.time() >= settle_until:
-                break
-            batches = await consumer.getmany(timeout_ms=200)
-            for messages in batches.values():
-                out.extend(messages)
-            if settle_until is None and len(out) >= expect:
-                settle_until = loop.time() + settle
+        async with asyncio.timeout(timeout):
+            while ends is None or not await _read_to(consumer, ends):
+                batches = await consumer.getmany(timeout_ms=200)
+                for messages in batches.values():
+                    out.extend(messages)
+                partitions = consumer.assignment()  # every partition, once the topic exists
+                if ends is None and len(out) >= expect and partitions:
+                    ends = await consumer.end_offsets(list(partitions))
+    except TimeoutError:
+        pass  # what arrived is the answer
     finally:
         await consumer.stop()
     return out
+
+
+async def _read_to(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
+    """Whether the consumer's position has reached ``ends`` on every partition."""
+    for tp, end in ends.items():
+        if await consumer.position(tp) < end:
+            return False
+    return True
 
 
 async def group_behind(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
