@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import subprocess
+import tomllib
 from importlib import metadata
 from pathlib import Path
 
@@ -169,3 +170,17 @@ def test_a_port_that_is_taken_ends_start_up_with_one_line_naming_the_setting(
         f"winback: relay: start-up failed: OSError: cannot listen on 127.0.0.1:{port} "
         "(see the log; WINBACK_HTTP__RELAY_PORT)"
     )
+
+
+def test_the_production_install_leaves_pgserver_out() -> None:
+    # the image runs `uv sync --frozen --no-dev` (no extras): pgserver is only in the `local`
+    # extra and the dev group of the lock file
+    root = Path(__file__).resolve().parents[2]
+    lock = tomllib.loads((root / "uv.lock").read_text())
+    (winback_pkg,) = [p for p in lock["package"] if p["name"] == "winback"]
+    assert "pgserver" not in {d["name"] for d in winback_pkg["dependencies"]}
+    assert {d["name"] for d in winback_pkg["optional-dependencies"]["local"]} == {"pgserver"}
+    assert "pgserver" in {d["name"] for d in winback_pkg["dev-dependencies"]["dev"]}
+    dockerfile = (root / "Dockerfile").read_text()
+    assert "uv sync --frozen --no-dev --no-editable" in dockerfile
+    assert "--extra" not in dockerfile  # --extra local, --all-extras
