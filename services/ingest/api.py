@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from services.ingest.openapi import request_body
+from services.ingest.openapi_examples import with_examples
 from shared import metrics
 from shared.cloudevents import from_json_dict, loads
 from shared.errors import InvalidEvent
@@ -60,7 +61,7 @@ def router(
             413: {"description": "request too large (problem+json)"},
             422: {"description": "an event is not valid; the field is named (problem+json)"},
         },
-        openapi_extra=request_body(type_prefix, batch_limit),
+        openapi_extra=with_examples(request_body(type_prefix, batch_limit), type_prefix),
     )
     async def post_events(request: Request) -> JSONResponse:
         body = await request.body()

@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 import httpx
+import jsonschema  # type: ignore[import-untyped]
 import pytest
 from fastapi import APIRouter
 from prometheus_client import REGISTRY
@@ -17,6 +18,7 @@ from services.dispatcher import bootstrap as dispatcher
 from services.ingest import bootstrap as ingest
 from services.scheduler import bootstrap as scheduler
 from shared.contracts.registry import INBOUND
+from shared.errors import ConfigError
 from shared.http.app import create_app, operation_id
 from shared.http.auth import require_scope
 from shared.http.metrics import UNMATCHED
@@ -198,3 +200,49 @@ async def test_requests_are_counted_by_route_template_and_status() -> None:
     assert 'winback_http_requests_total{method="GET",route="/v1/things/{thing_id}/winback"' in (
         metrics
     )
+
+
+@pytest.mark.parametrize(
+    "media_type",
+    ["application/cloudevents+json", "application/cloudevents-batch+json", "application/json"],
+)
+def test_each_events_example_fits_the_documented_body(media_type: str) -> None:
+    document = DOCUMENTS["ingest"]
+    content = document["paths"]["/v1/events"]["post"]["requestBody"]["content"][media_type]
+    schema = {**content["schema"], "components": document["components"]}
+    validator = jsonschema.Draft202012Validator(schema)
+    examples = content["examples"]
+    singles = [e["value"] for e in examples.values() if isinstance(e["value"], dict)]
+    if media_type != "application/cloudevents-batch+json":
+        prefix = load_settings(environment="test").ingest.event_type_prefix
+        assert sorted(e["type"] for e in singles) == sorted(f"{prefix}.{n}" for n in INBOUND)
+    for name, example in examples.items():
+        errors = [e.message for e in validator.iter_errors(example["value"])]
+        assert errors == [], (name, errors)
+
+
+def test_api_keys_from_the_environment_plain_or_with_scopes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WINBACK_HTTP__API_KEYS", "first-key, second-key")
+    plain = load_settings(environment="test").http.api_keys
+    assert [k.key.get_secret_value() for k in plain] == ["first-key", "second-key"]
+    assert all(k.scopes == ["ingest", "read", "operate", "erase"] for k in plain)
+    monkeypatch.setenv(
+        "WINBACK_HTTP__API_KEYS",
+        '[{"key": "reader-key", "scopes": ["read"]},'
+        ' {"key": "ops", "scopes": ["read", "operate"]}]',
+    )
+    scoped = load_settings(environment="test").http.api_keys
+    assert [(k.key.get_secret_value(), k.scopes) for k in scoped] == [
+        ("reader-key", ["read"]),
+        ("ops", ["read", "operate"]),
+    ]
+    monkeypatch.setenv("WINBACK_HTTP__API_KEYS", '[{"key": "k", "scopes": ["admin"]}]')
+    with pytest.raises(ConfigError, match=r"http\.api_keys"):
+        load_settings(environment="test")
+
+
+def test_a_route_cannot_ask_for_a_scope_that_does_not_exist() -> None:
+    with pytest.raises(ValueError, match="unknown scope 'admin'"):
+        require_scope("admin")
