@@ -170,7 +170,7 @@ class SchedulerHandler:
         attribution horizon: an open case closes as ``returned``; on a closed one (horizon,
         unsubscribed, consent withdrawn, superseded, cancelled) only the return is recorded
         (``Case.record_return``). Either way the win-back row says whether a sent step earns
-        the credit, and the customer is re-onboarded."""
+        the credit, and the customer is re-onboarded (not after an unsubscribe)."""
         snapshot = event.data["customer"]
         cid = snapshot["id"]
         b.take_snapshot(snapshot)
@@ -264,7 +264,9 @@ class SchedulerHandler:
                 cause=cause,
                 subject=cid,
             )
-        await self._reonboard(b, cid, recorded.after, returned_at, cause)
+        if recorded.closed or case.close_reason != "unsubscribed":
+            # a customer who said stop is not contacted again by re-onboarding either
+            await self._reonboard(b, cid, recorded.after, returned_at, cause)
 
     async def _reonboard(
         self, b: Batch, cid: str, closed: Case, returned_at: datetime, cause: CloudEvent

@@ -21,7 +21,7 @@ from services.scheduler.views import policy
 from shared import domain_events as de
 from shared.db.tables import cases, outbox, scheduler_customers, win_backs
 from shared.settings import Settings
-from tests.integration.test_scheduler_flow import T0, cancellation, system
+from tests.integration.test_scheduler_flow import T0, cancellation, not_in_holdout, system
 from tests.integration.test_scheduler_reports import client, winback
 from tests.support.kafka import cloudevent, produce, structured
 from tests.support.services import eventually
@@ -229,3 +229,41 @@ async def test_a_return_on_a_closed_case_inside_the_attribution_window_is_credit
     assert credit.step_key == "d3_what_you_missed"
     assert credit.crm_owner == "owner-3"
     assert won.count(de.CASE_WON_BACK) == 1
+
+
+async def test_no_reonboarding_after_a_return_on_an_unsubscribed_case(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    """With the shipped playbooks: a customer who withdrew consent and came back later has the
+    return recorded but gets no re-onboarding; one who came back while the case was open does."""
+    quiet, open_ = (
+        not_in_holdout("cus_q", "price_discount"),
+        not_in_holdout("cus_o", "price_discount"),
+    )
+    async with system(settings, engine) as s:
+        await s.send(cancellation(quiet, T0), cancellation(open_, T0))
+        first = {cid: await s.case(cid) for cid in (quiet, open_)}
+        s.clock.set(T0 + DAY)
+        await s.send(
+            cloudevent(
+                "consent.withdrawn", {"customer_id": quiet, "channel": "all"}, time=s.clock.now()
+            )
+        )
+        await eventually(
+            functools.partial(row_of, engine, first[quiet].id), lambda r: r.status == "closed"
+        )
+        back = T0 + 40 * DAY
+        await s.reactivate(quiet, open_, at=back, mrr_minor=2900)
+        rows = {
+            cid: await eventually(
+                functools.partial(row_of, engine, first[cid].id),
+                lambda r: r.returned_at is not None,
+            )
+            for cid in (quiet, open_)
+        }
+        await eventually(functools.partial(s.case, open_), lambda r: r.purpose == "reonboarding")
+        latest = {cid: await s.case(cid) for cid in (quiet, open_)}
+    assert rows[quiet].close_reason == "unsubscribed"
+    assert rows[open_].close_reason == "returned"
+    assert latest[quiet].id == first[quiet].id  # no re-onboarding case
+    assert latest[open_].purpose == "reonboarding"
