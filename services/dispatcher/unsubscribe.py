@@ -24,9 +24,8 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path as FilePath
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, TypeAlias
 from urllib.parse import parse_qs
 
 from babel import Locale, UnknownLocaleError
@@ -52,6 +51,7 @@ from shared.errors import InvalidEvent
 from shared.http.problems import Problem
 from shared.messaging.pipeline import Incoming, Pipeline, Tx
 
+Method: TypeAlias = Literal["one_click", "page"]
 SOURCE = "/winback/dispatcher/unsubscribe"
 REQUESTED = f"{de.PREFIX}.unsubscribe.requested"
 Token = Annotated[str, Path(min_length=8, max_length=1024)]
@@ -75,29 +75,19 @@ PAGE_HEADERS: Final = {
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Unsubscribe:
-    customer_id: str
-    channel: str
-    method: Literal["one_click", "page"]
-
-
 class UnsubscribeHandler:
     def __init__(self, outcomes_topic: str) -> None:
         self.outcomes_topic = outcomes_topic
 
-    def decode(self, event: CloudEvent) -> Unsubscribe:
-        data = event.data
-        if not isinstance(data, dict) or not data.get("customer_id") or not data.get("channel"):
-            raise InvalidEvent("invalid_payload", "customer_id and channel are required", "data")
-        if data.get("method") not in ("one_click", "page"):
-            raise InvalidEvent("invalid_payload", "must be one_click or page", "data.method")
-        return Unsubscribe(str(data["customer_id"]), str(data["channel"]), data["method"])
+    def decode(self, event: CloudEvent) -> CustomerUnsubscribed:
+        """The request (customer, channel, method) is the event's own contract, less the time
+        it took effect: the handler adds that."""
+        return CustomerUnsubscribed.decode(event.data)
 
     async def handle(self, tx: Tx, items: Sequence[Incoming[Any]]) -> None:
         rows: list[store.Suppression] = []
         for item in items:
-            request: Unsubscribe = item.payload
+            request: CustomerUnsubscribed = item.payload
             cid, channel = request.customer_id, request.channel
             rows.append(
                 store.Suppression(channel, customer_key_hash(channel, cid), "unsubscribed", cid)
@@ -265,14 +255,22 @@ def router(
                 404, "Not found", f"not a valid unsubscribe link ({exc.reason})"
             ) from None
 
-    async def unsubscribe(token: str, method: str) -> UnsubscribeClaim:
+    async def unsubscribe(token: str, method: Method) -> UnsubscribeClaim:
         claim = verify(token, method)
+        try:  # a signed token names a channel of ours, unless a plug-in channel was removed
+            request = CustomerUnsubscribed.decode(
+                {"customer_id": claim.customer_id, "channel": claim.channel, "method": method}
+            )
+        except InvalidEvent as exc:
+            metrics.UNSUBSCRIBES.labels(method, "rejected").inc()
+            reason = f"not a valid unsubscribe link ({exc.reason})"
+            raise Problem(404, "Not found", reason) from None
         event = CloudEvent(
             id=hashlib.sha256(token.strip().encode()).hexdigest()[:40],
             source=SOURCE,
             type=REQUESTED,
             time=clock.now(),
-            data={"customer_id": claim.customer_id, "channel": claim.channel, "method": method},
+            data=request.to_data(),
         )
         await pipeline.transact_reliably([pipeline.decode_payload(event, None, None)])
         metrics.UNSUBSCRIBES.labels(method, "accepted").inc()
