@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, params
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from shared.errors import TransientError
 from shared.http.problems import Problem, problems
@@ -26,6 +26,16 @@ from shared.messaging import dlq
 from shared.messaging.transport import Transport
 
 MAX_LIST = 1000
+
+
+def _string(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 date-time string")  # not a Unix time
+    return value
+
+
+BodyTime = Annotated[IsoDateTime, BeforeValidator(_string)]
+ID_PATTERN = r"^[A-Za-z0-9._-]{1,249}:[0-9]{1,10}:[0-9]{1,19}$"
 
 
 class DeadLetterList(BaseModel):
@@ -50,15 +60,17 @@ class DeadLetterFilters(BaseModel):
     ids: list[Annotated[str, Field(max_length=300)]] = Field(
         default_factory=list, max_length=10_000, description="dead-letter ids"
     )
-    since: IsoDateTime | None = Field(default=None, description="dead-lettered at or after")
-    until: IsoDateTime | None = Field(default=None, description="dead-lettered before")
+    since: BodyTime | None = Field(default=None, description="dead-lettered at or after")
+    until: BodyTime | None = Field(default=None, description="dead-lettered before")
 
 
 class RedriveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     filters: DeadLetterFilters = Field(default_factory=DeadLetterFilters)
-    dry_run: bool = Field(default=False, description="say what would be redriven, publish nothing")
+    dry_run: bool = Field(
+        default=False, strict=True, description="say what would be redriven, publish nothing"
+    )
 
 
 def _unavailable(exc: Exception) -> Problem:
@@ -104,6 +116,11 @@ def router(transport: Transport, topic: str, read: Any, operate: Any) -> APIRout
             dead_letters=[dlq.summary(letter) for letter in found[:limit]], matched=len(found)
         )
 
+    @api.api_route("/redrive", methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    async def redrive_other_methods() -> None:
+        # without it GET /redrive would be read as the dead letter called "redrive"
+        raise Problem(405, "Method Not Allowed", headers={"Allow": "POST"})
+
     @api.get(
         "/{letter_id}",
         operation_id="get_dead_letter",
@@ -113,19 +130,18 @@ def router(transport: Transport, topic: str, read: Any, operate: Any) -> APIRout
     )
     async def get_dead_letter(
         letter_id: Annotated[
-            str, Path(max_length=300, description="<dead-letter topic>:<partition>:<offset>")
+            str,
+            Path(
+                max_length=300,
+                pattern=ID_PATTERN,
+                description="<dead-letter topic>:<partition>:<offset>",
+            ),
         ],
     ) -> dlq.DeadLetterDetail:
         try:
             letter = await dlq.show(reader, topic, letter_id)
-        except dlq.BadId as exc:
-            raise Problem(
-                422,
-                "Request is not valid",
-                f"field letter_id: {exc}",
-                type="/problems/validation",
-                errors=[{"field": "letter_id", "reason": str(exc)}],
-            ) from None
+        except dlq.BadId:
+            letter = None  # of the form, but past any partition or offset there can be
         except TransientError as exc:
             raise _unavailable(exc) from None
         if letter is None:

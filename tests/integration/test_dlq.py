@@ -240,7 +240,7 @@ async def test_dead_letters_are_listed_shown_and_redriven_after_a_fix(
         assert other.status_code == 404
         malformed = await http.get("/v1/dead-letters/no-offsets-here")
         assert malformed.status_code == 422
-        assert malformed.json()["errors"][0]["field"] == "letter_id"
+        assert malformed.json()["errors"][0]["field"] == "path.letter_id"
         code, _, err = await winback_dlq(settings, "show", f"{dead_letter_topic}:0:999999")
         assert code == 4
         assert "no dead letter" in err
@@ -328,6 +328,8 @@ async def test_the_dead_letter_api_needs_the_api_key(
         unknown_field = await http.post(
             "/v1/dead-letters/redrive", headers=KEY, json={"filters": {"code": ["x"]}}
         )
+        not_a_flag = await http.post("/v1/dead-letters/redrive", headers=KEY, json={"dry_run": 0})
+        get_redrive = await http.get("/v1/dead-letters/redrive", headers=KEY)
     assert listing.status_code == 401
     assert redrive.status_code == 401
     assert listing.headers["content-type"] == "application/problem+json"
@@ -335,3 +337,6 @@ async def test_the_dead_letter_api_needs_the_api_key(
     assert empty.json() == {"dead_letters": [], "matched": 0}  # no such topic yet: none
     assert unknown_field.status_code == 422
     assert unknown_field.json()["errors"][0]["field"] == "filters.code"
+    assert not_a_flag.status_code == 422
+    assert get_redrive.status_code == 405
+    assert get_redrive.headers["allow"] == "POST"
