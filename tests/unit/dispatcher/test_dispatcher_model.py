@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from services.dispatcher.model import (
+    OUTCOME_MODELS,
     Delivery,
     DispatchCommand,
     SendState,
@@ -26,6 +27,7 @@ from services.dispatcher.model import (
     send_timing,
     suppression_keys,
 )
+from services.dispatcher.webhooks import KIND_TYPES
 from services.scheduler.store import address_hash as scheduler_address_hash
 from shared import domain_events as de
 from shared.channels import ChannelSpec, registered
@@ -333,3 +335,8 @@ def test_an_outcome_refuses_what_its_contract_does_not_declare() -> None:
             provider=None,
             provider_message_id=None,
         )
+
+
+def test_every_type_the_webhooks_and_the_sender_emit_has_its_contract() -> None:
+    assert set(KIND_TYPES.values()) <= set(OUTCOME_MODELS)
+    assert set(OUTCOME_MODELS) == {*de.MESSAGE_OUTCOMES, de.CUSTOMER_UNSUBSCRIBED}
