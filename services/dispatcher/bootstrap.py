@@ -50,7 +50,8 @@ from shared.bootstrap import Core, build_core
 from shared.clock import Clock
 from shared.content import catalog_for
 from shared.errors import ConfigError
-from shared.http.app import bearer_auth, create_app
+from shared.http.app import create_app
+from shared.http.auth import require_scope
 from shared.messaging.consumer import ConsumerRunner
 from shared.messaging.pipeline import Pipeline
 from shared.messaging.transport import Transport
@@ -260,7 +261,7 @@ def bootstrap(
         checks=core.runtime.readiness_checks,
         routers=[
             webhooks_router(webhooks, auth, core.clock),
-            message_log_router(core.engine, bearer_auth(settings.http.api_keys)),
+            message_log_router(core.engine, require_scope("read")),
             preview_router(
                 Previewer(
                     composer,

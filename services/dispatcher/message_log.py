@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, params
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -94,11 +94,13 @@ def _time(value: str | None) -> datetime | None:
 
 
 def router(engine: AsyncEngine, auth: Any) -> APIRouter:
-    api = APIRouter(prefix="/v1", tags=["messages"], dependencies=[Depends(auth)])
+    # ``auth``: an API-key dependency, ``require_scope("read")`` (a Security) or a callable
+    guard = auth if isinstance(auth, params.Depends) else Depends(auth)
+    api = APIRouter(prefix="/v1", tags=["messages"], dependencies=[guard])
 
     @api.get(
         "/customers/{customer_id}/messages",
-        operation_id="list_customer_messages",
+        operation_id="listCustomerMessages",
         summary="The customer's message log: deliveries, attempts, provider events",
         description="Every delivery to the customer, newest first, each with its send attempts "
         "(provider, provider message id, outcome, response class) and the provider webhook "

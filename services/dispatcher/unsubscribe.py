@@ -305,6 +305,7 @@ def router(
             404: not_valid,
         },
         openapi_extra={"requestBody": _REQUEST_BODY},
+        operation_id="unsubscribe",
         summary="Unsubscribe: RFC 8058 one-click (no auth, 200, never a redirect) or the "
         "confirmation page's form",
     )
@@ -322,6 +323,7 @@ def router(
             404: not_valid,
         },
         response_class=HTMLResponse,
+        operation_id="getUnsubscribePage",
         summary="The unsubscribe link in every message: a page asking to confirm (a GET "
         "changes nothing)",
     )

@@ -556,6 +556,7 @@ def router(pipeline: Pipeline, auth: WebhookAuth, clock: Clock) -> APIRouter:
         response_model=Received,
         responses={**responses, 413: {"description": "request too large (problem+json)"}},
         summary="SendGrid signed event webhook",
+        operation_id="receiveSendgridEvents",
         openapi_extra=_body(
             "application/json",
             _SENDGRID_BODY,
@@ -586,6 +587,7 @@ def router(pipeline: Pipeline, auth: WebhookAuth, clock: Clock) -> APIRouter:
         response_model=Received,
         responses={**responses, 413: {"description": "request too large (problem+json)"}},
         summary="Postmark webhook (HTTP Basic)",
+        operation_id="receivePostmarkEvents",
         # documents the credentials; the route checks them itself (401, or 404 unconfigured)
         dependencies=[Depends(_DocumentedBasic(scheme_name="PostmarkBasic"))],
         openapi_extra=_body("application/json", _POSTMARK_BODY),
@@ -611,6 +613,7 @@ def router(pipeline: Pipeline, auth: WebhookAuth, clock: Clock) -> APIRouter:
         response_model=Received,
         responses={**responses, 413: {"description": "request too large (problem+json)"}},
         summary="Twilio status callback",
+        operation_id="receiveTwilioStatus",
         openapi_extra=_body(
             "application/x-www-form-urlencoded",
             _TWILIO_BODY,

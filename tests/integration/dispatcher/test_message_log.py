@@ -215,7 +215,8 @@ async def test_the_message_log_needs_the_api_key_and_names_a_bad_parameter(
     assert bad_limit.json()["errors"][0]["field"] == "query.limit"
 
     operation = harness.svc.app.openapi()["paths"]["/v1/customers/{customer_id}/messages"]["get"]
-    assert operation["operationId"] == "list_customer_messages"
+    assert operation["operationId"] == "listCustomerMessages"
+    assert operation["security"] == [{"HTTPBearer": ["read"]}]
     assert operation["responses"]["200"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/MessageLog"
     }
