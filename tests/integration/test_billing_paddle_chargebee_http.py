@@ -144,8 +144,9 @@ async def test_chargebee_non_payment_is_a_payment_failed_churn_stored_once(
         first = await http.post("/v1/billing/chargebee", content=body, headers=basic())
         again = await http.post("/v1/billing/chargebee", content=body, headers=basic())
     for refused in (wrong, anonymous):
-        assert refused.status_code == 400, refused.text
+        assert refused.status_code == 401, refused.text
         assert refused.headers["content-type"] == PROBLEM
+        assert refused.headers["www-authenticate"] == 'Basic realm="winback-chargebee"'
     assert CB_PASSWORD not in wrong.text
     assert (first.status_code, first.json()["duplicates"]) == (200, 0)
     assert again.json()["duplicates"] == 1

@@ -2,8 +2,9 @@
 
 Authenticated by each provider's own scheme (``auth.py``), not our API key. A connector is off
 — 404 — until its secret is configured (``WINBACK_BILLING__<PROVIDER>__…``); a request without
-the provider's signature header (or credentials) is a 400 either way. A missing, bad or
-stale signature is a 400 problem, counted, and nothing is recorded. A verified event is mapped
+the provider's signature header is a 400 either way. A missing, bad or stale signature is a
+400 problem (Chargebee's missing or wrong credentials: 401 with ``WWW-Authenticate: Basic``),
+counted, and nothing is recorded. A verified event is mapped
 by the provider's pure mapping and goes through the same pipeline as ``POST /v1/events``, in
 one transaction: the CloudEvent's id is the provider's event id (source
 ``/billing/<provider>``), so a retried delivery is a duplicate; its time is the provider's
@@ -22,10 +23,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from prometheus_client import Counter
 from pydantic import BaseModel
+from starlette.requests import HTTPConnection
 
 from services.ingest.billing import chargebee, paddle, stripe
 from services.ingest.billing.auth import (
@@ -139,21 +142,19 @@ def _openapi(provider: str) -> dict[str, Any]:
                 "name": name,
                 "in": "header",
                 "required": True,
-                "schema": {"type": "string"},
+                "schema": {"type": "string", "minLength": 1},
                 "description": description,
             }
         ]
-    else:
-        extra["parameters"] = [
-            {
-                "name": "Authorization",
-                "in": "header",
-                "required": True,
-                "schema": {"type": "string"},
-                "description": "Basic <base64 of username:password>",
-            }
-        ]
     return extra
+
+
+class _DocumentedBasic(HTTPBasic):
+    """Declares HTTP Basic in the OpenAPI document and checks nothing: the route checks the
+    credentials itself (401, or 404 while the connector is not configured)."""
+
+    async def __call__(self, request: HTTPConnection) -> HTTPBasicCredentials | None:  # type: ignore[override]
+        return None
 
 
 def router(pipeline: Pipeline, settings: BillingSettings, type_prefix: str) -> APIRouter:
@@ -166,17 +167,28 @@ def router(pipeline: Pipeline, settings: BillingSettings, type_prefix: str) -> A
         413: {"description": "request too large (problem+json)"},
     }
 
+    def refusal(provider: str, exc: SignatureError) -> Problem:
+        if provider == "chargebee":  # credentials, not a signature: HTTP's own answer
+            return Problem(
+                401,
+                "Unauthorized",
+                f"{provider} webhook: {exc.reason}",
+                type=f"/problems/credentials-{exc.kind}",
+                headers={"WWW-Authenticate": 'Basic realm="winback-chargebee"'},
+            )
+        return Problem(
+            400,
+            "Signature refused",
+            f"{provider} webhook: {exc.reason}",
+            type=f"/problems/signature-{exc.kind}",
+        )
+
     async def receive(provider: str, request: Request) -> JSONResponse:
         connector = table[provider]
         if not request.headers.get(connector.header):
             # unsigned: refused the same whether the connector is on or not
             WEBHOOKS.labels(provider, "signature_missing").inc()
-            raise Problem(
-                400,
-                "Signature refused",
-                f"{provider} webhook: no {connector.header} header",
-                type="/problems/signature-missing",
-            )
+            raise refusal(provider, SignatureError("missing", f"no {connector.header} header"))
         if connector.check is None:
             WEBHOOKS.labels(provider, "not_configured").inc()
             raise Problem(404, "Not found", f"the {provider} connector is not configured")
@@ -188,12 +200,7 @@ def router(pipeline: Pipeline, settings: BillingSettings, type_prefix: str) -> A
             connector.check(request, body)
         except SignatureError as exc:
             WEBHOOKS.labels(provider, f"signature_{exc.kind}").inc()
-            raise Problem(
-                400,
-                "Signature refused",
-                f"{provider} webhook: {exc.reason}",
-                type=f"/problems/signature-{exc.kind}",
-            ) from None
+            raise refusal(provider, exc) from None
         try:
             mapped = connector.read(json.loads(body))
         except (ValueError, RecursionError) as exc:
@@ -249,12 +256,21 @@ def router(pipeline: Pipeline, settings: BillingSettings, type_prefix: str) -> A
         return post
 
     for name in table:
+        basic = name == "chargebee"
         api.add_api_route(
             f"/{name}",
             endpoint(name),
             methods=["POST"],
             response_model=Received,
-            responses=responses,
+            responses={
+                **responses,
+                401: {"description": "missing or wrong credentials (problem+json)"},
+            }
+            if basic
+            else responses,
+            dependencies=[Depends(_DocumentedBasic(scheme_name="ChargebeeBasic"))]
+            if basic
+            else None,
             summary=_SUMMARIES[name],
             openapi_extra=_openapi(name),
             name=f"billing_{name}",
