@@ -279,7 +279,7 @@ def check_playbook(playbook: Playbook) -> Iterator[PlaybookProblem]:
     ):
         yield problem(
             ("attribution_horizon",),
-            f"must be positive and at most {format_duration(MAX_ATTRIBUTION_HORIZON)}",
+            f"must be positive and at most {format_duration(MAX_ATTRIBUTION_HORIZON)} (18 months)",
         )
     missing_exits = REQUIRED_EXITS - playbook.exit_on
     if missing_exits:
