@@ -174,6 +174,7 @@ async def _run(transport: Transport, topic: str, args: argparse.Namespace) -> in
         else:
             _print_table([dlq.summary(letter) for letter in shown], out)
             more = f" ({len(found) - len(shown)} more: --limit)" if len(shown) < len(found) else ""
+            out.flush()
             print(f"{len(shown)} dead letters on {topic}{more}", file=sys.stderr)
         return 0
     progress = None if args.dry_run else _progress_to(sys.stderr)
@@ -181,6 +182,7 @@ async def _run(transport: Transport, topic: str, args: argparse.Namespace) -> in
         transport, topic, filters, dry_run=args.dry_run, progress=progress
     )
     model = dlq.report_model(report)
+    sys.stderr.flush()
     if args.json:
         out.write(model.model_dump_json(indent=2) + "\n")
     else:
