@@ -10,7 +10,7 @@ from datetime import timedelta
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.scheduler import api, deps, metrics, reports
+from services.scheduler import api, deps, metrics, reports, simulate
 from services.scheduler.domain import Playbook, load_playbooks
 from services.scheduler.handler import SchedulerHandler
 from services.scheduler.timers import StepFirer
@@ -106,7 +106,7 @@ def bootstrap(
     app = create_app(
         "winback scheduler",
         checks=core.runtime.readiness_checks,
-        routers=[api.router(), reports.router()],  # each route declares its API key scope
+        routers=[api.router(), reports.router(), simulate.router()],  # each declares its scope
         lifespan=core.runtime.lifespan,
         api_keys=settings.http.api_keys,
     )
@@ -121,6 +121,7 @@ def bootstrap(
             source=SOURCE,
             fallback_timezone=settings.scheduler.fallback_timezone,
             max_record_bytes=settings.kafka.max_record_bytes,
+            policy=policy(settings.scheduler),
         ),
         costs=reports.cost_model(settings.results, catalog_for(settings.content_dir).offers),
     )

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.scheduler.case_migration import CaseMigrator
 from services.scheduler.commands import Work
-from services.scheduler.domain import Playbook
+from services.scheduler.domain import DEFAULT_POLICY, GuardrailPolicy, Playbook
 from services.scheduler.domain.results import CostModel
 from shared.clock import Clock
 from shared.messaging.transport import DEFAULT_MAX_RECORD_BYTES
@@ -28,6 +28,7 @@ class ApiSettings:
     source: str
     fallback_timezone: str = "UTC"
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    policy: GuardrailPolicy = DEFAULT_POLICY  # the guardrails simulate runs
 
 
 def install(

@@ -141,6 +141,14 @@ def _due_at(
     return None  # triggered steps have no planned time
 
 
+def planned_due_at(
+    step: Step, episode: ChurnEpisode, customer: CustomerView, fallback_timezone: str = "UTC"
+) -> datetime | None:
+    """When :func:`plan_steps` puts ``step`` before the late-churn rule and the horizon
+    (``None`` for a triggered step): what a simulation shows for a step it left out."""
+    return _due_at(step, episode, resolve_zone(customer.timezone, fallback_timezone), customer)
+
+
 def plan_step(
     playbook: Playbook,
     customer: CustomerView,

@@ -11,11 +11,15 @@ from typing import Any
 
 import pytest
 
-from services.scheduler import api, reports
+from services.scheduler import api, reports, simulate
 from shared.http.app import create_app
 
 ROOT = Path(__file__).resolve().parents[3]
-ROUTES = [ROOT / "services/scheduler/api.py", ROOT / "services/scheduler/reports.py"]
+ROUTES = [
+    ROOT / "services/scheduler/api.py",
+    ROOT / "services/scheduler/reports.py",
+    ROOT / "services/scheduler/simulate.py",
+]
 # types only: a route may name a row or a connection it passes on, not build a statement
 ALLOWED_SQLALCHEMY = {"Row", "AsyncConnection"}
 
@@ -54,7 +58,10 @@ def test_the_check_catches_a_statement(tmp_path: Path) -> None:
 
 def document() -> dict[str, Any]:
     app = create_app(
-        "test", checks=[], routers=[api.router(), reports.router()], api_keys=["x" * 32]
+        "test",
+        checks=[],
+        routers=[api.router(), reports.router(), simulate.router()],
+        api_keys=["x" * 32],
     )
     return app.openapi()
 
