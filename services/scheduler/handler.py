@@ -176,6 +176,9 @@ class SchedulerHandler:
         b.take_snapshot(snapshot)
         case = await b.open_case(cid)
         if case is None:
+            row = b.customers.get(cid)
+            if row is None or row["erased_at"] is not None:
+                return  # an erased customer's closed cases record nothing more
             # no open case: the latest win-back case, as the events before this one left it
             await b.flush()
             case = await store.load_latest_winback_case(b.tx.conn, cid)

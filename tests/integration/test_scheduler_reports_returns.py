@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from sqlalchemy import select
@@ -20,14 +21,16 @@ from services.scheduler.timers import StepFirer
 from services.scheduler.views import policy
 from shared import domain_events as de
 from shared.db.tables import cases, outbox, scheduler_customers, win_backs
-from shared.settings import Settings
+from shared.settings import DEV_SECRET, Settings
 from tests.integration.test_scheduler_flow import T0, cancellation, not_in_holdout, system
 from tests.integration.test_scheduler_reports import client, winback
+from tests.support.http import serve
 from tests.support.kafka import cloudevent, produce, structured
 from tests.support.services import eventually
 
 pytestmark = pytest.mark.integration
 DAY = timedelta(days=1)
+AUTH = {"authorization": f"Bearer {DEV_SECRET}"}
 
 # one playbook: price churners only (another reason matches nothing, so a new churn for it
 # supersedes the case without opening one), a 60-day horizon, no holdout
@@ -267,3 +270,44 @@ async def test_no_reonboarding_after_a_return_on_an_unsubscribed_case(
     assert rows[open_].close_reason == "returned"
     assert latest[quiet].id == first[quiet].id  # no re-onboarding case
     assert latest[open_].purpose == "reonboarding"
+
+
+async def test_a_return_after_an_operator_cancel_counts_after_an_erasure_not(
+    short: Settings, engine: AsyncEngine
+) -> None:
+    kept, erased = "cus_cancelled", "cus_erased"
+    async with system(short, engine) as s:
+        await s.send(cancellation(kept, T0), cancellation(erased, T0))
+        first = {cid: await s.case(cid) for cid in (kept, erased)}
+        async with (
+            serve(s.scheduler.app, lifespan="off") as url,
+            httpx.AsyncClient(base_url=url, headers=AUTH) as http,
+        ):
+            for cid in (kept, erased):
+                answer = await http.post(f"/v1/cases/{first[cid].id}/cancel")
+                assert answer.status_code == 200, answer.text
+            deleted = await http.delete(f"/v1/customers/{erased}")
+        assert deleted.status_code == 202
+        back = T0 + 100 * DAY
+        await s.reactivate(erased, kept, at=back, mrr_minor=1900)
+        row = await eventually(
+            functools.partial(row_of, engine, first[kept].id), lambda r: r.returned_at is not None
+        )
+        # a consent change after the return, on the same key: once the scheduler has taken it
+        # (the erased row's consent is still written), it has taken the return before it
+        s.clock.set(back + DAY)
+        marker = cloudevent(
+            "consent.withdrawn", {"customer_id": erased, "channel": "sms"}, time=back + DAY
+        )
+        await s.send(marker)
+        seen = await eventually(
+            functools.partial(seen_at, engine, erased), lambda at: at is not None and at > back
+        )
+        erased_row = await row_of(engine, first[erased].id)
+        credits = {cid: await win_back_of(engine, first[cid].id) for cid in (kept, erased)}
+    assert (row.close_reason, row.returned_at) == ("cancelled", back)
+    assert credits[kept] is not None
+    assert credits[kept].mrr_regained_minor == 1900
+    assert seen == back + DAY
+    assert erased_row.returned_at is None
+    assert credits[erased] is None
