@@ -45,6 +45,7 @@ from shared.contracts.inbound import (
     ConsentWithdrawn,
     CustomerEvent,
     FeatureReleased,
+    Profile,
     SubscriptionReactivated,
 )
 
@@ -60,19 +61,8 @@ def _hour(at: datetime) -> int:
 Lifecycle = Literal["unknown", "active", "churned", "trial_expired", "lead_lost"]
 Activity = Literal["unknown", "active", "inactive"]
 CHURNED: frozenset[str] = frozenset({"churned", "trial_expired", "lead_lost"})
-PROFILE_FIELDS = (
-    "email",
-    "phone",
-    "name",
-    "locale",
-    "timezone",
-    "plan",
-    "mrr_minor",
-    "currency",
-    "customer_since",
-    "engagement",
-    "crm_owner",
-)
+PROFILE_FIELDS: tuple[str, ...] = tuple(Profile.model_fields)
+"""The profile fields, in the inbound contract's order (the customers table's too)."""
 LIFECYCLE_CHURN: dict[str, tuple[str, Lifecycle]] = {
     "subscription.cancelled": ("subscription_cancelled", "churned"),
     "trial.expired": ("trial_expired", "trial_expired"),
