@@ -250,3 +250,20 @@ def test_api_keys_from_the_environment_plain_or_with_scopes(
 def test_a_route_cannot_ask_for_a_scope_that_does_not_exist() -> None:
     with pytest.raises(ValueError, match="unknown scope 'admin'"):
         require_scope("admin")
+
+
+async def test_a_dependency_unreachable_mid_request_is_503_problem_json_not_500() -> None:
+    router = APIRouter()
+
+    @router.get("/v1/down")
+    async def down() -> None:
+        raise ConnectionRefusedError("connect to db.internal:5432 refused")
+
+    app = create_app("outage", checks=[], routers=[router])
+    async with serve(app, lifespan="off") as url, httpx.AsyncClient(base_url=url) as http:
+        answer = await http.get("/v1/down")
+    assert answer.status_code == 503
+    assert answer.headers["content-type"] == PROBLEM
+    assert answer.headers["retry-after"] == "1"
+    assert answer.json()["type"] == "/problems/unavailable"
+    assert "db.internal" not in answer.text
