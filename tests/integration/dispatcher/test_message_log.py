@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.dispatcher import store
 from services.dispatcher.bootstrap import DispatcherService
 from shared.clock import FrozenClock
 from shared.cloudevents import from_json_dict
@@ -222,3 +223,30 @@ async def test_the_message_log_needs_the_api_key_and_names_a_bad_parameter(
     }
     for status in ("401", "403", "422"):
         assert "application/problem+json" in operation["responses"][status]["content"]
+
+
+async def test_a_send_lost_in_a_crash_is_logged_unknown_and_erasure_clears_provider_texts(
+    harness: Harness,
+) -> None:
+    customer = "cus_crash"
+    case = await seed(harness.engine, customer)
+    await harness.command(command(customer, case, "d0_we_miss_you"))
+    # the dispatcher claims the delivery (``sending``) and dies before it records an answer
+    claimed = await harness.svc.sender.claim()
+    assert len(claimed) == 1
+    harness.clock.advance(timedelta(seconds=61))  # stale_sending_seconds: 60
+    assert await harness.svc.sender.recover_stale() == 1
+    (message,) = (await harness.log(customer)).json()["messages"]
+    ((attempt, outcome, response, error),) = [
+        (a["attempt"], a["outcome"], a["response_class"], a["error"]) for a in message["attempts"]
+    ]
+    assert (attempt, response) == (1, "unknown")
+    # SendGrid cannot deduplicate a resend: failed, outcome unknown; else queued again
+    assert (outcome, message["state"]) in (("failed", "failed"), ("requeued", "queued"))
+    assert error
+
+    async with harness.engine.begin() as conn:
+        await store.erase(conn, [customer], harness.clock.now())
+    (erased,) = (await harness.log(customer)).json()["messages"]
+    assert [a["error"] for a in erased["attempts"]] == [None]
+    assert [(a["attempt"], a["response_class"]) for a in erased["attempts"]] == [(1, "unknown")]
