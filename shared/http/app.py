@@ -19,13 +19,13 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from pydantic import BaseModel, SecretStr
 from starlette.routing import BaseRoute
 
-from shared.http.auth import SCHEME, bearer_auth, install_keys, scope_sentence
+from shared.http.auth import SCHEME, install_keys, scope_sentence
 from shared.http.metrics import RequestMetrics
 from shared.http.problems import Problem, document_problems, install, problems
 from shared.logging import throttled
 from shared.settings import ApiKey
 
-__all__ = ["bearer_auth", "create_app", "operation_id"]
+__all__ = ["create_app", "operation_id"]
 
 ReadinessCheck = tuple[str, Callable[[], Awaitable[None]]]
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]

@@ -11,7 +11,7 @@ the role of its ``HTTPBearer`` security requirement."""
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from typing import Annotated, Any, Final
 
 from fastapi import Depends, FastAPI, Request, Security
@@ -104,19 +104,3 @@ def require_scope(scope: str) -> Any:
 def scope_sentence(scope: str) -> str:
     """The sentence each operation's description carries about its scope."""
     return f"Needs an API key with the `{scope}` scope ({SCOPE_DESCRIPTIONS[scope]})."
-
-
-def bearer_auth(keys: Iterable[ApiKey | SecretStr | str]) -> Callable[..., Awaitable[None]]:
-    """A dependency accepting any of ``keys`` whatever its scopes (401 otherwise): for routes
-    outside the scoped API (tests, tools). Routes of the services use ``require_scope``."""
-    ring = KeyRing(keys)
-
-    async def check(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ) -> None:
-        if credentials is None or credentials.scheme.lower() != "bearer":
-            raise _unauthorized("a bearer token is required")
-        if ring.scopes_of(credentials.credentials) is None:
-            raise _unauthorized("the bearer token is not a known API key")
-
-    return check

@@ -90,7 +90,7 @@ def router(transport: Transport, topic: str, read: Any, operate: Any) -> APIRout
 
     @api.get(
         "",
-        operation_id="list_dead_letters",
+        operation_id="listDeadLetters",
         summary="List dead letters, newest first",
         dependencies=[read],
         responses=problems(422, 503),
@@ -123,7 +123,7 @@ def router(transport: Transport, topic: str, read: Any, operate: Any) -> APIRout
 
     @api.get(
         "/{letter_id}",
-        operation_id="get_dead_letter",
+        operation_id="getDeadLetter",
         summary="One dead letter: headers, reason and value",
         dependencies=[read],
         responses=problems(404, 422, 503, _404="no such dead letter"),
@@ -150,7 +150,7 @@ def router(transport: Transport, topic: str, read: Any, operate: Any) -> APIRout
 
     @api.post(
         "/redrive",
-        operation_id="redrive_dead_letters",
+        operation_id="redriveDeadLetters",
         summary="Publish dead letters' original records again to their source topics",
         description="Each matching dead letter's key, value and original headers go back to "
         "the topic it came from, with `winback-redrive-of: <id>`; the consumers' inboxes drop "

@@ -60,10 +60,9 @@ def test_operation_ids_are_chosen_not_generated_and_unique(service: str) -> None
     assert ids, service
     assert not [i for i in ids if "_v1_" in i or i.endswith(("_get", "_post", "_delete"))]
     assert len(ids) == len(set(ids)), ids
-    # camelCase: a verb and what it acts on (the dead-letter routes are still being renamed)
+    # camelCase: a verb and what it acts on
     camel = re.compile(r"[a-z]+(?:[A-Z][a-z0-9]*)*")
-    renaming = {"list_dead_letters", "get_dead_letter", "redrive_dead_letters"}
-    assert [i for i in ids if not camel.fullmatch(i) and i not in renaming] == []
+    assert [i for i in ids if not camel.fullmatch(i)] == []
 
 
 def test_operation_ids_of_the_status_api_and_the_probes() -> None:
