@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from services.scheduler import simulate_cli
 from services.scheduler.domain.errors import PlaybookError
 from shared import logging as winback_logging
 from shared.clock import AcceleratedClock, Clock
@@ -448,6 +449,7 @@ def parser() -> argparse.ArgumentParser:
         "docs/asyncapi.yaml is this with the default settings)",
     )
     dlq_cli.add_parser(sub)
+    simulate_cli.add_parser(sub)
     return p
 
 
@@ -483,6 +485,8 @@ def main(argv: list[str] | None = None) -> None:
             cmd_asyncapi(settings, args)
         elif args.command == "dlq":
             raise SystemExit(dlq_cli.run(settings, args))
+        elif args.command == "simulate":
+            raise SystemExit(simulate_cli.run(settings, args))
         else:
             cmd_service(settings, args)
     except (ConfigError, PlaybookError, UsageError) as exc:
