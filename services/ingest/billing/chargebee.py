@@ -71,7 +71,7 @@ def map_event(event: Any) -> Mapped:
     if kind == "subscription_cancelled":
         name, payload = _cancelled(sub)
     elif kind == "subscription_activated" or (
-        kind == "subscription_created" and sub.get("status") in LIVE
+        kind == "subscription_created" and text(sub.get("status")) in LIVE
     ):
         name, payload = "subscription.created", _started(sub)
     elif kind in ("subscription_reactivated", "subscription_resumed"):

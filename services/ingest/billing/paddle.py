@@ -72,7 +72,7 @@ def map_event(event: Any) -> Mapped:
     if kind == "subscription.canceled":
         name, payload = _canceled(data)
     elif kind == "subscription.activated" or (
-        kind == "subscription.created" and data.get("status") in LIVE
+        kind == "subscription.created" and text(data.get("status")) in LIVE
     ):
         name, payload = "subscription.created", _started(data)
     elif kind == "subscription.resumed":

@@ -71,13 +71,13 @@ def map_event(event: Any) -> Mapped:
     payload: dict[str, Any] = {}
     if kind == "customer.subscription.deleted":
         name, payload = _ended(sub)
-    elif kind == "customer.subscription.created" and sub.get("status") in LIVE:
+    elif kind == "customer.subscription.created" and text(sub.get("status")) in LIVE:
         name, payload = "subscription.created", _started(sub)
     elif kind == "customer.subscription.resumed":
         name, payload = "subscription.reactivated", _started(sub)
     elif kind == "customer.subscription.updated":
         before = obj(data.get("previous_attributes")).get("status")
-        status = sub.get("status")
+        status = text(sub.get("status"))
         if before == "incomplete" and status in LIVE:
             name, payload = "subscription.created", _started(sub)
         elif before == "trialing" and status == "paused":
