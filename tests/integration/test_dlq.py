@@ -340,3 +340,16 @@ async def test_the_dead_letter_api_needs_the_api_key(
     assert not_a_flag.status_code == 422
     assert get_redrive.status_code == 405
     assert get_redrive.headers["allow"] == "POST"
+
+    paths = service.app.openapi()["paths"]
+    operations = {
+        ("/v1/dead-letters", "get"): "listDeadLetters",
+        ("/v1/dead-letters/{letter_id}", "get"): "getDeadLetter",
+        ("/v1/dead-letters/redrive", "post"): "redriveDeadLetters",
+    }
+    for (path, method), operation_id in operations.items():
+        operation = paths[path][method]
+        assert operation["operationId"] == operation_id
+        for status in ("401", "422", "503"):
+            assert "application/problem+json" in operation["responses"][status]["content"]
+    assert "get" not in paths["/v1/dead-letters/redrive"]
