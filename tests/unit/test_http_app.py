@@ -266,3 +266,19 @@ async def test_a_dependency_unreachable_mid_request_is_503_problem_json_not_500(
     assert answer.headers["retry-after"] == "1"
     assert answer.json()["type"] == "/problems/unavailable"
     assert "db.internal" not in answer.text
+
+
+# routes with their own authentication (a provider's signature or credentials, the link token)
+PUBLIC = re.compile(r"^/v1/(webhooks|billing)/|^/u/")
+
+
+@pytest.mark.parametrize("service", sorted(DOCUMENTS))
+def test_every_api_route_names_the_scope_it_needs(service: str) -> None:
+    for method, path, operation in operations(DOCUMENTS[service]):
+        if not path.startswith("/v1/") or PUBLIC.search(path):
+            assert not any("HTTPBearer" in r for r in operation.get("security", [])), path
+            continue
+        [requirement] = operation["security"]
+        [scope] = requirement["HTTPBearer"]
+        assert scope in ("ingest", "read", "operate", "erase"), (method, path)
+        assert f"`{scope}` scope" in operation["description"], (method, path)
