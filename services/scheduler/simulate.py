@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.scheduler.deps import ClockDep, Engine, Settings
@@ -38,7 +38,6 @@ from services.scheduler.views import customer_view
 from shared.contracts.inbound import (
     AwareTime,
     Comment,
-    Currency,
     Minor,
     ShortText,
     TimeZone,
@@ -51,6 +50,11 @@ from shared.localtime import resolve_zone
 SIMULATED_ID = "simulated"
 _FIRST_DAY, _LAST_DAY = date(1970, 1, 1), date(2199, 12, 30)
 Day = Annotated[IsoDate, Field(ge=_FIRST_DAY, le=_LAST_DAY)]
+Currency = Annotated[
+    str | None,
+    Field(pattern=r"^[A-Za-z]{3}$", description="ISO 4217 code (3 letters)"),
+    AfterValidator(lambda code: code.upper() if code is not None else None),
+]
 
 
 class _In(BaseModel):

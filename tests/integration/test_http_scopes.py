@@ -51,6 +51,8 @@ SCHEDULER_ROUTES: list[tuple[str, str, str, int]] = [
     ("GET", "/v1/customers/nobody/winback", "read", 404),
     ("GET", "/v1/reports/messages", "read", 200),
     ("GET", "/v1/reports/winback", "read", 200),
+    ("GET", "/v1/playbooks", "read", 200),
+    ("POST", "/v1/simulate", "read", 422),  # past the check: no body
     ("POST", f"/v1/cases/{NO_CASE}/pause", "operate", 404),
     ("POST", f"/v1/cases/{NO_CASE}/resume", "operate", 404),
     ("POST", f"/v1/cases/{NO_CASE}/cancel", "operate", 404),

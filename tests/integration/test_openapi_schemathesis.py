@@ -193,6 +193,7 @@ SEMANTIC_422 = [
     ("GET", "/v1/reports/winback"),
     ("GET", "/v1/reports/messages"),
     ("POST", "/v1/playbooks/{name}/migrations"),
+    ("POST", "/v1/simulate"),  # customer_id or profile; an IANA zone that exists; from <= until
 ]
 # Operations that read their input leniently on purpose, so a request outside the schema can
 # be accepted: provider webhooks (a field of an unexpected type is ignored, never a reason to
