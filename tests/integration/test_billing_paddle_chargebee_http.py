@@ -152,7 +152,10 @@ async def test_chargebee_non_payment_is_a_payment_failed_churn_stored_once(
     assert again.json()["duplicates"] == 1
     async with engine.connect() as conn:
         (episode,) = (await conn.execute(churn_episodes.select())).all()
+        customer = (await conn.execute(customers.select())).one()
     assert episode.customer_id == "__test__XpbTXGTSRp3ELNCY"
+    # the event's customer came with the cancellation: whom to write to, and when
+    assert (customer.email, customer.timezone) == ("john@acme-test.com", "America/New_York")
     assert (episode.reason, episode.reason_raw) == ("payment_failed", "not_paid")
     assert (episode.mrr_at_churn_minor, episode.currency) == (2500, "USD")
     assert episode.occurred_at == T0

@@ -13,8 +13,9 @@
   locale, a time zone from the phone or billing address country, ``customer_since``).
 - Every other type: ignored.
 
-The customer id is Chargebee's. The event time is ``occurred_at``: retries and reordering
-(Chargebee has both) change nothing.
+A subscription event's ``content.customer`` gives its profile too, so a cancellation alone
+carries the email to write to. The customer id is Chargebee's. The event time is
+``occurred_at``: retries and reordering (Chargebee has both) change nothing.
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ def map_event(event: Any) -> Mapped:
         payload["customer_id"] = customer.get("id")
     if not isinstance(payload.get("customer_id"), str) or not payload["customer_id"]:
         raise BillingPayloadError(f"a Chargebee {kind} event names no customer")
+    if "customer" not in payload and customer.get("id") == payload["customer_id"]:
+        # subscription events carry the customer too: the profile rides along
+        payload["customer"] = profile_event(customer)["customer"]
     return Mapped(PROVIDER, event_id, kind, occurred, name, conform(name, payload))
 
 

@@ -12,6 +12,7 @@
 - ``customer.created`` / ``customer.updated`` → ``customer.updated`` with the profile.
 - Every other type: ignored.
 
+A subscription whose ``customer`` is expanded (an object, not an id) gives its profile too.
 The customer id is Stripe's (``cus_…``). The event time is the event's ``created``.
 """
 
@@ -88,6 +89,9 @@ def map_event(event: Any) -> Mapped:
         return base
     if not payload.get("customer_id"):
         raise BillingPayloadError(f"a Stripe {kind} event names no customer")
+    expanded = sub.get("customer")
+    if "customer" not in payload and isinstance(expanded, dict):
+        payload["customer"] = profile_event(expanded)["customer"]
     return Mapped(PROVIDER, event_id, kind, created, name, conform(name, payload))
 
 

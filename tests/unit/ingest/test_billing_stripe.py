@@ -133,6 +133,16 @@ def test_a_subscription_that_ends_with_its_trial_is_an_expired_trial() -> None:
     assert later.name == "subscription.cancelled"
 
 
+def test_an_expanded_customer_gives_the_cancellation_its_profile() -> None:
+    customer = {**fixture("customer"), "id": "cus_QXg1o8vcGmoR32", "email": "a@example.com"}
+    mapped = mapping.map_event(
+        event("customer.subscription.deleted", subscription(customer=customer))
+    )
+    assert mapped.data["customer_id"] == "cus_QXg1o8vcGmoR32"
+    assert mapped.data["customer"]["email"] == "a@example.com"
+    valid("subscription.cancelled", mapped.data)
+
+
 def test_a_trial_paused_for_want_of_a_payment_method_is_an_expired_trial() -> None:
     sub = subscription(status="paused", ended_at=None, canceled_at=None)
     mapped = mapping.map_event(
