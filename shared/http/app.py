@@ -36,6 +36,22 @@ UNREACHABLE: Final = "unreachable"
 log = logging.getLogger(__name__)
 _not_ready = throttled(log)
 
+TAGS: Final = {
+    "events": "Lifecycle events in, as CloudEvents (the same as over Kafka).",
+    "billing": "Billing systems' own webhooks (Stripe, Paddle, Chargebee), verified by their "
+    "signatures.",
+    "dead letters": "Records a consumer could not handle: list, look, send back after a fix.",
+    "win-back status": "A customer's win-back state, the cases and their controls, GDPR erasure.",
+    "playbooks": "The loaded playbooks and what they would do for a customer.",
+    "reports": "Measured results: reactivation and lift over the holdout, engagement, cohorts.",
+    "messages": "What was sent to a customer and what the provider said.",
+    "content": "Message previews and test sends.",
+    "webhooks": "Delivery providers' event webhooks, verified by their signatures.",
+    "unsubscribe": "The unsubscribe link in every message (its token is the authentication).",
+    "ops": "Probes and metrics.",
+}
+"""Each tag's description, in the document's ``tags`` (only the tags a service uses)."""
+
 
 class Health(BaseModel):
     status: Literal["ok"]
@@ -81,7 +97,7 @@ def create_app(
         # every error answer documented as problem+json with the one Problem schema
         if app.openapi_schema is None:
             document = document_problems(_hoist_defs(generate()))
-            app.openapi_schema = _check_operation_ids(_document_scopes(document))
+            app.openapi_schema = _check_operation_ids(_document_tags(_document_scopes(document)))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -170,6 +186,19 @@ def _document_scopes(document: dict[str, Any]) -> dict[str, Any]:
                     text = operation.get("description", "")
                     if sentence not in text:
                         operation["description"] = f"{text}\n\n{sentence}".strip()
+    return document
+
+
+def _document_tags(document: dict[str, Any]) -> dict[str, Any]:
+    used: list[str] = []
+    for item in document.get("paths", {}).values():
+        for operation in item.values():
+            for tag in operation.get("tags", []) if isinstance(operation, dict) else []:
+                if tag not in used:
+                    used.append(tag)
+    document["tags"] = [
+        {"name": tag, "description": TAGS[tag]} if tag in TAGS else {"name": tag} for tag in used
+    ]
     return document
 
 

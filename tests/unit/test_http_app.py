@@ -282,3 +282,12 @@ def test_every_api_route_names_the_scope_it_needs(service: str) -> None:
         [scope] = requirement["HTTPBearer"]
         assert scope in ("ingest", "read", "operate", "erase"), (method, path)
         assert f"`{scope}` scope" in operation["description"], (method, path)
+
+
+@pytest.mark.parametrize("service", sorted(DOCUMENTS))
+def test_every_tag_used_is_described(service: str) -> None:
+    document = DOCUMENTS[service]
+    used = {tag for _, _, operation in operations(document) for tag in operation["tags"]}
+    described = {t["name"]: t.get("description") for t in document["tags"]}
+    assert set(described) == used
+    assert all(described.values()), described
