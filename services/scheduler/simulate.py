@@ -118,7 +118,9 @@ class SimulateIn(_In):
     ] = None
     until: Annotated[Day | None, Field(description="show steps due up to this day (UTC)")] = None
     now: AwareTime = Field(
-        default=None, description="when the churn is recorded (default: the scheduler's clock)"
+        default=None,
+        description="when the churn is recorded (default: for the customer's recorded churn, "
+        "when its case opened; otherwise the scheduler's clock)",
     )
 
 
@@ -325,6 +327,7 @@ async def run_simulation(
             episode = churn_episode(body.churn, view.customer_id, now, known.row.last_won_back_at)
         elif known.episode is not None:
             episode, source = known.episode, "recorded"
+            now = body.now or known.recorded_at or clock_now
         else:
             raise InvalidRequest("churn", "the customer has no churn on record: give one")
         history = known.history(episode.episode_id, now)

@@ -48,7 +48,11 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--from", dest="start", metavar="DATE", help="show steps due from this day")
     p.add_argument("--until", metavar="DATE", help="show steps due up to this day")
-    p.add_argument("--now", metavar="TIME", help="when the churn is recorded (default: now)")
+    p.add_argument(
+        "--now",
+        metavar="TIME",
+        help="when the churn is recorded (default: a recorded churn's, else now)",
+    )
     p.add_argument("--json", action="store_true", help="print the API's JSON answer")
 
 

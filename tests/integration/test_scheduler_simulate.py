@@ -129,7 +129,7 @@ async def test_the_routes_need_a_key_name_a_bad_field_and_know_their_customers(
     }
     async with system(settings, engine) as s:
         await s.send(cancellation(cid, T0))
-        await s.case(cid)
+        case = await s.case(cid)
         async with (
             serve(s.scheduler.app, lifespan="off") as url,
             httpx.AsyncClient(base_url=url) as http,
@@ -198,6 +198,8 @@ async def test_the_routes_need_a_key_name_a_bad_field_and_know_their_customers(
     assert known.status_code == 200, known.text
     assert known.json()["churn"]["source"] == "recorded"
     assert known.json()["customer"]["known"] is True
+    # a recorded churn is simulated from when the scheduler recorded it: the case's whole run
+    assert datetime.fromisoformat(known.json()["now"]) == case.opened_at
 
     for response, field in (
         (bad_zone, "profile.timezone"),

@@ -23,6 +23,7 @@ class KnownCustomer:
 
     row: Any
     episode: ChurnEpisode | None
+    recorded_at: datetime | None  # when that case opened: the churn as the scheduler saw it
     sends: list[tuple[datetime, bool, str]]
 
     def history(self, episode_id: str, now: datetime) -> ContactHistory:
@@ -41,12 +42,12 @@ async def known_customer(conn: AsyncConnection, customer_id: str) -> KnownCustom
         return None
     latest = (
         await conn.execute(
-            select(cases.c.episode)
+            select(cases.c.episode, cases.c.opened_at)
             .where(cases.c.customer_id == customer_id, cases.c.purpose == "winback")
             .order_by(cases.c.opened_at.desc())
             .limit(1)
         )
-    ).scalar()
+    ).first()
     sends = await conn.execute(
         select(case_steps.c.fired_at, case_steps.c.is_discount, cases.c.episode_id)
         .join(cases, cases.c.id == case_steps.c.case_id)
@@ -58,6 +59,7 @@ async def known_customer(conn: AsyncConnection, customer_id: str) -> KnownCustom
     )
     return KnownCustomer(
         row,
-        episode_from_json(latest) if latest is not None else None,
+        episode_from_json(latest.episode) if latest is not None else None,
+        latest.opened_at if latest is not None else None,
         [(r.fired_at, bool(r.is_discount), r.episode_id) for r in sends],
     )
