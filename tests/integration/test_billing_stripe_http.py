@@ -349,3 +349,30 @@ async def test_a_stripe_cancellation_opens_a_case_sends_day_0_and_a_new_subscrip
         row = (await conn.execute(customers.select().where(customers.c.id == cid))).one()
     assert row.timezone == "Europe/Helsinki"  # from the address country
     assert row.status == "active"
+
+
+async def test_a_dunning_cancellation_gets_the_payment_failed_track(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    cid = not_in_holdout("cus_Dun", "payment_failed")
+    sub = cancelled(fixture("subscription"), cid, T0, feedback=None, reason="payment_failed")
+    body = stripe_event("evt_dun_track", "customer.subscription.deleted", sub, T0)
+    config = configured(settings)
+    clock = FrozenClock(T0)
+    ingest = ingest_bootstrap(config, engine=engine, clock=clock)
+    scheduler = scheduler_bootstrap(config, engine=engine, clock=clock)
+
+    async def case() -> Any:
+        async with engine.connect() as conn:
+            return (await conn.execute(cases.select().where(cases.c.customer_id == cid))).first()
+
+    async with AsyncExitStack() as stack:
+        for service in (ingest, scheduler):
+            await stack.enter_async_context(running(service.core.runtime))
+        base = await stack.enter_async_context(serve(ingest.app, lifespan="off"))
+        http = await stack.enter_async_context(httpx.AsyncClient(base_url=base))
+        answer = await http.post("/v1/billing/stripe", content=body, headers=signed(body))
+        opened = await eventually(case, lambda row: row is not None, 60)
+    assert answer.status_code == 200
+    assert opened.playbook == "payment_failed"
+    assert opened.segment["reason"] == "payment_failed"
