@@ -393,6 +393,20 @@ def cmd_asyncapi(settings: Settings, args: argparse.Namespace) -> None:
     sys.stdout.write(to_yaml(document(settings.topics, settings.ingest.event_type_prefix)))
 
 
+def cmd_validate(settings: Settings, args: argparse.Namespace) -> None:
+    from services.validate import validate
+
+    report = validate(
+        args.playbooks or settings.scheduler.playbooks_dir, args.content or settings.content_dir
+    )
+    for problem in report.problems:
+        print(problem)
+    if not report.ok:
+        print(f"winback validate: {len(report.problems)} problem(s)", file=sys.stderr)
+        raise SystemExit(1)
+    print(report.summary())
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="winback", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -450,6 +464,13 @@ def parser() -> argparse.ArgumentParser:
     )
     dlq_cli.add_parser(sub)
     simulate_cli.add_parser(sub)
+    val = sub.add_parser(
+        "validate",
+        help="check playbooks and content as the services do at start-up; one line per "
+        "problem (file:line: field: reason), exit code 1 if any",
+    )
+    val.add_argument("--playbooks", type=Path, help="playbook directory (default: the setting)")
+    val.add_argument("--content", type=Path, help="content directory (default: the setting)")
     return p
 
 
@@ -487,6 +508,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(dlq_cli.run(settings, args))
         elif args.command == "simulate":
             raise SystemExit(simulate_cli.run(settings, args))
+        elif args.command == "validate":
+            cmd_validate(settings, args)
         else:
             cmd_service(settings, args)
     except (ConfigError, PlaybookError, UsageError) as exc:

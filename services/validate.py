@@ -24,6 +24,7 @@ from services.dispatcher.rendering import (
     OFFERS_FILE,
     Brand,
     TemplateRenderer,
+    samples_from,
     specs_from,
 )
 from services.scheduler.domain.errors import PlaybookError
@@ -65,7 +66,10 @@ def validate(playbooks_dir: Path, content_dir: Path | None) -> Report:
     except PlaybookError as exc:
         report.problems.extend(str(p) for p in exc.problems)
     renderer = TemplateRenderer(
-        Brand("Validate", "1 Example Street"), catalog.directory, specs=specs_from(catalog)
+        Brand("Validate", "1 Example Street"),
+        catalog.directory,
+        specs=specs_from(catalog),
+        samples=samples_from(catalog),
     )
     report.locales = renderer.locales
     where = str(catalog.directory)

@@ -51,10 +51,13 @@ FIELDS: Mapping[str, str] = MappingProxyType(
         "segment": "text",
         "mrr": "decimal",
         "currency": "text",
+        "lifecycle": "text",
     }
 )
 """The personalisation fields a template can use (the composer fills them), by kind."""
-OPTIONAL_PROFILE_FIELDS = frozenset({"name", "churn_reason", "segment", "mrr", "currency"})
+OPTIONAL_PROFILE_FIELDS = frozenset(
+    {"name", "churn_reason", "segment", "mrr", "currency", "lifecycle"}
+)
 """What we know about the customer, which a profile may lack: never required."""
 DISCOUNT_KINDS = frozenset({"percent_off", "amount_off", "free_months"})
 

@@ -575,6 +575,13 @@ class StripeBillingSettings(BaseModel):
 
     _split = field_validator("webhook_secrets", mode="before")(_comma_list)
 
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _whsec(cls, value: list[SecretStr]) -> list[SecretStr]:
+        if any(not s.get_secret_value().startswith("whsec_") for s in value):
+            raise ValueError("a Stripe endpoint secret starts with whsec_ (not the API key)")
+        return value
+
 
 class PaddleBillingSettings(BaseModel):
     """Paddle Billing: ``Paddle-Signature`` (ts, h1) checked against each notification
@@ -652,15 +659,10 @@ class ResultsSettings(BaseModel):
         'provider ("email/sendgrid", which wins)',
     )
     offer_cost: dict[str, OfferCostSettings] = Field(
-        default_factory=lambda: {
-            "discount_50pct_3mo": OfferCostSettings(mrr_months=1.5),
-            "discount_20pct_12mo": OfferCostSettings(mrr_months=2.4),
-            "free_month": OfferCostSettings(mrr_months=1.0),
-            "extended_trial_30d": OfferCostSettings(mrr_months=1.0),
-            "premium_onboarding": OfferCostSettings(fixed_minor=15000),
-            "migration_help": OfferCostSettings(fixed_minor=10000),
-        },
-        description="cost per redeemed offer (an offer on the step a return is credited to)",
+        default_factory=dict,
+        description="cost per redeemed offer (the offer on the step a return is credited to), "
+        "by offer name: replaces the price derived from the content's offers.yaml (percent "
+        "off x months, free months, amount off, cost_minor)",
     )
     exchange_rates: dict[str, float] = Field(
         default_factory=dict,

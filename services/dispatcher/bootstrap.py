@@ -33,6 +33,7 @@ from services.dispatcher.rendering import (
     Channel,
     TemplateRenderer,
     TemplateSpec,
+    samples_from,
     specs_from,
 )
 from services.dispatcher.sender import DeliverySender, SenderConfig
@@ -109,7 +110,10 @@ def _checked_renderer(company: str, address: str, content_dir: Path | None) -> N
     """``check_templates`` once per process for the same inputs (the files do not change)."""
     catalog = catalog_for(content_dir)
     renderer = TemplateRenderer(
-        Brand(company, address), catalog.directory, specs=specs_from(catalog)
+        Brand(company, address),
+        catalog.directory,
+        specs=specs_from(catalog),
+        samples=samples_from(catalog),
     )
     renderer.check_templates(sorted(catalog.template_names))
 

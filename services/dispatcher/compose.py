@@ -85,6 +85,8 @@ class Composer:
             "cta_url": self._cta(command, channel),
             "churn_reason": command.get("reason"),
             "segment": _segment_text(profile.segment),
+            # who they are to us (a trial that ended is never told "you decided to leave")
+            "lifecycle": (profile.segment or {}).get("lifecycle"),
         }
         if channels.spec(channel).unsubscribe_link:
             ctx["unsubscribe_url"] = self.unsubscribe_url(str(customer["id"]), channel)
@@ -211,7 +213,7 @@ def _tags(command: Mapping[str, Any]) -> dict[str, str]:
         if value is None:
             continue
         text = str(value)
-        if "@" in text or _E164_LIKE.fullmatch(text):
-            continue
+        if "@" in text or _E164_LIKE.fullmatch(text) or not text.isprintable():
+            continue  # an address, or a value that would break a header line
         tags[key] = text
     return tags

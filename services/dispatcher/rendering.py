@@ -128,6 +128,7 @@ class MessageContext(TypedDict, total=False):
     segment: str
     mrr: Decimal | int
     currency: str
+    lifecycle: str
 
 
 OPTIONAL_PROFILE_FIELDS: Final = content.OPTIONAL_PROFILE_FIELDS
@@ -163,6 +164,11 @@ def specs_from(catalog: Catalog) -> Mapping[tuple[str, Channel], TemplateSpec]:
     }
 
 
+def samples_from(catalog: Catalog) -> Mapping[str, Mapping[str, Any]]:
+    """Each template's sample data (the catalogue's, with the template's own over it)."""
+    return {name: template.sample for name, template in catalog.templates.items()}
+
+
 TEMPLATE_SPECS: Final[Mapping[tuple[str, Channel], TemplateSpec]] = specs_from(SHIPPED)
 """Every (template name, channel) of the shipped content, with the fields it needs (from
 ``shared/content/catalog.yaml``)."""
@@ -187,6 +193,7 @@ SAMPLE_CONTEXT: Final[MessageContext] = {
     "segment": "high_value",
     "mrr": Decimal("99.00"),
     "currency": "EUR",
+    "lifecycle": "expired_trial",
 }
 """A complete context used by ``check_templates`` for its trial renders."""
 
@@ -271,9 +278,12 @@ class TemplateRenderer:
         templates_dir: Path = TEMPLATES_DIR,
         *,
         specs: Mapping[tuple[str, Channel], TemplateSpec] = TEMPLATE_SPECS,
+        samples: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self._brand = brand
         self._specs = specs
+        self._samples: Mapping[str, Mapping[str, Any]] = samples or {}
+        """Template name → its sample data (the content catalogue's) for the start-up check."""
         self._dir = templates_dir
         self._env = ImmutableSandboxedEnvironment(
             loader=FileSystemLoader(templates_dir),
@@ -605,8 +615,15 @@ class TemplateRenderer:
                 continue
             resolved = _ResolvedLocale(locale, locale.replace("-", "_"))
             complete = spec.required | spec.optional
-            samples = [_sample(complete), _sample(spec.required)]
-            samples += [_sample(complete - {f}) for f in sorted(spec.optional)]
+            base = {**SAMPLE_CONTEXT, **self._samples.get(name, {})}
+            unsampled = sorted(complete - set(base))
+            if unsampled:
+                problems.append(
+                    f"{label}: no sample value for {', '.join(unsampled)} (catalog.yaml sample)"
+                )
+                break
+            samples = [_sample(base, complete), _sample(base, spec.required)]
+            samples += [_sample(base, complete - {f}) for f in sorted(spec.optional)]
             for sample in samples:
                 try:
                     values = self._values(name, channel, spec, sample)
@@ -647,8 +664,7 @@ def _load_offers(path: Path) -> dict[str, str]:
     return table
 
 
-def _sample(fields: Iterable[str]) -> dict[str, object]:
-    sample: Mapping[str, object] = SAMPLE_CONTEXT
+def _sample(sample: Mapping[str, object], fields: Iterable[str]) -> dict[str, object]:
     return {f: sample[f] for f in fields}
 
 

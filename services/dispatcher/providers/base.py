@@ -91,6 +91,8 @@ class OutboundMessage:
                 raise ValueError(f"tag key {key!r} must be 1-64 of [A-Za-z0-9_.-]")
             if "@" in value or _E164.fullmatch(value):
                 raise ValueError(f"tag {key!r} looks like an address: tags must hold no PII")
+            if not value.isprintable():
+                raise ValueError(f"tag {key!r} holds a control or line-break character")
 
     def list_unsubscribe_headers(self) -> dict[str, str]:
         """RFC 8058 one-click unsubscribe headers, empty when there is no unsubscribe URL."""

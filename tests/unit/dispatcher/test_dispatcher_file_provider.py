@@ -214,7 +214,14 @@ def parts_of(mail: email.message.EmailMessage) -> list[tuple[str, str, str | Non
     ]
 
 
-header_text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=120)
+# Header values never hold a line boundary of str.splitlines (NEL, LS, PS, VT, FF, FS-RS): the
+# renderer folds them away with the rest of the whitespace; with one, the stdlib's parser ends
+# the header block early on either file and quotes the random MIME boundary as the body.
+LINE_BOUNDARIES = "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+header_text = st.text(
+    st.characters(codec="utf-8", exclude_categories=["Cs"], exclude_characters=LINE_BOUNDARIES),
+    max_size=120,
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -223,9 +230,11 @@ header_text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), m
     name=st.one_of(st.none(), header_text.filter(lambda s: s.strip())),
     text=st.text(max_size=400),
     html=st.one_of(st.none(), st.text(max_size=400)),
+    # a tag holds no control or line-break character (OutboundMessage refuses one; the
+    # composer leaves such a value out)
     tag=st.text(
         st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=30
-    ).filter(lambda s: "@" not in s and not s.startswith("+")),
+    ).filter(lambda s: "@" not in s and not s.startswith("+") and s.isprintable()),
 )
 def test_whatever_is_written_parses_as_the_stdlib_message(
     subject: str, name: str | None, text: str, html: str | None, tag: str

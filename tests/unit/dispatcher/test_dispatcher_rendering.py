@@ -43,6 +43,7 @@ FULL: dict[str, Any] = {
     "segment": "high_value",
     "mrr": Decimal("249.00"),
     "currency": "EUR",
+    "lifecycle": "churned_customer",
 }
 
 CASES = sorted((name, chan.value) for name, chan in TEMPLATE_SPECS)
@@ -240,7 +241,14 @@ def test_a_blank_name_is_left_out_like_a_missing_one(name: str | None) -> None:
 
 
 def test_the_optional_profile_fields_are_never_required() -> None:
-    assert {"name", "churn_reason", "segment", "mrr", "currency"} == OPTIONAL_PROFILE_FIELDS
+    assert {
+        "name",
+        "churn_reason",
+        "segment",
+        "mrr",
+        "currency",
+        "lifecycle",
+    } == OPTIONAL_PROFILE_FIELDS
     for (name, channel), spec in TEMPLATE_SPECS.items():
         assert not spec.required & OPTIONAL_PROFILE_FIELDS, (name, channel)
     with pytest.raises(ValueError, match="name cannot be required"):
