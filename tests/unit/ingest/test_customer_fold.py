@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from services.ingest import events as ev
 from services.ingest.customer import CustomerState, Draft, Effects, apply, apply_to
 from shared import domain_events as de
+from shared.contracts import registry
 from shared.contracts.inbound import INBOUND
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -24,8 +25,12 @@ def inbound(name: str, at: datetime, **data: Any) -> ev.Inbound:
 
 
 def emitted(effects: Effects) -> list[tuple[str, dict[str, Any]]]:
-    """The events as the handler publishes them: type from the registry, data on the wire."""
-    return [(ev.PUBLISHES[type(model)].name, model.to_data()) for model in effects.emit]
+    """The events as the handler publishes them: type from the registry, data on the wire —
+    which the consumer's strict decode gives back as the same model."""
+    out = [(ev.PUBLISHES[type(model)].name, model.to_data()) for model in effects.emit]
+    for model, (name, data) in zip(effects.emit, out, strict=True):
+        assert registry.decode(name, data, tolerant=False) == model, name
+    return out
 
 
 def fold(events: list[ev.Inbound]) -> CustomerState | None:
@@ -227,10 +232,10 @@ def test_a_draft_changed_in_place_gives_what_apply_gives_event_by_event(
         event_id = f"id-{i}"
         expected = apply(state, item, "/src", event_id)
         got = apply_to(draft, item, "/src", event_id)
-        assert (got.new_episode, got.ended, got.emit) == (
+        assert (got.new_episode, got.ended, emitted(got)) == (
             expected.new_episode,
             expected.ended,
-            expected.emit,
+            emitted(expected),
         )
         assert draft.freeze() == expected.state
         state = expected.state
