@@ -6,12 +6,15 @@ moves any service's position."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition as KafkaTP
 
+from shared.errors import TransientError
 from shared.messaging.kafka import startup_errors
 from shared.messaging.transport import Record
 
@@ -46,11 +49,23 @@ class KafkaTopicReader:
             await consumer.stop()
             raise
 
+    @contextlib.contextmanager
+    def _in_time(self, topic: str) -> Iterator[None]:
+        """A read that does not reach the end in time (the broker went away meanwhile) is a
+        ``TransientError``, as an unreachable broker is."""
+        try:
+            yield
+        except TimeoutError:
+            raise TransientError(
+                f"reading {topic} did not reach its end within {self.timeout:g} s "
+                f"(broker at {self.bootstrap})"
+            ) from None
+
     async def read(self, topic: str) -> list[Record]:
         consumer = self._consumer()
         await self._start(consumer)
         try:
-            with startup_errors("reading the topic", self.bootstrap):
+            with startup_errors("reading the topic", self.bootstrap), self._in_time(topic):
                 return await asyncio.wait_for(self._read(consumer, topic), self.timeout)
         finally:
             await consumer.stop()
@@ -82,7 +97,7 @@ class KafkaTopicReader:
         consumer = self._consumer()
         await self._start(consumer)
         try:
-            with startup_errors("reading the topic", self.bootstrap):
+            with startup_errors("reading the topic", self.bootstrap), self._in_time(topic):
                 return await asyncio.wait_for(
                     self._read_one(consumer, topic, partition, offset), self.timeout
                 )

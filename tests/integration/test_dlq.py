@@ -27,8 +27,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.ingest.bootstrap import bootstrap
 from shared.db.tables import churn_episodes, customers, outbox
+from shared.errors import TransientError
 from shared.messaging import dlq
 from shared.messaging.kafka import KafkaTransport
+from shared.messaging.kafka_read import KafkaTopicReader
 from shared.settings import DEV_SECRET, Settings
 from tests.support.corpus import (
     DEFAULT_OVERSIZE_BYTES,
@@ -353,3 +355,14 @@ async def test_the_dead_letter_api_needs_the_api_key(
         for status in ("401", "422", "503"):
             assert "application/problem+json" in operation["responses"][status]["content"]
     assert "get" not in paths["/v1/dead-letters/redrive"]
+
+
+async def test_a_read_that_cannot_finish_is_a_transient_error(settings: Settings) -> None:
+    """The HTTP routes answer it with a 503 and the command with exit code 69, not a crash."""
+    transport = KafkaTransport(settings.kafka.bootstrap_servers)
+    await transport.ensure_topics([settings.topics.dead_letter], 1)
+    reader = KafkaTopicReader(settings.kafka.bootstrap_servers, timeout=0)
+    with pytest.raises(TransientError, match="did not reach its end within 0 s"):
+        await reader.read(settings.topics.dead_letter)
+    with pytest.raises(TransientError, match="did not reach its end"):
+        await reader.read_one(settings.topics.dead_letter, 0, 0)
