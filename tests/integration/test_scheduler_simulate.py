@@ -104,6 +104,11 @@ async def test_simulate_agrees_with_what_the_timers_do(
     assert first.action == "defer"
     assert first.deferrals[0].reason == "quiet_hours"
     assert first.at_local.startswith("2026-03-02T09:00")
+    # the offer found the weekly cap full when it fell due (day 0, 1 and 3 sent): it waited
+    # until the day-0 message left the 7 days, and the timer sent it then too
+    offer = next(step for step in simulated.timeline if step.step_key == "d7_special_offer")
+    assert [d.reason for d in offer.deferrals] == ["frequency_cap"]
+    assert steps["d7_special_offer"].defer_count == 1
     # planned alike: each simulated step is a step of the case, due at the same time
     for step in simulated.timeline:
         assert steps[step.step_key].original_due_at == step.due_at, step.step_key
