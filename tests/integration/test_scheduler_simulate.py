@@ -145,6 +145,14 @@ async def test_the_routes_need_a_key_name_a_bad_field_and_know_their_customers(
             listed = await http.get("/v1/playbooks")
             answer = await http.post("/v1/simulate", json=inline)
             known = await http.post("/v1/simulate", json={"customer_id": cid})
+            what_if = await http.post(
+                "/v1/simulate",
+                json={
+                    "customer_id": cid,
+                    "churn": {"reason": "competitor", "competitor": "Acme"},
+                    "now": T0.isoformat(),
+                },
+            )
             bad_zone = await http.post(
                 "/v1/simulate",
                 json={**inline, "profile": {**inline["profile"], "timezone": "Mars/Olympus"}},
@@ -203,6 +211,12 @@ async def test_the_routes_need_a_key_name_a_bad_field_and_know_their_customers(
     assert known.status_code == 200, known.text
     assert known.json()["churn"]["source"] == "recorded"
     assert known.json()["customer"]["known"] is True
+    # a known customer with another churn: their profile, that churn
+    assert what_if.status_code == 200, what_if.text
+    assert what_if.json()["churn"]["source"] == "given"
+    assert what_if.json()["churn"]["competitor"] == "Acme"
+    assert what_if.json()["playbook"]["name"] == "competitor"
+    assert what_if.json()["customer"]["timezone"] == "Europe/Helsinki"
     # a recorded churn is simulated from when the scheduler recorded it: the case's whole run
     assert datetime.fromisoformat(known.json()["now"]) == case.opened_at
 
