@@ -527,6 +527,36 @@ def _short(at: datetime, zone: ZoneInfo | None = None) -> str:
     return shown.strftime("%Y-%m-%d %H:%M")
 
 
+_VERDICTS = {
+    "outranked": "outranked",
+    "no_match": "no match",
+    "reonboarding": "re-onboarding (opens on a return)",
+    "older_version": "older version",
+}
+
+
+def _considered_lines(considered: Sequence[ConsideredOut]) -> list[str]:
+    """The other playbooks, briefly: one line per verdict (a no-match names the failing
+    conditions; ``--json`` has each reason in full)."""
+    lines: list[str] = []
+    for verdict, label in _VERDICTS.items():
+        names = []
+        for c in considered:
+            if c.verdict != verdict:
+                continue
+            if verdict == "no_match":
+                failing = ", ".join(part.split(":")[0] for part in c.reason.split("; "))
+                names.append(f"{c.name} ({failing})")
+            elif verdict == "outranked":
+                names.append(f"{c.name} ({c.reason.removeprefix('matches, but ')})")
+            else:
+                names.append(c.name)
+        if names:
+            head = "considered " if not lines else "           "
+            lines.append(f"{head}{label}: {', '.join(names)}")
+    return lines
+
+
 def render_table(out: SimulationOut) -> str:
     """The answer as ``winback simulate`` prints it: a few header lines and one row per step."""
     zone = ZoneInfo(out.customer.timezone)
@@ -549,10 +579,7 @@ def render_table(out: SimulationOut) -> str:
     if out.holdout is not None:
         member = "IN the holdout: nothing is sent" if out.holdout.in_holdout else "not in it"
         lines.append(f"holdout    {out.holdout.share:.0%} share, {member}")
-    others = [c for c in out.considered if c.verdict != "chosen"]
-    if others:
-        lines.append("considered")
-        lines += [f"  {c.name} v{c.version} ({c.verdict}): {c.reason}" for c in others]
+    lines += _considered_lines(out.considered)
     if not out.opens_case:
         lines.append(f"no case     {out.no_case_reason}")
         return "\n".join(lines) + "\n"
