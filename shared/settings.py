@@ -572,6 +572,13 @@ class StripeBillingSettings(BaseModel):
     )
     tolerance_seconds: int = Field(default=300, ge=1, le=3600)
     api_key: SecretStr | None = Field(default=None, description="for backfill and coupons")
+    customer_id_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=100,
+        description="the key of the Stripe metadata holding your own customer id: "
+        "the customer id in winback where the event has it, the billing system's otherwise",
+    )
 
     _split = field_validator("webhook_secrets", mode="before")(_comma_list)
 
@@ -596,6 +603,13 @@ class PaddleBillingSettings(BaseModel):
         default=5, ge=1, le=3600, description="Paddle's (and its SDK's) recommended 5 s"
     )
     api_key: SecretStr | None = Field(default=None, description="for backfill and coupons")
+    customer_id_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=100,
+        description="the key of the Paddle custom_data holding your own customer id: "
+        "the customer id in winback where the event has it, the billing system's otherwise",
+    )
 
     _split = field_validator("webhook_secrets", mode="before")(_comma_list)
 
@@ -608,6 +622,13 @@ class ChargebeeBillingSettings(BaseModel):
     username: str | None = None
     password: SecretStr | None = None
     api_key: SecretStr | None = Field(default=None, description="for backfill and coupons")
+    customer_id_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=100,
+        description="the key of the Chargebee meta_data holding your own customer id: "
+        "the customer id in winback where the event has it, the billing system's otherwise",
+    )
 
     @model_validator(mode="after")
     def _pair(self) -> ChargebeeBillingSettings:

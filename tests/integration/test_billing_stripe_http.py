@@ -376,3 +376,19 @@ async def test_a_dunning_cancellation_gets_the_payment_failed_track(
     assert answer.status_code == 200
     assert opened.playbook == "payment_failed"
     assert opened.segment["reason"] == "payment_failed"
+
+
+async def test_with_a_customer_id_key_the_merchants_own_id_is_the_customer(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    config = configured(settings, customer_id_key="app_user_id")
+    service = ingest_bootstrap(config, engine=engine, clock=FrozenClock(T0))
+    sub = cancelled(fixture("subscription"), "cus_Mapped", T0)
+    sub["metadata"] = {"app_user_id": "user-7"}
+    body = stripe_event("evt_mapped", "customer.subscription.deleted", sub, T0)
+    async with serve(service.app) as url, httpx.AsyncClient(base_url=url) as http:
+        answer = await http.post("/v1/billing/stripe", content=body, headers=signed(body))
+    assert answer.status_code == 200
+    async with engine.connect() as conn:
+        episode = (await conn.execute(churn_episodes.select())).one()
+    assert episode.customer_id == "user-7"

@@ -14,7 +14,8 @@
 - Every other type: ignored.
 
 A subscription event's ``content.customer`` gives its profile too, so a cancellation alone
-carries the email to write to. The customer id is Chargebee's. The event time is
+carries the email to write to. The customer id is Chargebee's, or the merchant's own under
+``id_key`` in the subscription's or the customer's ``meta_data``. The event time is
 ``occurred_at``: retries and reordering (Chargebee has both) change nothing.
 """
 
@@ -33,6 +34,7 @@ from services.ingest.billing.common import (
     locale_of,
     monthly,
     obj,
+    own_id,
     phone_e164,
     round_half_up,
     text,
@@ -54,8 +56,9 @@ TYPES = (
 LIVE = frozenset({"active", "in_trial", "non_renewing"})
 
 
-def map_event(event: Any) -> Mapped:
-    """Read one Chargebee event (the parsed webhook body)."""
+def map_event(event: Any, id_key: str | None = None) -> Mapped:
+    """Read one Chargebee event (the parsed webhook body); ``id_key``: the ``meta_data`` key
+    holding the merchant's own customer id, if they use one."""
     if not isinstance(event, dict):
         raise BillingPayloadError("a Chargebee event is a JSON object")
     event_id, kind = event.get("id"), event.get("event_type")
@@ -88,6 +91,9 @@ def map_event(event: Any) -> Mapped:
     if "customer" not in payload and customer.get("id") == payload["customer_id"]:
         # subscription events carry the customer too: the profile rides along
         payload["customer"] = profile_event(customer)["customer"]
+    mine = own_id(id_key, sub.get("meta_data"), customer.get("meta_data"))
+    if mine is not None:
+        payload["customer_id"] = mine
     return Mapped(PROVIDER, event_id, kind, occurred, name, conform(name, payload))
 
 

@@ -218,6 +218,21 @@ def _drop(data: dict[str, Any], loc: tuple[Any, ...]) -> bool:
     return False
 
 
+def own_id(key: str | None, *sources: Any) -> str | None:
+    """The merchant's own customer id: the value under ``key`` in the first of ``sources``
+    (metadata objects) that has one (a string, or an integer written as one)."""
+    if key is None:
+        return None
+    for source in sources:
+        value = obj(source).get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        found = text(value)
+        if found:
+            return found
+    return None
+
+
 def compact(values: Mapping[str, Any]) -> dict[str, Any]:
     """The entries that are not ``None``."""
     return {k: v for k, v in values.items() if v is not None}

@@ -13,7 +13,8 @@ notification's JSON (``event_id``, ``event_type``, ``occurred_at``, ``data``).
   from the address country.
 - Every other type: ignored.
 
-The customer id is Paddle's (``ctm_…``). The event time is ``occurred_at``. Amounts are strings
+The customer id is Paddle's (``ctm_…``), or the merchant's own under ``id_key`` in the
+entity's ``custom_data``. The event time is ``occurred_at``. Amounts are strings
 in minor units; each price's ``billing_cycle`` (``interval``, ``frequency``) normalises it to a
 month.
 """
@@ -35,6 +36,7 @@ from services.ingest.billing.common import (
     locale_of,
     monthly,
     obj,
+    own_id,
     round_half_up,
     text,
     zone_for,
@@ -55,8 +57,9 @@ TYPES = (
 LIVE = frozenset({"active", "trialing", "past_due"})
 
 
-def map_event(event: Any) -> Mapped:
-    """Read one Paddle notification (the parsed webhook body)."""
+def map_event(event: Any, id_key: str | None = None) -> Mapped:
+    """Read one Paddle notification (the parsed webhook body); ``id_key``: the ``custom_data``
+    key holding the merchant's own customer id, if they use one."""
     if not isinstance(event, dict):
         raise BillingPayloadError("a Paddle notification is a JSON object")
     event_id, kind = event.get("event_id"), event.get("event_type")
@@ -86,6 +89,9 @@ def map_event(event: Any) -> Mapped:
             payload = {"customer_id": data.get("customer_id"), "customer": {"timezone": zone}}
     if name is None:
         return base
+    mine = own_id(id_key, data.get("custom_data"))
+    if mine is not None:
+        payload["customer_id"] = mine
     if not isinstance(payload.get("customer_id"), str) or not payload["customer_id"]:
         raise BillingPayloadError(f"a Paddle {kind} notification names no customer")
     return Mapped(PROVIDER, event_id, kind, occurred, name, conform(name, payload))

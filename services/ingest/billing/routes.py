@@ -21,6 +21,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 
 from fastapi import APIRouter, Depends, Request
@@ -99,16 +100,22 @@ def connectors(settings: BillingSettings) -> dict[str, Connector]:
 
     return {
         "stripe": Connector(
-            "stripe", STRIPE_HEADER, check_stripe if stripe_secrets else None, stripe.map_event
+            "stripe",
+            STRIPE_HEADER,
+            check_stripe if stripe_secrets else None,
+            partial(stripe.map_event, id_key=s.customer_id_key),
         ),
         "paddle": Connector(
-            "paddle", PADDLE_HEADER, check_paddle if paddle_secrets else None, paddle.map_event
+            "paddle",
+            PADDLE_HEADER,
+            check_paddle if paddle_secrets else None,
+            partial(paddle.map_event, id_key=p.customer_id_key),
         ),
         "chargebee": Connector(
             "chargebee",
             "Authorization",
             check_chargebee if credentials else None,
-            chargebee.map_event,
+            partial(chargebee.map_event, id_key=c.customer_id_key),
         ),
     }
 

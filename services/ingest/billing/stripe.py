@@ -13,7 +13,9 @@
 - Every other type: ignored.
 
 A subscription whose ``customer`` is expanded (an object, not an id) gives its profile too.
-The customer id is Stripe's (``cus_…``). The event time is the event's ``created``.
+The customer id is Stripe's (``cus_…``), or the merchant's own under ``id_key`` in the
+subscription's (or expanded customer's) metadata, the customer's on customer events. The
+event time is the event's ``created``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from services.ingest.billing.common import (
     locale_of,
     monthly,
     obj,
+    own_id,
     phone_e164,
     round_half_up,
     text,
@@ -55,8 +58,9 @@ TRIAL_GRACE = timedelta(days=1)
 """A subscription that ends within this long after its trial's end never converted."""
 
 
-def map_event(event: Any) -> Mapped:
-    """Read one Stripe event (the parsed webhook body)."""
+def map_event(event: Any, id_key: str | None = None) -> Mapped:
+    """Read one Stripe event (the parsed webhook body); ``id_key``: the metadata key holding
+    the merchant's own customer id, if they use one."""
     if not isinstance(event, dict):
         raise BillingPayloadError("a Stripe event is a JSON object")
     event_id, kind = event.get("id"), event.get("type")
@@ -87,9 +91,12 @@ def map_event(event: Any) -> Mapped:
         name, payload = "customer.updated", profile_event(sub)
     if name is None:
         return base
+    expanded = sub.get("customer")
+    mine = own_id(id_key, sub.get("metadata"), obj(expanded).get("metadata"))
+    if mine is not None:
+        payload["customer_id"] = mine
     if not payload.get("customer_id"):
         raise BillingPayloadError(f"a Stripe {kind} event names no customer")
-    expanded = sub.get("customer")
     if "customer" not in payload and isinstance(expanded, dict):
         payload["customer"] = profile_event(expanded)["customer"]
     return Mapped(PROVIDER, event_id, kind, created, name, conform(name, payload))

@@ -137,3 +137,12 @@ def test_a_customer_is_a_profile_with_a_zone_from_the_billing_country() -> None:
 def test_what_is_not_a_chargebee_event_is_refused(body: Any) -> None:
     with pytest.raises(BillingPayloadError):
         mapping.map_event(body)
+
+
+def test_the_merchants_own_customer_id_from_meta_data_when_configured() -> None:
+    event = sample()
+    event["content"]["customer"]["meta_data"] = {"app_user_id": 4242}
+    mapped = mapping.map_event(event, id_key="app_user_id")
+    assert mapped.data["customer_id"] == "4242"
+    assert mapped.data["customer"]["email"] == "john@acme-test.com"  # still their profile
+    assert mapping.map_event(event).data["customer_id"] == "__test__XpbTXGTSRp3ELNCY"

@@ -158,3 +158,12 @@ def test_other_notifications_are_ignored() -> None:
 def test_what_is_not_a_paddle_notification_is_refused(body: Any) -> None:
     with pytest.raises(BillingPayloadError):
         mapping.map_event(body)
+
+
+def test_the_merchants_own_customer_id_from_custom_data_when_configured() -> None:
+    address = data("address.updated")  # its custom_data holds {"crm_id": "08bcfb7a-…"}
+    address["country_code"] = "FI"
+    mapped = mapping.map_event(notification("address.updated", address), id_key="crm_id")
+    assert mapped.data["customer_id"] == "08bcfb7a-41d8-4747-9ade-3d885c287d0f"
+    cancelled = mapping.map_event(notification("subscription.canceled"), id_key="crm_id")
+    assert cancelled.data["customer_id"] == "ctm_01hv6y1jedq4p1n0yqn5ba3ky4"  # none there

@@ -286,3 +286,17 @@ def test_monthly_revenue_grows_with_quantity_and_is_never_negative(
     assert 0 <= one <= more
     assert monthly_minor(amount, quantity, "fortnight") is None
     assert monthly_minor(amount, quantity, interval, 0) is None
+
+
+def test_the_merchants_own_customer_id_from_metadata_when_configured() -> None:
+    sub = subscription(metadata={"app_user_id": "user-42"})
+    mine = mapping.map_event(event("customer.subscription.deleted", sub), id_key="app_user_id")
+    assert mine.data["customer_id"] == "user-42"
+    # not configured, or the key absent: Stripe's own id
+    plain = mapping.map_event(event("customer.subscription.deleted", sub))
+    assert plain.data["customer_id"] == "cus_QXg1o8vcGmoR32"
+    other = mapping.map_event(event("customer.subscription.deleted", sub), id_key="crm_id")
+    assert other.data["customer_id"] == "cus_QXg1o8vcGmoR32"
+    customer = {**fixture("customer"), "metadata": {"app_user_id": "user-42"}}
+    profile = mapping.map_event(event("customer.updated", customer), id_key="app_user_id")
+    assert profile.data["customer_id"] == "user-42"
