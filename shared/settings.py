@@ -470,6 +470,14 @@ class DispatcherSettings(BaseModel):
         gt=0,
         description="a delivery left 'sending' this long belongs to a crashed dispatcher",
     )
+    unknown_reconcile_seconds: float = Field(
+        default=86_400,
+        gt=0,
+        le=30 * 86_400,
+        description="a delivery whose send outcome a crash left unknown may be confirmed this "
+        "long (provider webhook, resend with the same key, Postmark search); then it ends "
+        "failed (unconfirmed), never re-sent without a key",
+    )
 
     @field_validator("unsubscribe_keys", "highlights", "test_recipients", mode="before")
     @classmethod

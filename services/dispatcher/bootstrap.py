@@ -211,6 +211,7 @@ def bootstrap(
             round_delay=timedelta(seconds=d.retry.round_delay_seconds),
             late_grace=timedelta(seconds=d.late_send_grace_seconds),
             max_record_bytes=limit,
+            unknown_window=timedelta(seconds=d.unknown_reconcile_seconds),
         ),
     )
     names: dict[str, list[str]] = {}

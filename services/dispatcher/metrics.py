@@ -53,5 +53,15 @@ DELIVERIES = Gauge(
     "Deliveries waiting (queued) or handed to a provider (sending)",
     ["state"],
 )
+DELIVERIES_UNKNOWN = Gauge(
+    "winback_deliveries_unknown",
+    "Deliveries whose send outcome a crash left unknown, waiting for reconciliation",
+)
+RECONCILED = Counter(
+    "winback_reconciled_total",
+    "Unknown deliveries settled, by outcome: webhook, resend, search (confirmed sent) or "
+    "unconfirmed (failed when the window passed)",
+    ["outcome"],
+)
 
 STATE_VALUE = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}

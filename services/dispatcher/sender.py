@@ -16,10 +16,11 @@
    the row is still ``sending`` by the same attempt.
 
 After a crash between 2 and 3 the row stays ``sending``. Once it is older than
-``stale_after`` (longer than any send may take) it is recovered, never sent twice blindly:
-if every provider of its channel deduplicates on our idempotency key (file, webhook, HubSpot
-with a unique property) it is queued again and the resend is absorbed by the provider;
-otherwise it ends ``message.failed`` with the reason ``outcome unknown after crash``.
+``stale_after`` (longer than any send may take) it is recovered as ``unknown``, never
+``failed`` and never sent twice blindly: ``reconcile.Reconciler`` settles it (a provider
+webhook, a resend with the same key where every provider of the channel deduplicates on it,
+Postmark's search), or, when nothing confirms it within ``unknown_window``, ends it
+``failed`` (``unconfirmed``).
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import RowMapping
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.dispatcher import metrics, store
+from services.dispatcher import metrics, reconcile, store
 from services.dispatcher.channels import ChannelSender
 from services.dispatcher.compose import Composer, Profile
 from services.dispatcher.errors import DeliveryFailedError, PermanentSendError, SendError
@@ -45,7 +46,6 @@ from services.dispatcher.model import (
     MESSAGE_FAILED,
     MESSAGE_SENT,
     MESSAGE_SUPPRESSED,
-    OUTCOME_UNKNOWN_AFTER_CRASH,
     Delivery,
     SendState,
     address_hash,
@@ -108,6 +108,9 @@ class SenderConfig:
     """How long after the customer's send window closes a late delivery may still go."""
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
     """``kafka.max_record_bytes``: an outcome event over it is parked when written."""
+    unknown_window: timedelta = timedelta(days=1)
+    """``dispatcher.unknown_reconcile_seconds``: how long an unknown delivery may take to be
+    confirmed before it ends ``failed`` (``unconfirmed``)."""
 
 
 class DeliverySender:
@@ -118,6 +121,7 @@ class DeliverySender:
         channels: Mapping[str, ChannelSender],
         composer: Composer,
         config: SenderConfig,
+        searches: Mapping[str, Sequence[reconcile.Search]] | None = None,
     ) -> None:
         self.engine = engine
         self.clock = clock
@@ -131,6 +135,18 @@ class DeliverySender:
         self.idle.set()
         self.claimed_total = 0
         self._min_claim = max(1, min(config.batch_size, config.max_in_flight // 4))
+        self.reconciler = reconcile.Reconciler(
+            self._unit,
+            self.channels,
+            self.resend_messages,
+            reconcile.ReconcileConfig(
+                outcomes_topic=config.outcomes_topic,
+                window=config.unknown_window,
+                lease=config.stale_after,
+                batch_size=config.batch_size,
+            ),
+            searches,
+        )
 
     @property
     def in_flight(self) -> int:
@@ -289,8 +305,8 @@ class DeliverySender:
 
     # -- crash recovery ------------------------------------------------------------------------
     async def recover_stale(self) -> int:
-        """Deliveries left ``sending`` by a dispatcher that died mid-send: queue them again
-        where every provider deduplicates on our key, else fail them as outcome unknown."""
+        """Deliveries left ``sending`` by a dispatcher that died mid-send become ``unknown``:
+        the provider may have them; ``reconcile`` finds out."""
         cfg = self.config
         async with self._unit("recover_stale") as tx:
             conn, now = tx.conn, tx.now
@@ -301,30 +317,47 @@ class DeliverySender:
             ]
             if not rows:
                 return 0
-            again = [r["id"] for r in rows if self._resendable(r["channel"])]
-            lost = [r for r in rows if not self._resendable(r["channel"])]
-            await store.requeue(conn, again, now)
-            await store.fail(conn, [r["id"] for r in lost], OUTCOME_UNKNOWN_AFTER_CRASH, now)
-            for row in lost:
-                delivery = Delivery.from_row(row)
-                self._emit(
-                    tx, delivery, MESSAGE_FAILED, None, None, reason=OUTCOME_UNKNOWN_AFTER_CRASH
-                )
-                counted(delivery.channel, "-", "failed").inc()
+            await store.mark_unknown(conn, [r["id"] for r in rows], now)
+            for row in rows:
+                counted(row["channel"], "-", "unknown").inc()
         log.warning(
-            "recovered deliveries left sending by a crashed dispatcher",
-            extra={"requeued": len(again), "failed": len(lost)},
+            "deliveries left sending by a crashed dispatcher are unknown until reconciled",
+            extra={"unknown": len(rows)},
         )
         return len(rows)
 
-    def _resendable(self, channel: str) -> bool:
-        sender = self.channels.get(channel)
-        return sender is not None and sender.idempotent
+    async def reconcile(self) -> int:
+        """Settle the due unknown deliveries (``reconcile.Reconciler.run_once``)."""
+        return await self.reconciler.run_once()
+
+    async def resend_messages(
+        self, conn: AsyncConnection, rows: Sequence[RowMapping], now: datetime
+    ) -> dict[int, OutboundMessage]:
+        """For a resend with the same key: each unknown row re-checked as a claim is (no resend
+        to a customer who opted out or was suppressed meanwhile) and rendered again."""
+        if not rows:
+            return {}
+        keys = {row["id"]: suppression_keys(*_target(row)) for row in rows}
+        listed = await store.suppressed(conn, [k for ks in keys.values() for k in ks])
+        messages: dict[int, OutboundMessage] = {}
+        for row in rows:
+            delivery = Delivery.from_row(row)
+            reasons = [listed[k] for k in keys[row["id"]] if k in listed]
+            state = _send_state(row, reasons[0] if reasons else None)
+            if recheck(delivery.channel, state, self.config.consent_by_default) is not None:
+                continue
+            try:
+                messages[row["id"]] = self.composer.compose(delivery.command, _profile(row), now)
+            except Exception:
+                log.exception("composing a resend failed", extra={"delivery": row["id"]})
+        return messages
 
     # -- one pass, for tests and tools ---------------------------------------------------------
     async def process_once(self) -> int:
-        """Recover stale rows, then claim one batch, send it all and record it."""
+        """Recover stale rows, reconcile unknown ones, then claim one batch, send it all and
+        record it."""
         await self.recover_stale()
+        await self.reconcile()
         claimed = await self.claim()
         if not claimed:
             return 0
@@ -355,6 +388,7 @@ class DeliverySender:
                 if loop.time() >= next_recovery:
                     next_recovery = loop.time() + recover_every
                     await self._guard(self.recover_stale())
+                    await self._guard(self.reconcile())
                 room = cfg.max_in_flight - len(self._in_flight)
                 # claim in batches, not one row per freed slot (unless little is in flight)
                 if room <= 0 or (room < self._min_claim and self._in_flight):

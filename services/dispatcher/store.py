@@ -29,6 +29,9 @@ SENDING = "sending"
 SENT = "sent"
 FAILED = "failed"
 SUPPRESSED = "suppressed"
+UNKNOWN = "unknown"
+"""A crash between the provider call and recording it: the send's fate is not known until
+``reconcile`` confirms it (``sent``) or its window passes (``failed``, ``unconfirmed``)."""
 
 
 async def insert_deliveries(
@@ -87,7 +90,7 @@ _INSERT_DELIVERIES = text(
 )
 
 
-_CLAIM = text(
+_CLAIM_SQL = (
     "SELECT d.id, d.idempotency_key, d.case_id, d.step_key, d.customer_id, d.channel, "
     "d.template, d.variant, d.crm_owner, d.attempts, d.command, d.created_at, "
     "c.status AS case_status, c.segment AS case_segment, "
@@ -99,7 +102,10 @@ _CLAIM = text(
     "LEFT JOIN dispatcher_customer_status AS sc ON sc.customer_id = d.customer_id "
     "WHERE d.state = 'queued' AND (d.not_before IS NULL OR d.not_before <= :now) "
     "ORDER BY d.id LIMIT :n FOR UPDATE OF d SKIP LOCKED"
-).columns(command=JSONB, case_segment=JSONB, consent=JSONB, suppressed_channels=JSONB)
+)
+_CLAIM = text(_CLAIM_SQL).columns(
+    command=JSONB, case_segment=JSONB, consent=JSONB, suppressed_channels=JSONB
+)
 
 
 async def claim_queued(conn: AsyncConnection, now: datetime, n: int) -> Sequence[RowMapping]:
@@ -293,29 +299,121 @@ _LOG_UNKNOWN = text(
 """A send whose dispatcher died mid-request: its attempt's answer is not known."""
 
 
-async def requeue(conn: AsyncConnection, ids: Sequence[int], now: datetime) -> None:
+async def mark_unknown(conn: AsyncConnection, ids: Sequence[int], now: datetime) -> None:
+    """Deliveries left ``sending`` by a dead dispatcher: their attempt is logged with an
+    unknown answer and the row waits, ``unknown``, for reconciliation."""
     if ids:
         await conn.execute(
             _LOG_UNKNOWN,
-            {"ids": list(ids), "outcome": "requeued", "error": "dispatcher crashed", "now": now},
+            {"ids": list(ids), "outcome": UNKNOWN, "error": "dispatcher crashed", "now": now},
         )
         await conn.execute(
             deliveries.update()
-            .where(deliveries.c.id.in_(list(ids)))
-            .values(state=QUEUED, not_before=None, updated_at=now)
+            .where(deliveries.c.id.in_(list(ids)), deliveries.c.state == SENDING)
+            .values(state=UNKNOWN, unknown_since=now, not_before=None, updated_at=now)
         )
 
 
-async def fail(conn: AsyncConnection, ids: Sequence[int], reason: str, now: datetime) -> None:
+_UNKNOWN_DUE = text(
+    _CLAIM_SQL.replace("d.attempts, d.command,", "d.attempts, d.command, d.unknown_since,")
+    .replace("WHERE d.state = 'queued' AND", "WHERE d.state = 'unknown' AND")
+    .replace("ORDER BY d.id", "ORDER BY d.unknown_since")
+).columns(command=JSONB, case_segment=JSONB, consent=JSONB, suppressed_channels=JSONB)
+
+
+async def unknown_due(conn: AsyncConnection, now: datetime, n: int) -> Sequence[RowMapping]:
+    """Lock up to ``n`` unknown deliveries due for a reconciliation step (``not_before``
+    passed), oldest first, with what a resend needs (the claim's columns)."""
+    return (await conn.execute(_UNKNOWN_DUE, {"now": now, "n": n})).mappings().all()
+
+
+async def hold_unknown(
+    conn: AsyncConnection, ids: Sequence[int], until: datetime, now: datetime, *, resend: bool
+) -> None:
+    """Not looked at again before ``until``; a resend counts an attempt (its claim token)."""
     if ids:
         await conn.execute(
-            _LOG_UNKNOWN, {"ids": list(ids), "outcome": "failed", "error": reason, "now": now}
+            deliveries.update()
+            .where(deliveries.c.id.in_(list(ids)), deliveries.c.state == UNKNOWN)
+            .values(
+                not_before=until,
+                attempts=deliveries.c.attempts + (1 if resend else 0),
+                updated_at=now,
+            )
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmed:
+    """An unknown delivery the provider confirmed having: how (``webhook``, ``resend``,
+    ``search``); ``attempts`` is the resend's claim token (None: any)."""
+
+    id: int
+    how: str
+    provider: str | None
+    provider_message_id: str | None
+    attempts: int | None = None
+
+
+_CONFIRM = text(
+    "WITH u AS (SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]), "
+    "CAST(:providers AS text[]), CAST(:pmids AS text[]), CAST(:classes AS text[])) "
+    "AS u(id, attempts, provider, pmid, class)), "
+    "done AS (UPDATE deliveries AS d SET state = 'sent', "
+    "provider = COALESCE(u.provider, d.provider), "
+    "provider_message_id = COALESCE(u.pmid, d.provider_message_id), error = NULL, "
+    "sent_at = :now, not_before = NULL, updated_at = :now FROM u "
+    "WHERE d.id = u.id AND d.state = 'unknown' "
+    "AND (u.attempts IS NULL OR d.attempts = u.attempts) "
+    "RETURNING d.id, d.attempts, d.provider, d.provider_message_id, u.class), "
+    "logged AS (INSERT INTO delivery_attempts (delivery_id, attempt, provider, "
+    "provider_message_id, outcome, response_class, error, finished_at) "
+    "SELECT id, attempts, provider, provider_message_id, 'sent', class, NULL, :now FROM done) "
+    "SELECT id FROM done"
+)
+
+
+async def confirm_unknown(
+    conn: AsyncConnection, rows: Sequence[Confirmed], now: datetime
+) -> set[int]:
+    """Unknown → ``sent`` (logged in the message log); returns the ids that were still
+    unknown (and, for a resend, still by its attempt): only those publish ``message.sent``."""
+    unique = {r.id: r for r in rows}
+    if not unique:
+        return set()
+    items = list(unique.values())
+    result = await conn.execute(
+        _CONFIRM,
+        {
+            "now": now,
+            "ids": [r.id for r in items],
+            "attempts": [r.attempts for r in items],
+            "providers": [r.provider for r in items],
+            "pmids": [r.provider_message_id for r in items],
+            "classes": ["2xx" if r.how == "resend" else "reconciled" for r in items],
+        },
+    )
+    return {r.id for r in result}
+
+
+async def expire_unknown(
+    conn: AsyncConnection, ids: Sequence[int], reason: str, now: datetime
+) -> None:
+    """Unknown deliveries nothing confirmed in time: ``failed`` with ``reason``."""
+    if ids:
         await conn.execute(
             deliveries.update()
-            .where(deliveries.c.id.in_(list(ids)))
-            .values(state=FAILED, error=reason, updated_at=now)
+            .where(deliveries.c.id.in_(list(ids)), deliveries.c.state == UNKNOWN)
+            .values(state=FAILED, error=reason, not_before=None, updated_at=now)
         )
+
+
+async def count_unknown(conn: AsyncConnection) -> int:
+    """Deliveries waiting for reconciliation (on the partial index of migration 0008)."""
+    found = await conn.scalar(
+        select(func.count()).select_from(deliveries).where(deliveries.c.state == UNKNOWN)
+    )
+    return int(found or 0)
 
 
 _ERASED_CUSTOMER = bindparam(
@@ -423,11 +521,12 @@ async def contact_points(conn: AsyncConnection, customer_id: str, channel: str) 
 
 
 async def count_by_state(conn: AsyncConnection) -> dict[str, int]:
-    """Queued and sending deliveries (both have partial indexes)."""
+    """Queued, sending and unknown deliveries (each has a partial index)."""
     queued = await conn.scalar(
         select(func.count()).select_from(deliveries).where(deliveries.c.state == QUEUED)
     )
     sending = await conn.scalar(
         select(func.count()).select_from(deliveries).where(deliveries.c.state == SENDING)
     )
-    return {QUEUED: int(queued or 0), SENDING: int(sending or 0)}
+    unknown = await count_unknown(conn)
+    return {QUEUED: int(queued or 0), SENDING: int(sending or 0), UNKNOWN: unknown}

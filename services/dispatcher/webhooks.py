@@ -42,6 +42,7 @@ from services.dispatcher.model import (
     customer_key_hash,
     outcome,
 )
+from services.dispatcher.reconcile import EventMatch, confirm_from_events
 from services.dispatcher.signatures import (
     SENDGRID_SIGNATURE_HEADER,
     SENDGRID_TIMESTAMP_HEADER,
@@ -432,11 +433,22 @@ class WebhookHandler:
             for r in rows
             if r["provider_message_id"]
         }
+        # a delivery a crash left unknown: any event about it confirms it sent (reconcile.py)
+        row_of = {r["idempotency_key"]: r for r in rows}
+        matches = [
+            EventMatch(
+                row_of[d.idempotency_key],
+                e.kind,
+                (self.provider_names.get(e.provider) or [e.provider])[0],
+                e.message_ids[0] if e.message_ids else None,
+            )
+            for e in events
+            if (d := self._match(e, by_key, by_message)) is not None
+        ]
+        await confirm_from_events(tx, self.outcomes_topic, matches)
         suppress: list[store.Suppression] = []
         for item, event in zip(items, events, strict=True):
-            delivery = by_key.get(event.idempotency_key or "") or next(
-                (by_message[m] for m in event.message_ids if m in by_message), None
-            )
+            delivery = self._match(event, by_key, by_message)
             customer = delivery.customer_id if delivery is not None else None
             suppress += _suppressions(event, customer)
             if delivery is None or event.kind not in KIND_TYPES:
@@ -462,6 +474,14 @@ class WebhookHandler:
                 subject=delivery.customer_id,
             )
         await store.add_suppressions(tx.conn, suppress, tx.now)
+
+    @staticmethod
+    def _match(
+        event: ProviderEvent, by_key: Mapping[str, Delivery], by_message: Mapping[str, Delivery]
+    ) -> Delivery | None:
+        return by_key.get(event.idempotency_key or "") or next(
+            (by_message[m] for m in event.message_ids if m in by_message), None
+        )
 
 
 def _suppressions(event: ProviderEvent, customer_id: str | None) -> list[store.Suppression]:

@@ -273,7 +273,8 @@ deliveries = Table(
     Column("template", String(100), nullable=False),
     Column("variant", String(100)),
     Column("crm_owner", String(200)),
-    # queued → sending → sent | failed | suppressed (a transient failure: back to queued)
+    # queued → sending → sent | failed | suppressed (a transient failure: back to queued);
+    # sending → unknown (a crash mid-send) → sent (reconciled) | failed (unconfirmed)
     Column("state", String(12), nullable=False),
     Column("provider", String(30)),
     Column("provider_message_id", String(200)),
@@ -286,10 +287,16 @@ deliveries = Table(
     _tz("sent_at"),
     _tz("updated_at", nullable=False, server_default=func.now()),
     _tz("not_before"),  # a queued delivery waiting to retry is not claimed before this
+    _tz("unknown_since"),  # migration 0008: when a crash mid-send left it unknown
 )
 Index("ix_deliveries_queued", deliveries.c.id, postgresql_where=deliveries.c.state == "queued")
 Index("ix_deliveries_provider_message_id", deliveries.c.provider, deliveries.c.provider_message_id)
 Index("ix_deliveries_customer_id", deliveries.c.customer_id)
+Index(
+    "ix_deliveries_unknown",
+    deliveries.c.unknown_since,
+    postgresql_where=deliveries.c.state == "unknown",
+)
 Index(
     "ix_deliveries_sending",
     deliveries.c.updated_at,

@@ -57,6 +57,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.dispatcher.model import OUTCOME_UNKNOWN_AFTER_CRASH
+from services.dispatcher.reconcile import UNCONFIRMED
 from services.scheduler.domain import Playbook, in_holdout, load_playbooks
 from shared.db import migrate
 from shared.db.engine import make_engine
@@ -104,6 +105,9 @@ FAULT_TUNING: dict[str, Any] = {
             "round_delay_seconds": 1,
         },
         "stale_sending_seconds": 10,
+        # a send the kill left unknown: the fake sends no webhooks and SendGrid has no key,
+        # so nothing confirms it; it must end (failed, unconfirmed) within the run
+        "unknown_reconcile_seconds": 10,
         "claim_batch": 50,
         "max_in_flight": MAX_IN_FLIGHT,
     },
@@ -262,8 +266,9 @@ class Report:
         add("holdout differs from the pure assignment", self.holdout_mismatch)
         add("duplicate sends (provider requests per key > 1)", self.duplicates)
         add("missed steps (due, not sent)", self.missed)
-        # a send in flight when the dispatcher died ends "outcome unknown", by design (never
-        # sent twice blindly to a provider that cannot deduplicate): at most what was in flight
+        # a send in flight when the dispatcher died is "unknown", and with no webhook to
+        # confirm it ends failed "unconfirmed", by design (never sent twice blindly to a
+        # provider that cannot deduplicate): at most what was in flight
         in_flight = MAX_IN_FLIGHT * self.faults_by_kind()["dispatcher"]
         if len(self.outcome_unknown) > in_flight:
             add(
@@ -272,7 +277,7 @@ class Report:
             )
         add("recorded sent without a provider request", self.sent_without_request)
         add("provider requests for no due step", self.unexpected_requests)
-        add("deliveries stuck queued/sending", self.stuck_deliveries)
+        add("deliveries stuck queued/sending/unknown", self.stuck_deliveries)
         add("day-0 steps not final", self.unfinished_steps)
         add("outbox rows unpublished", self.unpublished_outbox)
         add("consumer lag", self.lag)
@@ -873,7 +878,7 @@ async def snapshot(
                     await conn.execute(
                         text(
                             "SELECT state, count(*) FROM deliveries "
-                            "WHERE state IN ('queued', 'sending') GROUP BY 1"
+                            "WHERE state IN ('queued', 'sending', 'unknown') GROUP BY 1"
                         )
                     )
                 ).all()
@@ -935,7 +940,7 @@ def judge(
             if (
                 delivery is not None
                 and delivery[0] == "failed"
-                and (delivery[1] == OUTCOME_UNKNOWN_AFTER_CRASH)
+                and delivery[1] in (OUTCOME_UNKNOWN_AFTER_CRASH, UNCONFIRMED)
             ):
                 report.outcome_unknown.append(idem)
             elif step is None or step[0] != "sent" or delivery is None or delivery[0] != "sent":

@@ -31,14 +31,17 @@ class MessageAttempt(BaseModel):
     attempt: int = Field(description="1 for the first send, 2 for the first retry round, …")
     provider: str | None = Field(description="the provider that answered last (its label)")
     provider_message_id: str | None
-    outcome: Literal["sent", "requeued", "failed"] = Field(
+    outcome: Literal["sent", "requeued", "failed", "unknown"] = Field(
         description="what the attempt left the delivery as: sent, queued again for a retry "
-        "round, or failed for good"
+        "round, failed for good, or unknown (the dispatcher crashed mid-send)"
     )
-    response_class: Literal["2xx", "1xx", "3xx", "4xx", "5xx", "no_response", "unknown"] = Field(
-        description="the provider's answer: 2xx accepted (the file provider too); 4xx/5xx the "
-        "last HTTP status the error names; no_response (timeout, dropped connection, open "
-        "circuit); unknown (the dispatcher crashed mid-send)"
+    response_class: Literal[
+        "2xx", "1xx", "3xx", "4xx", "5xx", "no_response", "unknown", "reconciled"
+    ] = Field(
+        description="the provider's answer: 2xx accepted (the file provider too; a resend with "
+        "the same key too); 4xx/5xx the last HTTP status the error names; no_response "
+        "(timeout, dropped connection, open circuit); unknown (the dispatcher crashed "
+        "mid-send); reconciled (an unknown send the provider's webhook or search confirmed)"
     )
     error: str | None = Field(description="the provider's error, when it failed")
     finished_at: datetime
@@ -67,7 +70,10 @@ class Message(BaseModel):
     channel: str
     template: str
     variant: str | None
-    state: Literal["queued", "sending", "sent", "failed", "suppressed"]
+    state: Literal["queued", "sending", "sent", "failed", "suppressed", "unknown"] = Field(
+        description="unknown: a crash between the provider call and its record; reconciled to "
+        "sent, or failed (error unconfirmed) when nothing confirmed it in time"
+    )
     provider: str | None
     provider_message_id: str | None
     subject: str | None = Field(description="the rendered subject (emails; gone after erasure)")
@@ -76,6 +82,10 @@ class Message(BaseModel):
     created_at: datetime
     sent_at: datetime | None
     updated_at: datetime
+    unknown_since: datetime | None = Field(
+        default=None,
+        description="when a crash left its outcome unknown; with state sent it was reconciled",
+    )
     attempts: list[MessageAttempt] = Field(description="oldest first")
     events: list[ProviderEvent] = Field(description="in the order they happened")
 
@@ -127,6 +137,7 @@ async def message_log(
         deliveries.c.created_at,
         deliveries.c.sent_at,
         deliveries.c.updated_at,
+        deliveries.c.unknown_since,
     ).where(deliveries.c.customer_id == customer_id)
     if before_id is not None:
         query = query.where(deliveries.c.id < before_id)
