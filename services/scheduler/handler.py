@@ -42,9 +42,17 @@ from services.scheduler.domain import (
     reonboarding_anchor,
     segment,
 )
-from services.scheduler.domain.case import Case, CaseChange, Purpose, Refused, open_case
+from services.scheduler.domain.case import (
+    Case,
+    CaseChange,
+    Purpose,
+    Refused,
+    open_case,
+    reonboards,
+)
 from services.scheduler.domain.planning import normalise_feature
 from services.scheduler.domain.playbook import DEFAULT_ATTRIBUTION_HORIZON
+from services.scheduler.domain.segmentation import is_returner
 from services.scheduler.views import (
     customer_view,
     episode_from_event,
@@ -170,10 +178,18 @@ class SchedulerHandler:
         attribution horizon: an open case closes as ``returned``; on a closed one (horizon,
         unsubscribed, consent withdrawn, superseded, cancelled) only the return is recorded
         (``Case.record_return``). Either way the win-back row says whether a sent step earns
-        the credit, and the customer is re-onboarded (not after an unsubscribe)."""
+        the credit. A churned customer who came back is re-onboarded (not after an
+        unsubscribe) and is a returner from then on (``last_won_back_at``: their next churn is
+        a re-churn, credited or not); a converted trial or lead, or a passive user active
+        again, gets neither."""
         snapshot = event.data["customer"]
         cid = snapshot["id"]
         b.take_snapshot(snapshot)
+        returned_at = datetime.fromisoformat(event.data["returned_at"])
+        if is_returner(event.data.get("previous_status"), came_back=False):
+            # a churned customer back, credited or not, with or without a case: a re-churner
+            # if they leave again
+            b.set_last_won_back(cid, returned_at)
         case = await b.open_case(cid)
         if case is None:
             row = b.customers.get(cid)
@@ -187,7 +203,6 @@ class SchedulerHandler:
         elif case.purpose != WINBACK:
             return  # a return during re-onboarding: its win-back case has its return
         playbook = self._playbook(case)
-        returned_at = datetime.fromisoformat(event.data["returned_at"])
         by_activity = event.data.get("kind") == "activity"
         recorded = await b.apply(
             case.record_return(
@@ -203,6 +218,8 @@ class SchedulerHandler:
         )
         if recorded is None or recorded.after.returned_at is None:
             return  # the exit rules (activity that is no return), outside the horizon
+        if recorded.after.came_back:
+            b.set_last_won_back(cid, returned_at)
         episode = case.episode
         row = b.customers.get(cid)
         owner = row["crm_owner"] if row is not None else None
@@ -240,7 +257,6 @@ class SchedulerHandler:
             },
         )
         if credit.is_win_back and credited is not None:
-            b.set_last_won_back(cid, returned_at)
             b.tx.emit(
                 self.topic,
                 cid,
@@ -267,8 +283,9 @@ class SchedulerHandler:
                 cause=cause,
                 subject=cid,
             )
-        if recorded.closed or case.close_reason != "unsubscribed":
-            # a customer who said stop is not contacted again by re-onboarding either
+        if reonboards(recorded):
+            # only a churned customer who came back (not a converted trial or lead, not a
+            # passive user active again), and not one who said stop
             await self._reonboard(b, cid, recorded.after, returned_at, cause)
 
     async def _reonboard(

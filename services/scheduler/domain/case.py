@@ -26,6 +26,11 @@ The rules:
   consent withdrawn, superseded, cancelled) it sets ``returned_at`` and nothing else. A case
   records at most one return (``already_returned``); an erased case none (``closed``); a
   return before the churn or after ``churned_at + horizon`` is ``outside_horizon``.
+* Only a churned customer comes back (:attr:`Case.came_back`: a win-back case of lifecycle
+  ``churned_customer`` that recorded a return). They alone are re-onboarded
+  (:func:`reonboards`) and count as returners for the re-churn rule. A trial or a lead that
+  converts is a new customer, a passive user who is active again never left: their case closes
+  as ``returned`` (and the return is attributed) with no follow-up case — never "welcome back".
 * A command whose rules say "nothing to do" (a return during re-onboarding, activity the
   playbook does not exit on, consent withdrawn on one channel) returns an unchanged
   :class:`CaseChange` (``changed`` is false).
@@ -45,7 +50,13 @@ from services.scheduler.domain.migration import (
     Migration,
     plan_migration,
 )
-from services.scheduler.domain.model import ChurnEpisode, CustomerView, PlannedStep, Segment
+from services.scheduler.domain.model import (
+    ChurnEpisode,
+    CustomerView,
+    LifecycleType,
+    PlannedStep,
+    Segment,
+)
 from services.scheduler.domain.planning import reonboarding_anchor
 from services.scheduler.domain.playbook import Playbook
 
@@ -68,6 +79,8 @@ RefusalCode: TypeAlias = Literal[
 WINBACK: Purpose = "winback"
 REONBOARDING: Purpose = "reonboarding"
 OPEN_STATUSES: tuple[CaseStatus, ...] = ("open", "paused")
+RETURNER_LIFECYCLE: LifecycleType = "churned_customer"
+"""The one lifecycle whose return is a comeback (re-onboarding, re-churn watch)."""
 PENDING = "pending"
 CANCELLED = "cancelled"
 
@@ -114,6 +127,18 @@ class Case:
     def is_open(self) -> bool:
         """Open or paused: not closed."""
         return self.status in OPEN_STATUSES
+
+    @property
+    def came_back(self) -> bool:
+        """Whether a churned customer came back: a win-back case of lifecycle
+        ``churned_customer`` that recorded a return (closed as ``returned``, or the return
+        recorded on it after it closed). A converted trial or lead, or a passive user active
+        again, did not come back: they never left as customers."""
+        return (
+            self.purpose == WINBACK
+            and self.returned_at is not None
+            and self.segment.lifecycle == RETURNER_LIFECYCLE
+        )
 
     @property
     def pending_steps(self) -> tuple[CaseStep, ...]:
@@ -442,6 +467,16 @@ def open_case(
         returned_at=return_anchor,
     )
     return CaseChange(None, case, added=planned, events=(event,))
+
+
+def reonboards(change: CaseChange) -> bool:
+    """Whether the return a :meth:`Case.record_return` change recorded opens a re-onboarding
+    case: only when the customer :attr:`~Case.came_back`, and not when the case had closed
+    earlier because they unsubscribed (a customer who said stop is not contacted again)."""
+    after = change.after
+    if not after.came_back:
+        return False
+    return change.closed or after.close_reason != "unsubscribed"
 
 
 def _in_due_order(steps: Iterable[CaseStep]) -> tuple[CaseStep, ...]:

@@ -117,3 +117,16 @@ def segment(
         is_rechurn=episode.prior_win_back_at is not None,
         days_since_churn=elapsed // timedelta(days=1),
     )
+
+
+def is_returner(previous_status: str | None, *, came_back: bool) -> bool:
+    """Whether a return makes the customer a returner, so that their next churn is a re-churn
+    (``Segment.is_rechurn``: never a discount again, whatever the discount period).
+
+    Any churned customer who came back is one — won back by a message or back on their own,
+    within a case's attribution horizon or long after it: the status before the return says
+    so (``churned``: a cancelled subscription), or the win-back case that recorded the return
+    (``came_back``, :attr:`~services.scheduler.domain.case.Case.came_back`). A trial or a lead
+    that converts, or a passive user active again, is not.
+    """
+    return came_back or previous_status == "churned"
