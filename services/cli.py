@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from services.ingest.billing import backfill_cli
 from services.scheduler import simulate_cli
 from services.scheduler.domain.errors import PlaybookError
 from shared import logging as winback_logging
@@ -464,6 +465,7 @@ def parser() -> argparse.ArgumentParser:
     )
     dlq_cli.add_parser(sub)
     simulate_cli.add_parser(sub)
+    backfill_cli.add_parser(sub)
     val = sub.add_parser(
         "validate",
         help="check playbooks and content as the services do at start-up; one line per "
@@ -508,6 +510,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(dlq_cli.run(settings, args))
         elif args.command == "simulate":
             raise SystemExit(simulate_cli.run(settings, args))
+        elif args.command == "billing":
+            raise SystemExit(backfill_cli.run(settings, args))
         elif args.command == "validate":
             cmd_validate(settings, args)
         else:

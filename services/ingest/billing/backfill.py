@@ -1,0 +1,529 @@
+"""``winback billing backfill stripe --since 2025-11-01``: the churners of the past months.
+
+A new user's churners of the past year are the most valuable ones, and the webhooks only see
+what happens from now on. The backfill pages through the provider's API — every canceled
+subscription, its customer expanded — maps each with the same pure mapping the webhook uses
+(a canceled subscription is read as its ``customer.subscription.deleted`` event) and publishes
+the same inbound CloudEvent to the first inbound topic, with its real time: when the
+subscription ended. Ingest takes it like any other event; the scheduler's late-churn rule
+places each case in its current window (no burst of old steps).
+
+- Idempotent: the event id is deterministic — the webhook's own ``evt_…`` while Stripe still
+  keeps the ``customer.subscription.deleted`` event (30 days), so a cancellation both the
+  webhook and the backfill saw is one event to ingest's inbox; else
+  ``backfill:stripe:<subscription id>:cancelled`` — so a second run is deduplicated by ingest's
+  inbox (source ``/billing/stripe``) and adds nothing.
+- Resumable: a checkpoint file (``Checkpoint``) holds the last subscription done, written
+  after the broker acknowledged its page; an interrupted run resumes after it. A finished run
+  is remembered too: the next run with the same key publishes only what ended after that run
+  started (less a day of overlap, which the inbox deduplicates) — the inbox keeps its rows
+  ``retention.keep_inbox_days``, and a cancellation re-sent after it forgot would open a
+  second episode. ``--restart`` ignores the checkpoint.
+- Rate limits: the ``stripe`` library's own retries (``max_network_retries``: connection
+  errors, 409, 5xx and whatever Stripe marks ``Stripe-Should-Retry``) plus a backoff of our
+  own on 429 (``RATE_LIMITED``: the library does not retry a plain 429). One request at a
+  time, 100 subscriptions a page: far under Stripe's read limit.
+- Kept out: subscriptions that ended before ``--since`` (Stripe cannot filter on the end
+  time: ``created`` would miss a subscription created before ``--since`` and canceled after
+  it), and those whose customer has another live subscription (not a churner now).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
+
+import orjson
+
+from services.ingest.billing import stripe as stripe_mapping
+from services.ingest.billing.common import BillingPayloadError, Mapped, as_int, obj, text
+from shared.cloudevents import CloudEvent
+from shared.messaging.transport import OutgoingRecord, Publisher
+from shared.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from stripe.params import EventListParams, SubscriptionListParams
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = ("stripe",)
+"""The providers the backfill reads (Paddle and Chargebee: not yet)."""
+SOURCE = "/billing/{provider}"
+"""The CloudEvent source: the webhook's, so the inbox deduplicates the two."""
+PAGE_SIZE = 100
+OVERLAP = timedelta(days=1)
+"""How far before a finished run's start the next run looks again."""
+EVENTS_KEPT = timedelta(days=30)
+"""How long Stripe keeps events (``GET /v1/events``)."""
+MAX_NETWORK_RETRIES = 4
+"""The ``stripe`` library's retries of a request (connection errors, 409, 5xx,
+``Stripe-Should-Retry: true``), with its own exponential backoff (0.5 s doubling to 5 s,
+jittered)."""
+
+
+def _rate_limited(exc: BaseException) -> bool:
+    import stripe
+
+    return isinstance(exc, stripe.RateLimitError)
+
+
+RATE_LIMITED = RetryPolicy(first_delay=1.0, max_delay=30.0, max_attempts=8, retry_on=_rate_limited)
+"""A 429 (Stripe's rate limit): waits of 1 s doubling to 30 s, jittered; eight attempts."""
+
+
+class BackfillError(Exception):
+    """The provider refused us for good (a bad API key, a permission): exit code 2."""
+
+
+@dataclass
+class Counts:
+    """What one run did (a resumed run counts on from the checkpoint)."""
+
+    read: int = 0
+    """Canceled subscriptions read from the provider."""
+    published: int = 0
+    """Events the broker acknowledged."""
+    before_since: int = 0
+    """Ended before ``--since``: left alone."""
+    active_again: int = 0
+    """The customer has another live subscription: not a churner now."""
+    not_mapped: int = 0
+    """Not the provider's shape (logged with the subscription id): left alone."""
+    total: int | None = None
+    """Canceled subscriptions to read, when the provider says (for the ETA)."""
+    since: datetime | None = None
+    """The start this run used: ``--since``, or a finished run's start less ``OVERLAP``."""
+
+    @property
+    def skipped(self) -> int:
+        return self.before_since + self.active_again + self.not_mapped
+
+    def as_json(self) -> dict[str, int]:
+        return {n: getattr(self, n) for n in _KEPT}
+
+    @classmethod
+    def of(cls, value: Any) -> Counts:
+        found = obj(value)
+        counts = cls()
+        for name in _KEPT:
+            setattr(counts, name, as_int(found.get(name)) or 0)
+        return counts
+
+
+_KEPT = ("read", "published", "before_since", "active_again", "not_mapped")
+"""The counts a checkpoint keeps (a resumed run counts on)."""
+
+
+@dataclass
+class State:
+    """A checkpoint: ``after`` — the last subscription done (the list resumes after it);
+    ``finished_at`` — when a run that finished had started."""
+
+    after: str | None = None
+    counts: Counts = field(default_factory=Counts)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class Checkpoint:
+    """A JSON file, written whole and atomically (a temporary file renamed over it): the
+    backfill is an operator's command that talks to the provider and the broker and needs no
+    database of its own — and the checkpoint only saves work: the deterministic event ids and
+    ingest's inbox keep a repeated page from adding anything, so a lost file costs a re-read,
+    never a duplicate."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> State:
+        try:
+            raw = orjson.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return State()
+        except (OSError, orjson.JSONDecodeError) as exc:
+            log.warning(
+                "the backfill checkpoint cannot be read; starting over",
+                extra={"path": str(self.path), "error": repr(exc)[:200]},
+            )
+            return State()
+        value = obj(raw)
+        return State(
+            after=text(value.get("after"), 255),
+            counts=Counts.of(value.get("counts")),
+            started_at=_time(value.get("started_at")),
+            finished_at=_time(value.get("finished_at")),
+        )
+
+    def save(self, state: State) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        body = {
+            "after": state.after,
+            "counts": state.counts.as_json(),
+            "started_at": state.started_at.isoformat() if state.started_at else None,
+            "finished_at": state.finished_at.isoformat() if state.finished_at else None,
+        }
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2))
+        os.replace(tmp, self.path)
+
+
+def _time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+def cache_dir() -> Path:
+    """``$WINBACK_CACHE_DIR``, else ``$XDG_CACHE_HOME/winback`` (``~/.cache/winback``): where the
+    local broker keeps its jars, too."""
+    base = os.environ.get("WINBACK_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "winback"
+    )
+    return Path(base)
+
+
+def checkpoint_path(provider: str, api_key: str, since: datetime, topic: str) -> Path:
+    """One checkpoint per provider account (a hash of the API key, never the key), ``--since``
+    and topic: a run for another account or another start never resumes this one."""
+    account = hashlib.sha256(api_key.encode()).hexdigest()[:12]
+    name = f"{provider}-{account}-{since.strftime('%Y%m%d')}-{topic}.json"
+    return cache_dir() / "backfill" / name
+
+
+# --- the provider ---------------------------------------------------------------------------
+
+
+class Source(Protocol):
+    async def total(self) -> int | None: ...
+
+    def pages(self, after: str | None) -> AsyncIterator[list[dict[str, Any]]]: ...
+
+    async def recent_deletions(self, since: datetime) -> dict[str, tuple[str, int]]: ...
+
+    async def close(self) -> None: ...
+
+
+class StripeSource:
+    """Stripe's API through the official ``stripe`` library: canceled subscriptions, newest
+    first (the library's pagination: ``starting_after`` the last one), each with its customer
+    and the customer's current subscriptions expanded."""
+
+    def __init__(
+        self,
+        api_key: str,
+        api_base: str | None = None,
+        *,
+        page_size: int = PAGE_SIZE,
+        max_network_retries: int = MAX_NETWORK_RETRIES,
+        rate_limited: RetryPolicy = RATE_LIMITED,
+    ) -> None:
+        import stripe
+
+        self._http = stripe.HTTPXClient()
+        self.client = stripe.StripeClient(
+            api_key,
+            base_addresses={"api": api_base} if api_base else None,
+            max_network_retries=max_network_retries,
+            http_client=self._http,
+        )
+        self.page_size = page_size
+        self.rate_limited = rate_limited
+
+    async def _call(self, fn: Callable[[], Awaitable[Any]], what: str) -> Any:
+        import stripe
+
+        try:
+            return await self.rate_limited.call(fn, f"stripe {what}", log)
+        except (stripe.AuthenticationError, stripe.PermissionError) as exc:
+            raise BackfillError(f"Stripe refused the API key: {exc.user_message or exc}") from None
+
+    async def total(self) -> int | None:
+        """How many canceled subscriptions there are, from the Search API's ``total_count``
+        (``None`` where Search does not answer or gives no count: no ETA then)."""
+        import stripe
+
+        try:
+            found = await self._call(
+                lambda: self.client.v1.subscriptions.search_async(
+                    {"query": "status:'canceled'", "limit": 1}
+                ),
+                "search",
+            )
+        except (stripe.StripeError, BackfillError) as exc:
+            log.info("no total for the progress bar: %s", exc)
+            return None
+        return as_int(found.to_dict().get("total_count"))
+
+    async def pages(self, after: str | None) -> AsyncIterator[list[dict[str, Any]]]:
+        params: SubscriptionListParams = {
+            "status": "canceled",
+            "limit": self.page_size,
+            "expand": ["data.customer", "data.customer.subscriptions"],
+        }
+        if after:
+            params["starting_after"] = after
+        page = await self._call(lambda: self.client.v1.subscriptions.list_async(params), "list")
+        while True:
+            yield [s.to_dict() for s in page.data]
+            if not page.has_more or not page.data:
+                return
+            page = await self._call(page.next_page_async, "list")
+
+    async def recent_deletions(self, since: datetime) -> dict[str, tuple[str, int]]:
+        """The ``customer.subscription.deleted`` events Stripe still keeps (30 days) from
+        ``since``: subscription id → (event id, created)."""
+        start = max(since, datetime.now(UTC) - EVENTS_KEPT)
+        params: EventListParams = {
+            "type": "customer.subscription.deleted",
+            "created": {"gte": int(start.timestamp())},
+            "limit": self.page_size,
+        }
+        found: dict[str, tuple[str, int]] = {}
+        page = await self._call(lambda: self.client.v1.events.list_async(params), "events")
+        while True:
+            for event in page.data:
+                raw = event.to_dict()
+                sub = obj(obj(raw.get("data")).get("object"))
+                sub_id, created = text(sub.get("id")), as_int(raw.get("created"))
+                if raw.get("type") == params["type"] and sub_id and created is not None:
+                    found.setdefault(sub_id, (str(raw["id"]), created))
+            if not page.has_more or not page.data:
+                return found
+            page = await self._call(page.next_page_async, "events")
+
+    async def close(self) -> None:
+        await self._http.close_async()  # type: ignore[no-untyped-call]
+
+
+# --- mapping --------------------------------------------------------------------------------
+
+
+def map_canceled_subscription(
+    sub: Any, event_id: str | None = None, created: int | None = None, id_key: str | None = None
+) -> Mapped:
+    """A canceled Stripe subscription read from the API → what its
+    ``customer.subscription.deleted`` webhook maps to, by the webhook's own mapping
+    (``stripe.map_event``). The event id is ``event_id`` (the webhook's ``evt_…``, while Stripe
+    keeps it) or ``backfill:stripe:<subscription id>:cancelled``; the time is ``created`` (that
+    event's) or when the subscription ended (``ended_at``, else ``canceled_at``)."""
+    if not isinstance(sub, dict):
+        raise BillingPayloadError("a Stripe subscription is a JSON object")
+    sub_id = text(sub.get("id"))
+    ended = created if created is not None else ended_at(sub)
+    if sub_id is None or ended is None:
+        raise BillingPayloadError("a canceled Stripe subscription needs an id and ended_at")
+    event = {
+        "id": event_id or f"backfill:stripe:{sub_id}:cancelled",
+        "type": "customer.subscription.deleted",
+        "created": ended,
+        "data": {"object": sub},
+    }
+    return stripe_mapping.map_event(event, id_key)
+
+
+def ended_at(sub: dict[str, Any]) -> int | None:
+    """When the subscription ended (Unix seconds): ``ended_at``, else ``canceled_at``."""
+    return as_int(sub.get("ended_at")) or as_int(sub.get("canceled_at"))
+
+
+def active_again(sub: dict[str, Any]) -> bool:
+    """The (expanded) customer has another live subscription: they are a customer now."""
+    customer = sub.get("customer")
+    if not isinstance(customer, dict):
+        return False
+    subscriptions = obj(customer.get("subscriptions")).get("data")
+    if not isinstance(subscriptions, list):
+        return False
+    return any(
+        isinstance(s, dict)
+        and s.get("id") != sub.get("id")
+        and s.get("status") in stripe_mapping.LIVE
+        for s in subscriptions
+    )
+
+
+def cloudevent(mapped: Mapped, type_prefix: str) -> CloudEvent:
+    """The inbound CloudEvent of a mapped subscription: as the webhook route builds it."""
+    assert mapped.name is not None
+    customer = mapped.data.get("customer_id")
+    return CloudEvent(
+        id=mapped.event_id,
+        source=SOURCE.format(provider=mapped.provider),
+        type=f"{type_prefix.rstrip('.')}.{mapped.name}",
+        time=mapped.occurred_at,
+        data=mapped.data,
+        subject=customer if isinstance(customer, str) else None,
+    )
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+Progress = Callable[[Counts, bool], None]
+"""Called after each page (and once at the end, ``True``)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    since: datetime
+    topic: str
+    type_prefix: str
+    checkpoint: Checkpoint
+    restart: bool = False
+    id_key: str | None = None
+
+
+async def backfill(
+    source: Source,
+    publisher: Publisher,
+    run: Run,
+    progress: Progress | None = None,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> Counts:
+    """Page through ``source``, publish each canceled subscription's event to ``run.topic``
+    and checkpoint after each page the broker acknowledged. Returns the counts (a resumed run
+    counts on from its checkpoint)."""
+    state = State() if run.restart else run.checkpoint.load()
+    since = run.since
+    if state.finished_at is not None:
+        # finished before: look again only from that run's start (less the overlap)
+        if state.started_at is not None:
+            since = max(since, state.started_at - OVERLAP)
+        state = State()
+    if state.started_at is None:
+        state.started_at = now()
+    counts = state.counts
+    counts.since = since
+    counts.total = await source.total()
+    deletions = await source.recent_deletions(since)
+    floor = int(since.timestamp())
+    if progress is not None:
+        progress(counts, False)
+    async for page in source.pages(state.after):
+        records: list[OutgoingRecord] = []
+        for sub in page:
+            counts.read += 1
+            records.extend(_record(sub, floor, deletions, run, counts))
+        if records:
+            await publisher.publish(records)
+            counts.published += len(records)
+        if page:
+            state.after = text(page[-1].get("id"), 255) or state.after
+        run.checkpoint.save(state)
+        if progress is not None:
+            progress(counts, False)
+    state.finished_at = now()
+    run.checkpoint.save(state)
+    if progress is not None:
+        progress(counts, True)
+    return counts
+
+
+def _record(
+    sub: dict[str, Any],
+    floor: int,
+    deletions: dict[str, tuple[str, int]],
+    run: Run,
+    counts: Counts,
+) -> list[OutgoingRecord]:
+    ended = ended_at(sub)
+    if ended is not None and ended < floor:
+        counts.before_since += 1
+        return []
+    if active_again(sub):
+        counts.active_again += 1
+        return []
+    event_id, created = deletions.get(str(sub.get("id")), (None, None))
+    try:
+        mapped = map_canceled_subscription(sub, event_id, created, run.id_key)
+    except BillingPayloadError as exc:
+        counts.not_mapped += 1
+        log.warning(
+            "a canceled subscription is not Stripe's shape; left out",
+            extra={"subscription": str(sub.get("id"))[:100], "reason": str(exc)},
+        )
+        return []
+    if mapped.name is None:  # pragma: no cover - a deleted subscription always maps
+        counts.not_mapped += 1
+        return []
+    event = cloudevent(mapped, run.type_prefix)
+    value, headers = event.to_structured()
+    key = (event.subject or event.id).encode()
+    return [OutgoingRecord(run.topic, key, value, tuple(headers))]
+
+
+# --- progress -------------------------------------------------------------------------------
+
+
+def progress_to(
+    stream: TextIO, provider: str, clock: Callable[[], float] = time.monotonic
+) -> Progress:
+    """A bar with counts, rate and ETA on a terminal (redrawn in place); otherwise one count
+    line per page. The ETA needs the provider's total (Stripe's Search ``total_count``);
+    without it the line shows the rate only."""
+    tty = stream.isatty()
+    started = clock()
+    first: list[int] = []
+
+    def show(counts: Counts, final: bool) -> None:
+        if not first:
+            first.append(counts.read)  # a resumed run: the rate counts this run's reads
+        elapsed = clock() - started
+        rate = (counts.read - first[0]) / elapsed if elapsed > 0 else 0.0
+        done = f"{counts.published} published, {counts.skipped} skipped"
+        total = counts.total
+        if total and counts.read <= total:
+            left = total - counts.read
+            eta = _duration(left / rate) if rate > 0 else "?"
+            width = 30
+            filled = width * counts.read // total
+            bar = f"[{'#' * filled}{'.' * (width - filled)}] {counts.read}/{total}"
+            line = f"backfill {provider} {bar} {done}, {rate:.1f}/s, ETA {eta}"
+        else:
+            line = f"backfill {provider}: {counts.read} read, {done}, {rate:.1f}/s"
+        if tty:
+            stream.write(f"\r{line}\x1b[K" + ("\n" if final else ""))
+        elif not final:  # the summary follows on stdout
+            stream.write(line + "\n")
+        stream.flush()
+
+    return show
+
+
+def _duration(seconds: float) -> str:
+    whole = int(seconds + 0.5)
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+def default_progress(provider: str) -> Progress:
+    return progress_to(sys.stderr, provider)
+
+
+__all__ = [
+    "PROVIDERS",
+    "RATE_LIMITED",
+    "BackfillError",
+    "Checkpoint",
+    "Counts",
+    "Run",
+    "State",
+    "StripeSource",
+    "active_again",
+    "backfill",
+    "checkpoint_path",
+    "cloudevent",
+    "map_canceled_subscription",
+    "progress_to",
+]
