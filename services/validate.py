@@ -26,6 +26,7 @@ from services.dispatcher.rendering import (
     TemplateRenderer,
     samples_from,
     specs_from,
+    variants_from,
 )
 from services.scheduler.domain.errors import PlaybookError
 from services.scheduler.domain.loader import load_playbooks
@@ -70,6 +71,7 @@ def validate(playbooks_dir: Path, content_dir: Path | None) -> Report:
         catalog.directory,
         specs=specs_from(catalog),
         samples=samples_from(catalog),
+        variants=variants_from(catalog),
     )
     report.locales = renderer.locales
     where = str(catalog.directory)

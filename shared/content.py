@@ -24,10 +24,17 @@ from datetime import date
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from shared import channels
 from shared.errors import ConfigError
@@ -35,6 +42,8 @@ from shared.yamlfile import FieldPath, Located, YamlFileError, line_of, parse, v
 
 SHIPPED_CONTENT_DIR = Path(__file__).with_name("content")
 """The content shipped with winback (templates in four languages, the standard offers)."""
+DEFAULT_LOCALE = "en"
+"""The locale every template has (others fall back to it)."""
 CATALOG_FILE = "catalog.yaml"
 OFFERS_FILE = "offers.yaml"
 
@@ -79,12 +88,22 @@ class _Fields(_Strict):
     optional: tuple[str, ...] = ()
 
 
+Localised = Annotated[
+    dict[str, Annotated[str, Field(min_length=1, max_length=5000)]],
+    BeforeValidator(lambda v: {DEFAULT_LOCALE: v} if isinstance(v, str) else v),
+]
+"""A text per locale (``{en: ..., fi: ...}``); a plain string is the default locale's."""
+
+
 class _Template(_Strict):
-    about: str = Field(min_length=1)
-    channels: tuple[str, ...] = Field(min_length=1)
-    required: tuple[str, ...] = ()
-    optional: tuple[str, ...] = ()
+    about: str | None = Field(default=None, min_length=1)
+    channels: tuple[str, ...] | None = Field(default=None, min_length=1)
+    required: tuple[str, ...] | None = None
+    optional: tuple[str, ...] | None = None
     sample: dict[str, Any] = Field(default_factory=dict)
+    like: str | None = None
+    subject: Localised | None = None
+    blocks: dict[str, Localised] = Field(default_factory=dict)
     # per-channel overrides of required/optional (the keys are channel names)
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -155,6 +174,13 @@ class Template:
     """Channel → its fields (the channel's own and the template's)."""
     sample: Mapping[str, Any]
     """Sample data for checks and previews: the catalogue's, with the template's own over it."""
+    like: str | None = None
+    """A variant of another template: its files are that template's, except ``subject`` and
+    ``blocks`` (an A/B test of a subject line or a paragraph is a few lines of YAML)."""
+    subject: Mapping[str, str] = field(default_factory=dict)
+    """Locale → the subject line (a Jinja template) in place of the base template's."""
+    blocks: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    """Block name → locale → its text in place of the base template's block."""
 
     @property
     def channels(self) -> frozenset[str]:
@@ -270,14 +296,60 @@ def _templates(
         _check_fields(("channel_fields", chan), fields.required, fields.optional, at)
     base_sample = _sample(parsed.sample, ("sample",), at)
     out: dict[str, Template] = {}
-    for name, entry in parsed.templates.items():
+    entries = dict(parsed.templates)
+    ordered = [n for n, e in entries.items() if e.like is None]
+    ordered += [n for n, e in entries.items() if e.like is not None]
+    for name in ordered:
+        entry = entries[name]
         here: FieldPath = ("templates", name)
         if not name.isidentifier():
             at(here, "a template name is letters, digits and underscores")
-        _check_fields(here, entry.required, entry.optional, at)
+        base_template: Template | None = None
+        if entry.like is not None:
+            base_template = out.get(entry.like)
+            if base_template is None:
+                liked = entries.get(entry.like)
+                reason = (
+                    f"{entry.like!r} is itself a variant (like: {liked.like}): name its base"
+                    if liked is not None and liked.like is not None
+                    else f"unknown template {entry.like!r}"
+                )
+                at((*here, "like"), reason)
+                continue
+            if (
+                entry.channels is not None
+                or entry.required is not None
+                or entry.optional is not None
+            ):
+                at(here, "a variant (like:) takes its channels and fields from its base")
+                continue
+        elif entry.about is None or entry.channels is None:
+            missing = [f for f in ("about", "channels") if getattr(entry, f) is None]
+            for f in missing:
+                at((*here, f), "required field is missing")
+            continue
+        if entry.like is None and (entry.subject is not None or entry.blocks):
+            at(here, "subject and blocks replace a base template's: give like: <template>")
+            continue
         overrides = dict(entry.model_extra or {})
+        if base_template is not None:
+            for extra in overrides:
+                at((*here, extra), "unknown field")
+            sample = {**base_template.sample, **_sample(entry.sample, (*here, "sample"), at)}
+            out[name] = Template(
+                name,
+                entry.about or f"{base_template.about} (variant)",
+                base_template.fields,
+                MappingProxyType(sample),
+                like=base_template.name,
+                subject=MappingProxyType(dict(entry.subject or {})),
+                blocks=MappingProxyType({b: MappingProxyType(t) for b, t in entry.blocks.items()}),
+            )
+            continue
+        required_own, optional_own = entry.required or (), entry.optional or ()
+        _check_fields(here, required_own, optional_own, at)
         per_channel: dict[str, TemplateFields] = {}
-        for chan in entry.channels:
+        for chan in entry.channels or ():
             if chan not in known_channels:
                 at((*here, "channels"), f"unknown channel {chan!r}")
                 continue
@@ -285,7 +357,7 @@ def _templates(
             if base is None:
                 at((*here, "channels"), f"channel {chan!r} has no channel_fields entry")
                 continue
-            required, optional = entry.required, entry.optional
+            required, optional = required_own, optional_own
             if chan in overrides:
                 try:
                     own = _Fields.model_validate(overrides.pop(chan))
@@ -309,9 +381,9 @@ def _templates(
             at((*here, extra), reason)
         sample = {**base_sample, **_sample(entry.sample, (*here, "sample"), at)}
         out[name] = Template(
-            name, entry.about, MappingProxyType(per_channel), MappingProxyType(sample)
+            name, entry.about or name, MappingProxyType(per_channel), MappingProxyType(sample)
         )
-    return out
+    return dict(sorted(out.items(), key=lambda item: list(entries).index(item[0])))
 
 
 def _check_fields(

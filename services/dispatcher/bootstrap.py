@@ -35,6 +35,7 @@ from services.dispatcher.rendering import (
     TemplateSpec,
     samples_from,
     specs_from,
+    variants_from,
 )
 from services.dispatcher.sender import DeliverySender, SenderConfig
 from services.dispatcher.signatures import (
@@ -114,6 +115,7 @@ def _checked_renderer(company: str, address: str, content_dir: Path | None) -> N
         catalog.directory,
         specs=specs_from(catalog),
         samples=samples_from(catalog),
+        variants=variants_from(catalog),
     )
     renderer.check_templates(sorted(catalog.template_names))
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
@@ -47,6 +47,8 @@ from babel import Locale, UnknownLocaleError
 from babel.dates import format_date
 from babel.numbers import format_currency
 from jinja2 import (
+    BaseLoader,
+    Environment,
     FileSystemLoader,
     StrictUndefined,
     Template,
@@ -54,6 +56,7 @@ from jinja2 import (
     TemplateSyntaxError,
     UndefinedError,
     meta,
+    nodes,
     pass_context,
     select_autoescape,
 )
@@ -265,6 +268,68 @@ def _format_money_filter(ctx: Context, value: Decimal | int, currency: str) -> s
     return format_currency(value, currency.upper(), locale=str(ctx["locale"]))
 
 
+class ContentLoader(BaseLoader):
+    """The content directory's files, and the parts of the catalogue's template variants
+    (``like: <template>`` in catalog.yaml): a variant's part is its base template's part,
+    with the variant's subject line in its place, or with the variant's blocks overriding the
+    base's (``{% extends <base part> %}{% block … %}``). Autoescaping follows the part's file
+    name as for files (``.html`` escaped, ``.txt`` not)."""
+
+    def __init__(self, directory: Path, variants: Mapping[str, content.Template]) -> None:
+        self._files = FileSystemLoader(directory)
+        self._directory = directory
+        self._variants = variants
+
+    def base_of(self, name: str) -> str | None:
+        """The base template's file of a variant's part ``name`` (``None``: not a variant)."""
+        split = _split_name(name)
+        if split is None or split[2] not in self._variants:
+            return None
+        locale, folder, template, part = split
+        return f"{locale}/{folder}/{self._variants[template].like}.{part}"
+
+    def exists(self, name: str) -> bool:
+        base = self.base_of(name)
+        return (self._directory / (base or name)).is_file()
+
+    def get_source(
+        self, environment: Environment, template: str
+    ) -> tuple[str, str | None, Callable[[], bool] | None]:
+        base = self.base_of(template)
+        if base is None:
+            return self._files.get_source(environment, template)
+        if not (self._directory / base).is_file():
+            raise TemplateNotFound(template)
+        locale, _, name, part = _split_name(template) or ("", "", "", "")
+        variant = self._variants[name]
+        if part.startswith("subject") and locale in variant.subject:
+            return variant.subject[locale], None, lambda: True
+        blocks = {b: texts[locale] for b, texts in variant.blocks.items() if locale in texts}
+        source = f'{{% extends "{base}" %}}'
+        if not part.startswith("subject"):
+            source += "".join(f"{{% block {b} %}}{t}{{% endblock %}}" for b, t in blocks.items())
+        return source, None, lambda: True
+
+
+def _split_name(name: str) -> tuple[str, str, str, str] | None:
+    """``en/email/we_miss_you.subject.txt`` → (en, email, we_miss_you, subject.txt)."""
+    parts = name.split("/")
+    if len(parts) != 3:
+        return None
+    template, _, part = parts[2].partition(".")
+    return (parts[0], parts[1], template, part) if part else None
+
+
+def variants_from(catalog: Catalog) -> Mapping[str, content.Template]:
+    """The catalogue's template variants (``like:``), by name."""
+    return {name: t for name, t in catalog.templates.items() if t.like is not None}
+
+
+def block_names(env: Environment, source: str) -> set[str]:
+    """The blocks a template source defines."""
+    return {block.name for block in env.parse(source).find_all(nodes.Block)}
+
+
 class TemplateRenderer:
     """Renders messages from a template directory in a sandboxed, strict Jinja2 environment.
 
@@ -279,14 +344,18 @@ class TemplateRenderer:
         *,
         specs: Mapping[tuple[str, Channel], TemplateSpec] = TEMPLATE_SPECS,
         samples: Mapping[str, Mapping[str, Any]] | None = None,
+        variants: Mapping[str, content.Template] | None = None,
     ) -> None:
         self._brand = brand
         self._specs = specs
         self._samples: Mapping[str, Mapping[str, Any]] = samples or {}
+        self._loader = ContentLoader(
+            templates_dir, variants_from(SHIPPED) if variants is None else variants
+        )
         """Template name → its sample data (the content catalogue's) for the start-up check."""
         self._dir = templates_dir
         self._env = ImmutableSandboxedEnvironment(
-            loader=FileSystemLoader(templates_dir),
+            loader=self._loader,
             undefined=StrictUndefined,
             autoescape=select_autoescape(
                 enabled_extensions=("html",), disabled_extensions=("txt",), default=True
@@ -361,6 +430,43 @@ class TemplateRenderer:
                 continue
             for chan in channels:
                 problems.extend(self._check_one(name, chan))
+            problems.extend(self._check_variant_blocks(name, channels))
+        return problems
+
+    def _check_variant_blocks(self, name: str, channels: list[Channel]) -> list[str]:
+        """A variant's block overrides name blocks its base template has (a misspelt block
+        would otherwise be ignored without a word)."""
+        variant = self._loader._variants.get(name)
+        if variant is None or not variant.blocks:
+            return []
+        problems = []
+        for chan in channels:
+            for locale in self._locales:
+                for file in self._names(locale, name, chan):
+                    base = self._loader.base_of(file)
+                    if base is None or file.split(".", 1)[1].startswith("subject"):
+                        continue
+                    if not (self._dir / base).is_file():
+                        continue
+                    known = block_names(self._env, (self._dir / base).read_text("utf-8"))
+                    parent = base
+                    while True:  # blocks of the templates it extends count too
+                        extends = next(
+                            self._env.parse((self._dir / parent).read_text("utf-8")).find_all(
+                                nodes.Extends
+                            ),
+                            None,
+                        )
+                        if extends is None or not isinstance(extends.template, nodes.Const):
+                            break
+                        parent = str(extends.template.value)
+                        known |= block_names(self._env, (self._dir / parent).read_text("utf-8"))
+                    for block, texts in variant.blocks.items():
+                        if locale in texts and block not in known:
+                            problems.append(
+                                f"{name} ({chan.value}): locale {locale!r}: block {block!r} "
+                                f"is not a block of {base}"
+                            )
         return problems
 
     # --- internals -----------------------------------------------------------------------
@@ -460,7 +566,7 @@ class TemplateRenderer:
         key = (locale, template, channel)
         found = self._parts_present.get(key)
         if found is None:  # the files do not change while we run (no auto-reload either)
-            found = all((self._dir / n).is_file() for n in self._names(locale, template, channel))
+            found = all(self._loader.exists(n) for n in self._names(locale, template, channel))
             self._parts_present[key] = found
         return found
 
@@ -595,7 +701,7 @@ class TemplateRenderer:
         allowed = spec.required | spec.optional | _PROVIDED
         for locale in self._locales:
             files = self._names(locale, name, channel)
-            present = [f for f in files if (self._dir / f).is_file()]
+            present = [f for f in files if self._loader.exists(f)]
             if not present:
                 continue  # not translated: falls back
             if len(present) != len(files):

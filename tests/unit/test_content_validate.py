@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from services.dispatcher.rendering import Brand, TemplateRenderer, specs_from
+from services.dispatcher.rendering import Brand, TemplateRenderer, specs_from, variants_from
 from services.scheduler.domain.loader import load_playbooks
 from services.validate import validate
 from shared.content import SHIPPED_CONTENT_DIR, ContentError, load_catalog
@@ -78,7 +78,11 @@ def test_a_new_template_offer_and_subject_variant_are_files_only(
         "  free_upgrade:\n"
         '    about: "name, a free upgrade to the next plan for the offer\'s duration"\n'
         "    channels: [email, webhook]\n"
-        "    required: [new_features, offer]\n",
+        "    required: [new_features, offer]\n"
+        "  free_upgrade_short:\n"
+        "    like: free_upgrade\n"
+        '    subject: "{% if name is defined %}{{ name }}, {% endif %}an upgrade on us"\n'
+        '    blocks: {closing: "Enjoy it, {{ product }} is yours."}\n',
     )
     _append(
         content / "offers.yaml",
@@ -116,7 +120,8 @@ def test_a_new_template_offer_and_subject_variant_are_files_only(
         "    offer: upgrade_2mo\n"
         "    variants:\n"
         "      - {name: upgrade, weight: 1}\n"
-        "      - {name: welcome, weight: 1, template: we_miss_you}\n",
+        "      - {name: welcome, weight: 1, template: we_miss_you}\n"
+        "      - {name: short_subject, weight: 1, template: free_upgrade_short}\n",
         encoding="utf-8",
     )
 
@@ -124,7 +129,12 @@ def test_a_new_template_offer_and_subject_variant_are_files_only(
     assert report.problems == []
     catalog = load_catalog(content)
     assert "upgrade" in {p.name for p in load_playbooks(playbooks, catalog=catalog)}
-    renderer = TemplateRenderer(Brand("Acme", "1 Main St"), content, specs=specs_from(catalog))
+    renderer = TemplateRenderer(
+        Brand("Acme", "1 Main St"),
+        content,
+        specs=specs_from(catalog),
+        variants=variants_from(catalog),
+    )
     rendered = renderer.render(
         "free_upgrade",
         "email",
@@ -141,6 +151,34 @@ def test_a_new_template_offer_and_subject_variant_are_files_only(
     assert "On us: Two months on the next plan, free." in rendered.text
     assert rendered.html is not None
     assert "Two months on the next plan, free" in rendered.html
+
+    # the subject variant: the base's files, its own subject line and closing paragraph
+    context = {
+        "product": "Acme",
+        "offer": "upgrade_2mo",
+        "new_features": ["Dark mode"],
+        "cta_url": "https://acme.example/back",
+        "unsubscribe_url": "https://acme.example/u/t",
+        "name": "Aino",
+    }
+    short = renderer.render("free_upgrade_short", "email", "en", context)
+    base = renderer.render("free_upgrade", "email", "en", context)
+    assert short.subject == "Aino, an upgrade on us"
+    assert "Enjoy it, Acme is yours." in short.text
+    assert short.html is not None
+    assert "Enjoy it, Acme is yours." in short.html
+    assert short.text.replace("Enjoy it, Acme is yours.", "") == base.text.replace(
+        "No pressure at all; we just wanted to say hello.", ""
+    )
+    assert catalog.templates["free_upgrade_short"].channels == {"email", "webhook"}
+
+    # a misspelt block is a problem, not silently ignored
+    _append(
+        content / "catalog.yaml",
+        "  free_upgrade_typo:\n    like: free_upgrade\n    blocks: {closin: Bye}\n",
+    )
+    problems = validate(playbooks, content).problems
+    assert any("'closin' is not a block of en/email/free_upgrade" in p for p in problems), problems
 
 
 def test_a_broken_copy_is_reported_file_line_and_field(content: Path, playbooks: Path) -> None:
