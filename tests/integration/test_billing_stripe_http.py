@@ -351,31 +351,66 @@ async def test_a_stripe_cancellation_opens_a_case_sends_day_0_and_a_new_subscrip
     assert row.status == "active"
 
 
-async def test_a_dunning_cancellation_gets_the_payment_failed_track(
-    settings: Settings, engine: AsyncEngine
+async def test_a_dunning_cancellation_gets_the_payment_failed_track_and_its_email(
+    settings: Settings, engine: AsyncEngine, tmp_path: Path
 ) -> None:
     cid = not_in_holdout("cus_Dun", "payment_failed")
+    # an expanded customer: the cancellation alone says whom to write to
+    customer = {
+        **fixture("customer"),
+        "id": cid,
+        "email": "dunned@example.fi",
+        "address": {**fixture("customer")["address"], "country": "FI"},
+    }
     sub = cancelled(fixture("subscription"), cid, T0, feedback=None, reason="payment_failed")
+    sub["customer"] = customer
     body = stripe_event("evt_dun_track", "customer.subscription.deleted", sub, T0)
-    config = configured(settings)
+    folder = tmp_path / "messages"
+    config = with_dispatcher(
+        configured(settings),
+        {
+            "email": {"primary": {"kind": "file", "directory": str(folder)}},
+            "public_base_url": "https://winback.example.com",
+            "poll_seconds": 0.02,
+        },
+    )
     clock = FrozenClock(T0)
     ingest = ingest_bootstrap(config, engine=engine, clock=clock)
     scheduler = scheduler_bootstrap(config, engine=engine, clock=clock)
+    dispatcher = dispatcher_bootstrap(config, engine=engine, clock=clock)
 
     async def case() -> Any:
         async with engine.connect() as conn:
             return (await conn.execute(cases.select().where(cases.c.customer_id == cid))).first()
 
+    async def sent() -> list[Any]:
+        async with engine.connect() as conn:
+            return list(
+                await conn.execute(deliveries.select().where(deliveries.c.customer_id == cid))
+            )
+
     async with AsyncExitStack() as stack:
-        for service in (ingest, scheduler):
+        for service in (ingest, scheduler, dispatcher):
             await stack.enter_async_context(running(service.core.runtime))
         base = await stack.enter_async_context(serve(ingest.app, lifespan="off"))
         http = await stack.enter_async_context(httpx.AsyncClient(base_url=base))
         answer = await http.post("/v1/billing/stripe", content=body, headers=signed(body))
         opened = await eventually(case, lambda row: row is not None, 60)
+        (delivery,) = await eventually(
+            sent, lambda rows: bool(rows) and rows[0].state not in ("queued", "sending"), 60
+        )
     assert answer.status_code == 200
     assert opened.playbook == "payment_failed"
     assert opened.segment["reason"] == "payment_failed"
+    assert (delivery.state, delivery.step_key) == ("sent", "d0_update_card")
+    (path,) = (folder / "email").glob("*.eml")
+    message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+    assert message["To"] == "dunned@example.fi"
+    assert "failed payment" in message["Subject"]
+    text = message.get_body(("plain",))
+    assert text is not None
+    assert "Update your card" in text.get_content()
+    assert "%" not in text.get_content()  # no discount anywhere
 
 
 async def test_with_a_customer_id_key_the_merchants_own_id_is_the_customer(
