@@ -28,6 +28,7 @@ from services.dispatcher.message_log import router as message_log_router
 from services.dispatcher.preview import Previewer
 from services.dispatcher.preview import router as preview_router
 from services.dispatcher.providers import Provider
+from services.dispatcher.reconcile import searches_for
 from services.dispatcher.rendering import (
     Brand,
     Channel,
@@ -215,6 +216,7 @@ def bootstrap(
             max_record_bytes=limit,
             unknown_window=timedelta(seconds=d.unknown_reconcile_seconds),
         ),
+        searches=searches_for(d, clients),
     )
     names: dict[str, list[str]] = {}
     for name in CHANNEL_KINDS:

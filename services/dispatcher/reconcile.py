@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final, Literal, Protocol
 
+import httpx
 from sqlalchemy import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -46,8 +47,10 @@ from services.dispatcher.model import (
     cause_of,
     outcome,
 )
-from services.dispatcher.providers import OutboundMessage, SendResult
+from services.dispatcher.providers import OutboundMessage, SendResult, postmark
+from services.dispatcher.providers.postmark import PostmarkOutboundSearch
 from shared.messaging.uow import Tx, UnitOfWork
+from shared.settings import CHANNEL_KINDS, DispatcherSettings
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,29 @@ def resend_confirmation(
             ):
                 return attempt.provider, None
     return None
+
+
+def searches_for(
+    settings: DispatcherSettings, clients: Sequence[httpx.AsyncClient]
+) -> dict[str, list[Search]]:
+    """The provider searches by key of each channel: Postmark's outbound message search for
+    every Postmark provider (the only documented one among ours)."""
+    found: dict[str, list[Search]] = {}
+    if not clients:
+        return found
+    for channel in CHANNEL_KINDS:
+        for provider in settings.channel(channel).providers:
+            if provider.kind != "postmark" or provider.api_key is None:
+                continue
+            found.setdefault(channel, []).append(
+                PostmarkOutboundSearch(
+                    clients[0],
+                    server_token=provider.api_key.get_secret_value(),
+                    base_url=provider.base_url or postmark.DEFAULT_BASE_URL,
+                    name=provider.label,
+                )
+            )
+    return found
 
 
 class Search(Protocol):

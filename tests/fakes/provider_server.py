@@ -10,6 +10,9 @@ faults per provider — for the next N requests or until healed:
 - ``Fault.hang(30)``: never answer (sleep past any client timeout), then close;
 - ``Fault.drop()``: read the request, then close the socket without a byte of answer.
 
+Postmark's outbound message search (``GET /messages/outbound?count=&offset=&metadata_<key>=``)
+answers over the messages it accepted, filtered on their ``Metadata``.
+
 It is built on h11 and asyncio streams rather than a web framework so that a dropped connection
 really is a dropped connection::
 
@@ -206,6 +209,7 @@ class FakeProviderServer:
         self._faults: dict[str, deque[_Injection]] = {p: deque() for p in PROVIDERS}
         self._latency: dict[str, float] = dict.fromkeys(PROVIDERS, 0.0)
         self._seen: dict[tuple[str, str], _Answer] = {}
+        self._postmark_sent: list[dict[str, Any]] = []  # for GET /messages/outbound
         self._ids = itertools.count(1)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -278,6 +282,7 @@ class FakeProviderServer:
         self.heal()
         self._latency = dict.fromkeys(PROVIDERS, 0.0)
         self._seen.clear()
+        self._postmark_sent.clear()
 
     # --- queries -----------------------------------------------------------------------
 
@@ -396,9 +401,11 @@ class FakeProviderServer:
         await writer.drain()
 
     def _route(self, method: str, path: str) -> ProviderName | None:
+        route = path.split("?", 1)[0]
+        if method == "GET" and route == "/messages/outbound":
+            return "postmark"  # the outbound message search
         if method != "POST":
             return None
-        route = path.split("?", 1)[0]
         if route == "/v3/mail/send":
             return "sendgrid"
         if route == "/email":
@@ -467,6 +474,8 @@ class FakeProviderServer:
     def _postmark(self, record: RecordedRequest) -> _Answer:
         if not self._expected("postmark", record.headers.get("x-postmark-server-token")):
             return _json(401, {"ErrorCode": 10, "Message": "Bad or missing Server API token."})
+        if record.method == "GET":
+            return self._postmark_search(record)
         body = _parse_json(record.body)
         if not isinstance(body, dict) or not body.get("To") or not body.get("From"):
             return _json(422, {"ErrorCode": 300, "Message": "Invalid email request"})
@@ -477,7 +486,36 @@ class FakeProviderServer:
             "ErrorCode": 0,
             "Message": "OK",
         }
+        metadata = body.get("Metadata")
+        self._postmark_sent.append(
+            {
+                "MessageID": answer["MessageID"],
+                "To": [{"Email": body["To"]}],
+                "Subject": body.get("Subject"),
+                "Status": "Sent",
+                "Metadata": metadata if isinstance(metadata, dict) else {},
+            }
+        )
         return _json(200, answer, accepted=True)
+
+    def _postmark_search(self, record: RecordedRequest) -> _Answer:
+        """``GET /messages/outbound``: ``count`` (1-500) and ``offset`` required; each
+        ``metadata_<key>=<value>`` filters on the message's Metadata."""
+        query = dict(parse_qsl(record.path.partition("?")[2], keep_blank_values=True))
+        try:
+            count, offset = int(query["count"]), int(query["offset"])
+        except (KeyError, ValueError):
+            return _json(422, {"ErrorCode": 1302, "Message": "count and offset are required"})
+        if not 1 <= count <= 500 or offset < 0:
+            return _json(422, {"ErrorCode": 1302, "Message": "count must be 1-500"})
+        wanted = {k[9:]: v for k, v in query.items() if k.startswith("metadata_")}
+        found = [
+            m
+            for m in self._postmark_sent
+            if all(m["Metadata"].get(k) == v for k, v in wanted.items())
+        ]
+        page = found[offset : offset + count]
+        return _json(200, {"TotalCount": len(found), "Messages": page})
 
     def _twilio(self, record: RecordedRequest) -> _Answer:
         match = _TWILIO_PATH.fullmatch(record.path.split("?", 1)[0])

@@ -170,3 +170,48 @@ def _error_code(payload: object) -> int | None:
     if isinstance(code, str) and code.strip().isdigit():
         return int(code)
     return None
+
+
+class PostmarkOutboundSearch:
+    """Postmark's outbound message search by our idempotency key (``GET /messages/outbound``
+    with ``metadata_idempotency_key``; the key rides in every message's ``Metadata``): does
+    Postmark have the message a crash left unknown? (``reconcile.Search``)"""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        server_token: str,
+        base_url: str = DEFAULT_BASE_URL,
+        name: str = "postmark",
+    ) -> None:
+        self._client = client
+        self._token = server_token
+        self._url = base_url.rstrip("/") + "/messages/outbound"
+        self.name = name
+
+    async def find(self, idempotency_key: str) -> str | None:
+        """The ``MessageID`` of a message sent with this key, ``None`` if there is none;
+        raises ``httpx.HTTPError`` (or ``ValueError`` for a body not of the documented shape)
+        when Postmark cannot answer."""
+        response = await self._client.get(
+            self._url,
+            params={"count": 1, "offset": 0, "metadata_idempotency_key": idempotency_key},
+            headers={"Accept": "application/json", "X-Postmark-Server-Token": self._token},
+        )
+        response.raise_for_status()
+        payload = json_body(response)
+        messages = payload.get("Messages") if isinstance(payload, dict) else None
+        if not isinstance(messages, list):
+            raise ValueError("Postmark's outbound search answered without a Messages list")
+        for message in messages:
+            if not isinstance(message, dict) or not message.get("MessageID"):
+                continue
+            metadata = message.get("Metadata")
+            if isinstance(metadata, dict) and metadata.get("idempotency_key") not in (
+                None,
+                idempotency_key,
+            ):
+                continue  # not ours after all
+            return str(message["MessageID"])
+        return None

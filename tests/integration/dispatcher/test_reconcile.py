@@ -33,7 +33,7 @@ from shared.clock import FrozenClock
 from shared.cloudevents import from_json_dict
 from shared.db.tables import delivery_attempts
 from shared.settings import DEV_SECRET, Settings
-from tests.fakes.provider_server import FakeProviderServer
+from tests.fakes.provider_server import FakeProviderServer, Fault
 from tests.support.dispatcher import (
     T0,
     command,
@@ -281,5 +281,36 @@ async def test_an_unknown_delivery_nothing_confirms_in_the_window_fails_unconfir
     assert failed["data"]["reason"] == UNCONFIRMED
     assert await harness.events(model.MESSAGE_SENT, "cus_silent") == []
     assert len(harness.fake.requests_for("sendgrid")) == 1  # never re-sent without a key
-    assert harness.fake.requests_for("postmark") == []
+    # Postmark (the secondary) was only searched, and had nothing
+    searches = harness.fake.requests_for("postmark")
+    assert searches
+    assert {(r.method, r.status) for r in searches} == {("GET", 200)}
     assert reconciled(UNCONFIRMED) == before + 1
+
+
+async def test_postmarks_outbound_search_confirms_an_unknown_delivery(harness: Harness) -> None:
+    """Postmark has the message (it went there after SendGrid failed): the search by our key
+    in its Metadata finds it; one message was sent."""
+    harness.fake.fail_next("sendgrid", Fault.http(401, {"errors": [{"message": "bad key"}]}))
+    row = await harness.crash_mid_send("cus_searched")
+    (post,) = [r for r in harness.fake.requests_for("postmark") if r.method == "POST"]
+    assert post.idempotency_key == row.idempotency_key
+    harness.clock.advance(timedelta(seconds=STALE + 1))
+    restarted = harness.dispatcher()
+    before = reconciled("search")
+    try:
+        await restarted.sender.drain()
+    finally:
+        await restarted.aclose()
+    after = await harness.row("cus_searched")
+    assert (after.state, after.provider) == ("sent", "postmark")
+    requests = harness.fake.requests_for("postmark")
+    assert [r.method for r in requests] == ["POST", "GET"]
+    assert f"metadata_idempotency_key={row.idempotency_key}".replace(":", "%3A") in (
+        requests[1].path
+    )
+    assert len(harness.fake.accepted("postmark")) == 1
+    (sent,) = await harness.events(model.MESSAGE_SENT, "cus_searched")
+    assert after.provider_message_id is not None
+    assert sent["data"]["provider_message_id"] == after.provider_message_id
+    assert reconciled("search") == before + 1
