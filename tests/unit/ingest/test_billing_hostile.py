@@ -65,9 +65,14 @@ def paddle_event(kind: str, data: Any) -> dict[str, Any]:
     }
 
 
-def check(read: Callable[[Any], Mapped], event: Any) -> None:
+def check(read: Callable[..., Mapped], event: Any) -> None:
+    for key in (None, "0"):  # with a customer id key too (mutated metadata may hold "0")
+        held(read, event, key)
+
+
+def held(read: Callable[..., Mapped], event: Any, key: str | None) -> None:
     try:
-        mapped = read(event)
+        mapped = read(event, id_key=key)
     except BillingPayloadError:
         return
     if mapped.name is None:
