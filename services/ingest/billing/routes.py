@@ -235,10 +235,16 @@ def router(pipeline: Pipeline, settings: BillingSettings, type_prefix: str) -> A
         )
         try:
             item = pipeline.decode_payload(event, None, None)
-        except InvalidEvent as exc:
+        except Exception as exc:
+            # a bug meeting input it did not expect is still the event at fault: kept, not a 500
+            error = (
+                exc
+                if isinstance(exc, InvalidEvent)
+                else InvalidEvent("decode_error", f"{type(exc).__name__}: {exc}"[:500])
+            )
             log.warning(
                 "a verified billing event was refused; dead-lettered",
-                extra={"provider": provider, "code": exc.code, "field": exc.field},
+                extra={"provider": provider, "code": error.code, "field": error.field},
             )
             record = Record(
                 topic=f"http:{path}",
@@ -248,7 +254,7 @@ def router(pipeline: Pipeline, settings: BillingSettings, type_prefix: str) -> A
                 value=body,
                 headers=(("billing-event-type", mapped.provider_type.encode()),),
             )
-            await pipeline.transact_reliably([], [DeadLetter(record, exc, pipeline.consumer)])
+            await pipeline.transact_reliably([], [DeadLetter(record, error, pipeline.consumer)])
             WEBHOOKS.labels(provider, "dead_lettered").inc()
             return JSONResponse({**counts, "dead_lettered": 1})
         result = await pipeline.transact_reliably([item])
