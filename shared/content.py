@@ -61,11 +61,19 @@ FIELDS: Mapping[str, str] = MappingProxyType(
         "mrr": "decimal",
         "currency": "text",
         "lifecycle": "text",
+        # CRM tasks: whom to call and what they have had from us
+        "customer_id": "text",
+        "email": "text",
+        "phone": "text",
+        "tenure": "text",
+        "sent_so_far": "list",
+        "status_url": "url",
     }
 )
 """The personalisation fields a template can use (the composer fills them), by kind."""
 OPTIONAL_PROFILE_FIELDS = frozenset(
     {"name", "churn_reason", "segment", "mrr", "currency", "lifecycle"}
+    | {"customer_id", "email", "phone", "tenure", "sent_so_far", "status_url"}
 )
 """What we know about the customer, which a profile may lack: never required."""
 DISCOUNT_KINDS = frozenset({"percent_off", "amount_off", "free_months"})

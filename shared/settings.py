@@ -344,6 +344,16 @@ class ChannelSettings(BaseModel):
         return self
 
 
+class CrmChannelSettings(ChannelSettings):
+    """The CRM channel's providers, and how a task finds the customer's contact."""
+
+    create_missing_contacts: bool = Field(
+        default=False,
+        description="a customer with no CRM contact (none with their email) gets one created; "
+        "off: the task fails with no_crm_contact",
+    )
+
+
 class DispatcherHttpSettings(BaseModel):
     """Outgoing HTTP to providers: several pooled clients share the in-flight sends."""
 
@@ -408,7 +418,7 @@ class DispatcherSettings(BaseModel):
 
     email: ChannelSettings = Field(default_factory=ChannelSettings)
     sms: ChannelSettings = Field(default_factory=ChannelSettings)
-    crm: ChannelSettings = Field(default_factory=ChannelSettings)
+    crm: CrmChannelSettings = Field(default_factory=CrmChannelSettings)
     webhook: ChannelSettings = Field(default_factory=ChannelSettings)
     public_base_url: str = Field(
         default="http://127.0.0.1:8083",
@@ -434,6 +444,11 @@ class DispatcherSettings(BaseModel):
         default=None, description="CRM task owner when the customer has none"
     )
     crm_task_due_hours: float = Field(default=24, gt=0)
+    status_api_base_url: str | None = Field(
+        default=None,
+        description="the scheduler's public URL: a CRM task links to "
+        "{url}/v1/customers/{id}/winback (none: no link)",
+    )
     sms_max_segments: int = Field(
         default=3,
         ge=1,

@@ -28,6 +28,7 @@ from services.dispatcher.message_log import router as message_log_router
 from services.dispatcher.preview import Previewer
 from services.dispatcher.preview import router as preview_router
 from services.dispatcher.providers import Provider
+from services.dispatcher.queries.sent_steps import SentSteps
 from services.dispatcher.reconcile import searches_for
 from services.dispatcher.rendering import (
     Brand,
@@ -156,7 +157,7 @@ def bootstrap(
     topics = settings.topics
     owns_clients = http_clients is None
     clients = make_http_clients(d) if http_clients is None else list(http_clients)
-    channels = build_channels(d, clients, core.clock, providers)
+    channels = build_channels(d, clients, core.clock, providers, crm_history=SentSteps(core.engine))
     catalog = catalog_for(settings.content_dir)
     renderer = TemplateRenderer(
         Brand(d.company_name, d.postal_address),
@@ -178,6 +179,7 @@ def bootstrap(
         unsubscribe_mailto=d.unsubscribe_mailto,
         crm_default_owner=d.crm_default_owner,
         crm_task_due=timedelta(hours=d.crm_task_due_hours),
+        status_api_base_url=d.status_api_base_url,
     )
 
     limit = settings.kafka.max_record_bytes

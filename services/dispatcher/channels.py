@@ -45,6 +45,7 @@ from services.dispatcher.providers import (
     twilio,
 )
 from services.dispatcher.providers.file import FileProvider
+from services.dispatcher.providers.hubspot import ContactCache, SentSteps
 from services.dispatcher.rendering import Channel
 from services.dispatcher.resilience import (
     AttemptListener,
@@ -279,6 +280,7 @@ def _adapter(
     client: httpx.AsyncClient,
     clock: Clock,
     public_base_url: str,
+    crm: CrmLookup | None = None,
 ) -> Provider:
     label = provider.label
     if provider.kind == "sendgrid":
@@ -325,6 +327,9 @@ def _adapter(
             base_url=provider.base_url or DEFAULT_BASE_URLS[provider.kind],
             name=label,
             clock=clock,
+            create_missing_contacts=crm.create_missing_contacts if crm else False,
+            contacts=crm.contacts if crm else None,
+            history=crm.history if crm else None,
         )
         return DuplicateIsSuccess(hubspot) if provider.idempotency_property else hubspot
     if provider.kind == "webhook":
@@ -351,6 +356,9 @@ def build_provider(
     clients: Sequence[httpx.AsyncClient],
     clock: Clock,
     public_base_url: str,
+    *,
+    create_missing_contacts: bool = False,
+    history: SentSteps | None = None,
 ) -> Provider:
     if provider.kind == "file":
         return FileProvider(
@@ -361,7 +369,20 @@ def build_provider(
             name=provider.label,
             clock=clock,
         )
-    return RoundRobin([_adapter(provider, channel, c, clock, public_base_url) for c in clients])
+    # one contact cache for the provider, whichever pooled client sends
+    crm = CrmLookup(create_missing_contacts, ContactCache(), history)
+    return RoundRobin(
+        [_adapter(provider, channel, c, clock, public_base_url, crm) for c in clients]
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CrmLookup:
+    """What a CRM adapter needs to find the customer's contact and the case's history."""
+
+    create_missing_contacts: bool
+    contacts: ContactCache
+    history: SentSteps | None
 
 
 def build_channels(
@@ -369,6 +390,8 @@ def build_channels(
     clients: Sequence[httpx.AsyncClient],
     clock: Clock,
     extra: Mapping[str, Sequence[Provider]] | None = None,
+    *,
+    crm_history: SentSteps | None = None,
 ) -> dict[str, ChannelSender]:
     """Every channel's provider chain, ready to send.
 
@@ -416,7 +439,15 @@ def build_channels(
         channel = Channel(name)
         routes = []
         for provider in settings.channel(name).providers:
-            adapter = build_provider(provider, channel, clients, clock, settings.public_base_url)
+            adapter = build_provider(
+                provider,
+                channel,
+                clients,
+                clock,
+                settings.public_base_url,
+                create_missing_contacts=settings.crm.create_missing_contacts,
+                history=crm_history,
+            )
             routes.append(
                 route(
                     name, provider.label, adapter, is_idempotent(provider), provider.rate_per_second

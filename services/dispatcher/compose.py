@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from babel.numbers import get_currency_precision
@@ -19,7 +19,7 @@ from babel.numbers import get_currency_precision
 from services.dispatcher.errors import PermanentSendError, UnknownChannelError
 from services.dispatcher.model import parse_time
 from services.dispatcher.providers.base import CrmTaskDetails, OutboundMessage
-from services.dispatcher.rendering import Channel, TemplateRenderer
+from services.dispatcher.rendering import Channel, RenderedMessage, TemplateRenderer
 from services.dispatcher.signatures import UnsubscribeTokens
 from shared import channels
 
@@ -54,6 +54,7 @@ class Composer:
         unsubscribe_mailto: str | None = None,
         crm_default_owner: str | None = None,
         crm_task_due: timedelta = timedelta(hours=24),
+        status_api_base_url: str | None = None,
     ) -> None:
         self.renderer = renderer
         self.tokens = tokens
@@ -64,6 +65,7 @@ class Composer:
         self.unsubscribe_mailto = unsubscribe_mailto
         self.crm_default_owner = crm_default_owner
         self.crm_task_due = crm_task_due
+        self.status_api_base_url = (status_api_base_url or "").rstrip("/") or None
         self._ctas: dict[tuple[str, str, str], str] = {}
         """The call-to-action link per (template, variant, channel): built once each."""
 
@@ -93,7 +95,24 @@ class Composer:
         if profile.mrr_minor is not None and profile.currency:
             ctx["mrr"] = _major_units(profile.mrr_minor, profile.currency)
             ctx["currency"] = profile.currency.upper()
+        if channel == Channel.CRM:  # a salesperson needs to know whom to call and why
+            ctx |= self._crm_context(customer, profile)
         return {k: v for k, v in ctx.items() if v is not None and v != []}
+
+    def _crm_context(self, customer: Mapping[str, Any], profile: Profile) -> dict[str, Any]:
+        customer_id = str(customer.get("id") or "") or None
+        tenure = (profile.segment or {}).get("tenure")
+        return {
+            "customer_id": customer_id,
+            "email": customer.get("email") or profile.email,
+            "phone": customer.get("phone") or profile.phone,
+            "tenure": str(tenure).replace("_", " ") if tenure and tenure != "unknown" else None,
+            "status_url": (
+                f"{self.status_api_base_url}/v1/customers/{quote(customer_id, safe='')}/winback"
+                if self.status_api_base_url and customer_id
+                else None
+            ),
+        }
 
     def compose(
         self, command: Mapping[str, Any], profile: Profile, now: datetime
@@ -114,8 +133,20 @@ class Composer:
         if channel == Channel.CRM:  # a task for the account owner, not a message to an address
             owner = customer.get("crm_owner") or self.crm_default_owner
             owner = _required(owner, "CRM owner (crm_owner) for the task")
-            crm_task = CrmTaskDetails(owner_id=owner, due_at=now + self.crm_task_due)
-            to = ""
+            crm_task = CrmTaskDetails(
+                owner_id=owner,
+                due_at=now + self.crm_task_due,
+                customer_id=context.get("customer_id"),
+                case_id=str(command.get("case_id") or "") or None,
+                email=context.get("email"),
+                name=context.get("name"),
+                phone=context.get("phone"),
+                rerender=functools.partial(
+                    self._rerender, str(command["template"]), locale, context
+                ),
+            )
+            # the CRM's contact id when the profile carries it; else the adapter finds it
+            to = str(customer.get("crm_contact_id") or "")
         elif field is not None:
             on_file = getattr(profile, field, None)
             to = _required(customer.get(field) or on_file, _ADDRESS_NAMES.get(field, field))
@@ -131,6 +162,12 @@ class Composer:
             unsubscribe_mailto=self.unsubscribe_mailto if channel == "email" else None,
             crm_task=crm_task,
         )
+
+    def _rerender(
+        self, template: str, locale: Any, context: Mapping[str, Any], extra: Mapping[str, Any]
+    ) -> RenderedMessage:
+        """The CRM task again with fields known only at send time (``sent_so_far``)."""
+        return self.renderer.render(template, Channel.CRM, locale, {**context, **extra})
 
     def _cta(self, command: Mapping[str, Any], channel: str) -> str:
         key = (str(command.get("template") or ""), str(command.get("variant") or ""), channel)

@@ -132,6 +132,13 @@ class MessageContext(TypedDict, total=False):
     mrr: Decimal | int
     currency: str
     lifecycle: str
+    # CRM tasks: whom to call, what they have had from us, their win-back status
+    customer_id: str
+    email: str
+    phone: str
+    tenure: str
+    sent_so_far: Sequence[str]
+    status_url: str
 
 
 OPTIONAL_PROFILE_FIELDS: Final = content.OPTIONAL_PROFILE_FIELDS
@@ -178,7 +185,7 @@ TEMPLATE_SPECS: Final[Mapping[tuple[str, Channel], TemplateSpec]] = specs_from(S
 
 # Names the renderer provides itself: the brand, and the babel locale used for formatting.
 _PROVIDED: Final = frozenset({"company_name", "postal_address", "locale"})
-_URL_FIELDS: Final = frozenset({"cta_url", "unsubscribe_url"})
+_URL_FIELDS: Final = frozenset(n for n, kind in content.FIELDS.items() if kind == "url")
 _BLANK_ELEMENT: Final = re.compile(r"<(p|li|a|strong|em|h1|h2|h3|td|ul)\b[^>]*>\s*</\1>")
 _MANY_BLANK_LINES: Final = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
 _OFFER_CODE: Final = re.compile(r"[a-z0-9]+(?:_[a-z0-9]+)+")
@@ -197,6 +204,12 @@ SAMPLE_CONTEXT: Final[MessageContext] = {
     "mrr": Decimal("99.00"),
     "currency": "EUR",
     "lifecycle": "expired_trial",
+    "customer_id": "cus_sample",
+    "email": "sample@example.invalid",
+    "phone": "+358401234567",
+    "tenure": "long term",
+    "sent_so_far": ["email: we_miss_you (2030-11-02)"],
+    "status_url": "https://example.invalid/v1/customers/cus_sample/winback",
 }
 """A complete context used by ``check_templates`` for its trial renders."""
 
@@ -235,7 +248,7 @@ def _field_problem(name: str, value: object) -> str | None:
     if name == "mrr":
         ok = isinstance(value, Decimal | int) and not isinstance(value, bool)
         return None if ok else "not a Decimal or int"
-    if name == "new_features":
+    if content.FIELDS.get(name) == "list":
         if isinstance(value, str) or not isinstance(value, Sequence):
             return "not a list of strings"
         if any(not isinstance(item, str) or not item.strip() for item in value):

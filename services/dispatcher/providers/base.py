@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from base64 import b64encode
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -54,6 +54,16 @@ class CrmTaskDetails:
     due_at: datetime
     priority: TaskPriority = "HIGH"
     task_type: TaskType = "CALL"
+    # who the task is about: the CRM adapter finds (or creates) the contact from these
+    customer_id: str | None = None
+    case_id: str | None = None
+    email: str | None = None
+    name: str | None = None
+    phone: str | None = None
+    rerender: Callable[[Mapping[str, Any]], RenderedMessage] | None = field(
+        default=None, compare=False, repr=False
+    )
+    """Renders the task again with more fields (``sent_so_far``, known only at send time)."""
 
     def __post_init__(self) -> None:
         if self.due_at.tzinfo is None:

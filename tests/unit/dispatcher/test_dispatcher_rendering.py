@@ -44,6 +44,12 @@ FULL: dict[str, Any] = {
     "mrr": Decimal("249.00"),
     "currency": "EUR",
     "lifecycle": "churned_customer",
+    "customer_id": "cus_42",
+    "email": "aino@example.com",
+    "phone": "+358401234567",
+    "tenure": "long term",
+    "sent_so_far": ["email: we_miss_you (2026-02-01)"],
+    "status_url": "https://winback.example.com/v1/customers/cus_42/winback",
 }
 
 CASES = sorted((name, chan.value) for name, chan in TEMPLATE_SPECS)
@@ -248,6 +254,12 @@ def test_the_optional_profile_fields_are_never_required() -> None:
         "mrr",
         "currency",
         "lifecycle",
+        "customer_id",
+        "email",
+        "phone",
+        "tenure",
+        "sent_so_far",
+        "status_url",
     } == OPTIONAL_PROFILE_FIELDS
     for (name, channel), spec in TEMPLATE_SPECS.items():
         assert not spec.required & OPTIONAL_PROFILE_FIELDS, (name, channel)
