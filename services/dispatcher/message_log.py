@@ -5,7 +5,8 @@
   handler matches it) is recorded in ``delivery_events``. The pipeline's inbox has already
   dropped redelivered events, and a repeat changes nothing (unique per delivery, provider and
   event id). Send attempts are recorded with each send result (``store.finish``).
-- ``router``: ``GET /v1/customers/{customer_id}/messages`` behind the API key, over
+- ``router``: ``GET /v1/customers/{customer_id}/messages`` and ``GET /v1/messages/
+  reconciliation`` (sends a crash left unknown, and how they ended) behind the API key, over
   ``queries/messages.py``.
 """
 
@@ -24,8 +25,10 @@ from services.dispatcher.queries.messages import (
     MAX_LIMIT,
     BadCursor,
     MessageLog,
+    Reconciliation,
     decode_cursor,
     message_log,
+    reconciliation,
 )
 from services.dispatcher.webhooks import KIND_TYPES, ProviderEvent, WebhookHandler
 from shared.cloudevents import CloudEvent
@@ -129,5 +132,20 @@ def router(engine: AsyncEngine, auth: Any) -> APIRouter:
                 ) from None
         async with engine.connect() as conn:
             return await message_log(conn, customer_id, limit, before)
+
+    @api.get(
+        "/messages/reconciliation",
+        operation_id="getMessageReconciliation",
+        summary="Sends a crash left unknown: still unknown, reconciled, unconfirmed",
+        description="A dispatcher that dies between a provider call and recording its answer "
+        "leaves the delivery `unknown` (never `failed`): it is reconciled to `sent` by the "
+        "provider's webhook, a resend with the same key or the provider's search, or ends "
+        "`failed` (reason `unconfirmed`) when nothing confirms it within "
+        "`dispatcher.unknown_reconcile_seconds`. The same counts as "
+        "`winback_deliveries_unknown` and `winback_reconciled_total`.",
+    )
+    async def message_reconciliation() -> Reconciliation:
+        async with engine.connect() as conn:
+            return await reconciliation(conn)
 
     return api

@@ -316,7 +316,10 @@ async def mark_unknown(conn: AsyncConnection, ids: Sequence[int], now: datetime)
 
 _UNKNOWN_DUE = text(
     _CLAIM_SQL.replace("d.attempts, d.command,", "d.attempts, d.command, d.unknown_since,")
-    .replace("WHERE d.state = 'queued' AND", "WHERE d.state = 'unknown' AND")
+    .replace(
+        "WHERE d.state = 'queued' AND",
+        "WHERE d.unknown_since IS NOT NULL AND d.state = 'unknown' AND",
+    )
     .replace("ORDER BY d.id", "ORDER BY d.unknown_since")
 ).columns(command=JSONB, case_segment=JSONB, consent=JSONB, suppressed_channels=JSONB)
 
@@ -411,7 +414,9 @@ async def expire_unknown(
 async def count_unknown(conn: AsyncConnection) -> int:
     """Deliveries waiting for reconciliation (on the partial index of migration 0008)."""
     found = await conn.scalar(
-        select(func.count()).select_from(deliveries).where(deliveries.c.state == UNKNOWN)
+        select(func.count())
+        .select_from(deliveries)
+        .where(deliveries.c.unknown_since.is_not(None), deliveries.c.state == UNKNOWN)
     )
     return int(found or 0)
 

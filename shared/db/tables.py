@@ -295,7 +295,7 @@ Index("ix_deliveries_customer_id", deliveries.c.customer_id)
 Index(
     "ix_deliveries_unknown",
     deliveries.c.unknown_since,
-    postgresql_where=deliveries.c.state == "unknown",
+    postgresql_where=deliveries.c.unknown_since.is_not(None),
 )
 Index(
     "ix_deliveries_sending",

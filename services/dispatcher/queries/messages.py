@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.db.tables import deliveries, delivery_attempts, delivery_events
@@ -177,4 +177,40 @@ async def message_log(
         customer_id=customer_id,
         messages=messages,
         next_cursor=encode_cursor(page[-1]["id"]) if more and page else None,
+    )
+
+
+class Reconciliation(BaseModel):
+    """Deliveries a crash left between the provider call and its record, and how they ended
+    (``services/dispatcher/reconcile.py``)."""
+
+    unknown: int = Field(description="still unknown: not confirmed yet, window not passed")
+    reconciled: int = Field(
+        description="confirmed sent after all: by the provider's webhook, a resend with the "
+        "same key the provider deduplicated, or the provider's search"
+    )
+    unconfirmed: int = Field(
+        description="failed (reason unconfirmed): nothing confirmed them within "
+        "dispatcher.unknown_reconcile_seconds; never re-sent without a key"
+    )
+    oldest_unknown_since: datetime | None = Field(
+        description="when the longest-waiting unknown delivery became unknown"
+    )
+
+
+async def reconciliation(conn: AsyncConnection) -> Reconciliation:
+    """One query over the rows ever unknown (the partial index of migration 0008)."""
+    d = deliveries.c
+    row = (
+        await conn.execute(
+            select(
+                func.count().filter(d.state == "unknown"),
+                func.count().filter(d.state == "sent"),
+                func.count().filter(d.state == "failed"),
+                func.min(d.unknown_since).filter(d.state == "unknown"),
+            ).where(d.unknown_since.is_not(None))
+        )
+    ).one()
+    return Reconciliation(
+        unknown=row[0], reconciled=row[1], unconfirmed=row[2], oldest_unknown_since=row[3]
     )

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.dispatcher import model, store
 from services.dispatcher.bootstrap import DispatcherService
+from services.dispatcher.queries.messages import reconciliation
 from services.dispatcher.reconcile import UNCONFIRMED
 from shared.clock import FrozenClock
 from shared.cloudevents import from_json_dict
@@ -201,9 +202,11 @@ async def test_a_provider_webhook_confirms_an_unknown_delivery_sent_once(
             serve(restarted.app, lifespan="off") as url,
             httpx.AsyncClient(base_url=url) as http,
         ):
+            waiting = await http.get("/v1/messages/reconciliation", headers=KEY)
             await post_sendgrid(http, harness.clock, [delivered])
             await post_sendgrid(http, harness.clock, [delivered, opened])  # one repeat, one new
             log = await http.get("/v1/customers/cus_hooked/messages", headers=KEY)
+            settled = await http.get("/v1/messages/reconciliation", headers=KEY)
         await restarted.sender.drain()
     finally:
         await restarted.aclose()
@@ -222,6 +225,19 @@ async def test_a_provider_webhook_confirms_an_unknown_delivery_sent_once(
     assert await harness.attempts(row.id) == [(1, "unknown", "unknown"), (1, "sent", "reconciled")]
     assert reconciled("webhook") == before + 1
     assert unknown_gauge() == 0
+    # the reconciliation counts and the message log show it
+    assert waiting.json() == {
+        "unknown": 1,
+        "reconciled": 0,
+        "unconfirmed": 0,
+        "oldest_unknown_since": harness.clock.now().isoformat().replace("+00:00", "Z"),
+    }
+    assert settled.json() == {
+        "unknown": 0,
+        "reconciled": 1,
+        "unconfirmed": 0,
+        "oldest_unknown_since": None,
+    }
     # the message log shows it was reconciled
     assert log.status_code == 200, log.text
     (message,) = log.json()["messages"]
@@ -286,6 +302,9 @@ async def test_an_unknown_delivery_nothing_confirms_in_the_window_fails_unconfir
     assert searches
     assert {(r.method, r.status) for r in searches} == {("GET", 200)}
     assert reconciled(UNCONFIRMED) == before + 1
+    async with harness.engine.connect() as conn:
+        counts = await reconciliation(conn)
+    assert (counts.unknown, counts.reconciled, counts.unconfirmed) == (0, 0, 1)
 
 
 async def test_postmarks_outbound_search_confirms_an_unknown_delivery(harness: Harness) -> None:

@@ -1,7 +1,8 @@
 """Deliveries whose send outcome is not known: ``unknown_since`` (when a crash between the
-provider call and recording it left the row ``unknown``) and a partial index the reconciler
-scans (``services/dispatcher/reconcile.py``). ``deliveries.state`` is free text: ``unknown``
-needs no constraint change.
+provider call and recording it left the row ``unknown``; kept once it is settled) and a
+partial index over the rows that have it: the few ever unknown, which the reconciler scans
+(``services/dispatcher/reconcile.py``) and ``GET /v1/messages/reconciliation`` counts.
+``deliveries.state`` is free text: ``unknown`` needs no constraint change.
 
 Revision ID: 0008
 Revises: 0007
@@ -27,7 +28,7 @@ def upgrade() -> None:
         "ix_deliveries_unknown",
         "deliveries",
         ["unknown_since"],
-        postgresql_where=sa.text("state = 'unknown'"),
+        postgresql_where=sa.text("unknown_since IS NOT NULL"),
     )
 
 
@@ -35,6 +36,6 @@ def downgrade() -> None:
     op.drop_index(
         "ix_deliveries_unknown",
         table_name="deliveries",
-        postgresql_where=sa.text("state = 'unknown'"),
+        postgresql_where=sa.text("unknown_since IS NOT NULL"),
     )
     op.drop_column("deliveries", "unknown_since")
