@@ -46,6 +46,7 @@ import orjson
 from services.ingest.billing import stripe as stripe_mapping
 from services.ingest.billing.common import BillingPayloadError, Mapped, as_int, obj, text
 from shared.cloudevents import CloudEvent
+from shared.errors import TransientError
 from shared.messaging.transport import OutgoingRecord, Publisher
 from shared.retry import RetryPolicy
 
@@ -69,14 +70,17 @@ MAX_NETWORK_RETRIES = 4
 jittered)."""
 
 
-def _rate_limited(exc: BaseException) -> bool:
-    import stripe
+class RateLimited(TransientError):
+    """The provider answered 429: slow down and ask again."""
 
-    return isinstance(exc, stripe.RateLimitError)
+
+def _rate_limited(exc: BaseException) -> bool:
+    return isinstance(exc, RateLimited)
 
 
 RATE_LIMITED = RetryPolicy(first_delay=1.0, max_delay=30.0, max_attempts=8, retry_on=_rate_limited)
-"""A 429 (Stripe's rate limit): waits of 1 s doubling to 30 s, jittered; eight attempts."""
+"""A 429 (Stripe's rate limit): waits of 1 s doubling to 30 s, jittered; eight attempts, then
+``RateLimited`` (exit code 69: run the command again later to go on)."""
 
 
 class BackfillError(Exception):
@@ -244,8 +248,14 @@ class StripeSource:
     async def _call(self, fn: Callable[[], Awaitable[Any]], what: str) -> Any:
         import stripe
 
+        async def attempt() -> Any:
+            try:
+                return await fn()
+            except stripe.RateLimitError as exc:
+                raise RateLimited(f"Stripe rate limit (429): {exc.user_message or exc}") from exc
+
         try:
-            return await self.rate_limited.call(fn, f"stripe {what}", log)
+            return await self.rate_limited.call(attempt, f"stripe {what}", log)
         except (stripe.AuthenticationError, stripe.PermissionError) as exc:
             raise BackfillError(f"Stripe refused the API key: {exc.user_message or exc}") from None
 
@@ -261,7 +271,7 @@ class StripeSource:
                 ),
                 "search",
             )
-        except (stripe.StripeError, BackfillError) as exc:
+        except (stripe.StripeError, BackfillError, TransientError) as exc:
             log.info("no total for the progress bar: %s", exc)
             return None
         return as_int(found.to_dict().get("total_count"))
