@@ -138,6 +138,24 @@ class SchedulerSettings(BaseModel):
         description="channels that need no recorded consent (email: EU soft opt-in for past "
         "customers, with an unsubscribe link in every message; crm: goes to the account owner)",
     )
+    inactivity_days: int = Field(
+        default=30,
+        ge=1,
+        le=3650,
+        description="days without product activity (customer.activity) after which a customer "
+        "who is not churned and has no open case gets a passive-user case",
+    )
+    inactivity_days_by_plan: dict[str, Annotated[int, Field(ge=1, le=3650)]] = Field(
+        default_factory=dict,
+        description='per plan overrides of inactivity_days, JSON: {"enterprise": 14}',
+    )
+    usage_drop_percent: float = Field(
+        default=50,
+        ge=0,
+        le=100,
+        description="a user.inactive whose usage_drop_percent (or days_inactive against "
+        "inactivity_days) reaches this opens a passive-user case; one with neither opens one",
+    )
 
     @field_validator("consent_by_default", mode="before")
     @classmethod

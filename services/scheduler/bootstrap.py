@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.scheduler import api, deps, metrics, reports, simulate
 from services.scheduler.domain import Playbook, load_playbooks
 from services.scheduler.handler import SchedulerHandler
+from services.scheduler.inactivity import InactivityTimer, inactivity_rule
 from services.scheduler.timers import StepFirer
 from services.scheduler.views import policy
 from shared.bootstrap import Core, build_core
@@ -59,7 +60,10 @@ def bootstrap(
     playbooks = playbooks if playbooks is not None else load(settings)
     core = build_core(settings, engine=engine, transport=transport, clock=clock)
     topics = settings.topics
-    handler = SchedulerHandler(playbooks, topics.outcomes, settings.scheduler.fallback_timezone)
+    rule = inactivity_rule(settings.scheduler)
+    handler = SchedulerHandler(
+        playbooks, topics.outcomes, settings.scheduler.fallback_timezone, inactivity=rule
+    )
     pipeline = Pipeline(
         core.engine,
         group,
@@ -87,6 +91,13 @@ def bootstrap(
         offer_valid=timedelta(days=settings.scheduler.offer_valid_days),
         outcomes_topic=topics.outcomes,
         max_record_bytes=settings.kafka.max_record_bytes,
+        inactivity=InactivityTimer(
+            playbooks,
+            rule,
+            topics.outcomes,
+            fallback_timezone=settings.scheduler.fallback_timezone,
+            batch_size=settings.scheduler.claim_batch,
+        ),
     )
     core.runtime.consumers.append(consumer)
     core.runtime.extra_parts += [

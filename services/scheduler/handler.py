@@ -52,7 +52,11 @@ from services.scheduler.domain.case import (
 )
 from services.scheduler.domain.planning import normalise_feature
 from services.scheduler.domain.playbook import DEFAULT_ATTRIBUTION_HORIZON
-from services.scheduler.domain.segmentation import is_returner
+from services.scheduler.domain.segmentation import (
+    NOT_PASSIVE_STATUSES,
+    InactivityRule,
+    is_returner,
+)
 from services.scheduler.views import (
     customer_view,
     episode_from_event,
@@ -95,11 +99,17 @@ class Event:
 
 class SchedulerHandler:
     def __init__(
-        self, playbooks: Sequence[Playbook], domain_topic: str, fallback_timezone: str = "UTC"
+        self,
+        playbooks: Sequence[Playbook],
+        domain_topic: str,
+        fallback_timezone: str = "UTC",
+        inactivity: InactivityRule | None = None,
     ) -> None:
         self.playbooks = list(playbooks)
         self.topic = domain_topic
         self.fallback_timezone = fallback_timezone
+        # when a customer counts as passive: arms the inactivity timers, reads user.inactive
+        self.inactivity = inactivity or InactivityRule()
 
     def decode(self, event: CloudEvent) -> Event:
         """Validate the data of every type this handler acts on with its contract
@@ -113,7 +123,7 @@ class SchedulerHandler:
         return Event(event.type, model.to_data(), event.time, model)
 
     async def handle(self, tx: Tx, items: Sequence[Incoming[Any]]) -> None:
-        batch = Batch(tx, self.topic)
+        batch = Batch(tx, self.topic, self.inactivity)
         await batch.load(item.payload for item in items)
         for item in items:
             event: Event = item.payload
@@ -375,9 +385,15 @@ class SchedulerHandler:
         await b.apply(opened, cause)
 
     async def _activity(self, b: Batch, event: Event, cause: CloudEvent) -> None:
+        """Product activity: the last-active register, the customer's inactivity timer pushed
+        forward (not for a churned customer: they are no passive user), and the open case
+        closed when its playbook exits on activity (a passive-user case: at once)."""
         cid = event.data["customer_id"]
         if event.data.get("at"):
-            b.set_last_active(cid, datetime.fromisoformat(event.data["at"]))
+            at = datetime.fromisoformat(event.data["at"])
+            b.set_last_active(cid, at)
+            if event.data.get("status") not in NOT_PASSIVE_STATUSES:
+                b.arm_inactivity(cid, at)
         case = await b.open_case(cid)
         if case is not None:
             closing = case.customer_active(b.tx.now, playbook=self._playbook(case))
@@ -496,9 +512,11 @@ class Batch:
     have a case; ``outcomes``: message outcomes to record, in order.
     """
 
-    def __init__(self, tx: Tx, topic: str) -> None:
+    def __init__(self, tx: Tx, topic: str, inactivity: InactivityRule | None = None) -> None:
         self.tx = tx
         self.topic = topic
+        self.inactivity = inactivity or InactivityRule()
+        self.active: dict[str, datetime] = {}  # latest activity per customer: their timers
         self.customers: dict[str, dict[str, Any] | None] = {}
         self.cases: dict[str, Case | None] = {}
         self.episodes: set[str] = set()
@@ -582,6 +600,13 @@ class Batch:
         """Activity at ``at`` (the register only moves forward: events may arrive late)."""
         self._forward(customer_id, "last_active_at", at)
 
+    def arm_inactivity(self, customer_id: str, at: datetime) -> None:
+        """Activity at ``at``: the customer's inactivity timer restarts from it (written by
+        :meth:`finish`, one upsert for the batch)."""
+        known = self.active.get(customer_id)
+        if known is None or known < at:
+            self.active[customer_id] = at
+
     def set_last_won_back(self, customer_id: str, at: datetime) -> None:
         self._forward(customer_id, "last_won_back_at", at)
 
@@ -645,6 +670,12 @@ class Batch:
         rows = [self.customers[cid] for cid in sorted(self._changed_customers)]
         await store.write_customers(self.tx.conn, [r for r in rows if r is not None])
         self._changed_customers = set()
+        timers = {}
+        for cid, at in self.active.items():
+            row = self.customers.get(cid)
+            timers[cid] = (at, self.inactivity.due_at(at, row["plan"] if row else None))
+        await store.arm_inactivity_timers(self.tx.conn, timers, self.tx.now)
+        self.active = {}
 
 
 CONSUMED = frozenset({*SchedulerHandler._routes, *OUTCOME_EVENTS})

@@ -800,3 +800,90 @@ async def _add_steps(conn: AsyncConnection, rows: list[dict[str, Any]], now: dat
     result = await conn.execute(_ADD_STEPS, params)
     if len(result.all()) != len(rows):
         raise CaseConflict(f"cannot add {[(r['case_id'], r['step_key']) for r in rows]}")
+
+
+# -- inactivity timers: one row per customer who is not churned, due when they turn passive ----
+_ARM_TIMERS = text(
+    "INSERT INTO inactivity_timers (customer_id, last_active_at, due_at, updated_at) "
+    "SELECT u.customer_id, u.last_active_at, u.due_at, :now "
+    "FROM unnest(CAST(:ids AS text[]), CAST(:at AS timestamptz[]), "
+    "CAST(:due AS timestamptz[])) AS u(customer_id, last_active_at, due_at) "
+    "ON CONFLICT (customer_id) DO UPDATE SET last_active_at = EXCLUDED.last_active_at, "
+    "due_at = EXCLUDED.due_at, updated_at = EXCLUDED.updated_at "
+    "WHERE inactivity_timers.last_active_at < EXCLUDED.last_active_at"
+)
+_CLAIM_TIMERS = text(
+    "SELECT customer_id, last_active_at, due_at FROM inactivity_timers WHERE due_at <= :now "
+    "ORDER BY due_at LIMIT :n FOR UPDATE SKIP LOCKED"
+)
+_LOCK_FREE_CUSTOMERS = text(
+    "SELECT * FROM scheduler_customers WHERE id = ANY(CAST(:ids AS text[])) ORDER BY id "
+    "FOR UPDATE SKIP LOCKED"
+)
+_KNOWN_CUSTOMERS = text("SELECT id FROM scheduler_customers WHERE id = ANY(CAST(:ids AS text[]))")
+_DROP_TIMERS = text("DELETE FROM inactivity_timers WHERE customer_id = ANY(CAST(:ids AS text[]))")
+_DEFER_TIMERS = text(
+    "UPDATE inactivity_timers AS t SET due_at = u.due_at, updated_at = :now "
+    "FROM unnest(CAST(:ids AS text[]), CAST(:due AS timestamptz[])) AS u(customer_id, due_at) "
+    "WHERE t.customer_id = u.customer_id"
+)
+
+
+async def arm_inactivity_timers(
+    conn: AsyncConnection, timers: Mapping[str, tuple[datetime, datetime]], now: datetime
+) -> None:
+    """Push each customer's inactivity timer forward (``{customer: (last_active_at,
+    due_at)}``), or start it: one upsert. A timer that already knows a later activity (events
+    may arrive late) keeps it."""
+    if not timers:
+        return
+    ids = sorted(timers)
+    await conn.execute(
+        _ARM_TIMERS,
+        {
+            "ids": ids,
+            "at": [timers[c][0] for c in ids],
+            "due": [timers[c][1] for c in ids],
+            "now": now,
+        },
+    )
+
+
+async def claim_inactivity_timers(
+    conn: AsyncConnection, now: datetime, limit: int
+) -> list[Row[Any]]:
+    """Up to ``limit`` inactivity timers due at ``now``, locked (``SKIP LOCKED``: another
+    scheduler's claim, or a batch pushing one forward, is not waited for)."""
+    return list(await conn.execute(_CLAIM_TIMERS, {"now": now, "n": limit}))
+
+
+async def lock_free_customers(
+    conn: AsyncConnection, ids: Sequence[str]
+) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """The stored customers among ``ids`` that no other transaction holds, locked (as
+    :func:`lock_customers`, but ``SKIP LOCKED``: never waits, so it cannot deadlock with a
+    batch that holds a customer and waits for their timer), and the ids with no row at all."""
+    if not ids:
+        return {}, set()
+    wanted = sorted(set(ids))
+    rows = await conn.execute(_LOCK_FREE_CUSTOMERS, {"ids": wanted})
+    free = {r["id"]: dict(r) for r in rows.mappings()}
+    missing = [c for c in wanted if c not in free]
+    if not missing:
+        return free, set()
+    known = set((await conn.execute(_KNOWN_CUSTOMERS, {"ids": missing})).scalars())
+    return free, set(missing) - known
+
+
+async def drop_inactivity_timers(conn: AsyncConnection, ids: Sequence[str]) -> None:
+    if ids:
+        await conn.execute(_DROP_TIMERS, {"ids": sorted(set(ids))})
+
+
+async def defer_inactivity_timers(
+    conn: AsyncConnection, due: Mapping[str, datetime], now: datetime
+) -> None:
+    """Move these timers to a new ``due_at`` each: one statement."""
+    if due:
+        ids = sorted(due)
+        await conn.execute(_DEFER_TIMERS, {"ids": ids, "due": [due[c] for c in ids], "now": now})

@@ -41,6 +41,7 @@ from services.scheduler.domain import (
     decide,
 )
 from services.scheduler.domain.case import CaseChange
+from services.scheduler.inactivity import InactivityTimer
 from services.scheduler.views import (
     customer_view,
     planned_from_row,
@@ -106,6 +107,7 @@ class StepFirer:
         outcomes_topic: str = TopicSettings().outcomes,
         max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
         listen: bool = True,
+        inactivity: InactivityTimer | None = None,
     ) -> None:
         self.engine = engine
         self.clock = clock
@@ -120,6 +122,8 @@ class StepFirer:
         # LISTEN for steps written due now by other processes (False: a connection pooler
         # that cannot LISTEN; this process's commits still wake the timer, the poll the rest)
         self.listen = listen
+        # the second claim of each pass: due inactivity timers (passive users found by winback)
+        self.inactivity = inactivity
         self._lookback = max(
             [policy.discount_period, *(cap.period for cap in policy.caps)], default=timedelta(0)
         )
@@ -224,6 +228,15 @@ class StepFirer:
             metrics.STEPS_FIRED.labels(outcome).inc(n)
         return FireResult(len(rows), counts["dispatched"], counts["deferred"], counts["skipped"])
 
+    async def find_passive_users(self) -> int:
+        """Claim one batch of due inactivity timers and open their passive-user cases
+        (:class:`~services.scheduler.inactivity.InactivityTimer`); commit; return how many
+        timers were claimed (0 without an inactivity timer)."""
+        if self.inactivity is None:
+            return 0
+        async with self._unit("find_passive_users") as tx:
+            return await self.inactivity.claim(tx)
+
     async def expire_cases(self) -> int:
         """Close every case whose horizon passed (''removed from the list''), up to
         ``batch_size`` per transaction: each is closed by the case aggregate (pending steps
@@ -318,10 +331,11 @@ class StepFirer:
                         expired_at = loop.time()
                         await self.expire_cases()
                     result = await self.fire_once()
+                    passive = await self.find_passive_users()
                 except Exception:
                     retrying.exception("firing due steps failed; retrying")
-                    result = FireResult(0, 0, 0, 0)
-                if result.claimed < self.batch_size:
+                    result, passive = FireResult(0, 0, 0, 0), 0
+                if result.claimed < self.batch_size and passive < self.batch_size:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
         finally:

@@ -157,6 +157,17 @@ scheduler_customers = Table(
     _tz("updated_at", nullable=False, server_default=func.now()),
 )
 
+# one row per customer who is not churned: a passive user once due_at passes without activity
+inactivity_timers = Table(
+    "inactivity_timers",
+    metadata,
+    Column("customer_id", String(200), primary_key=True),
+    _tz("last_active_at", nullable=False),
+    _tz("due_at", nullable=False),
+    _tz("updated_at", nullable=False, server_default=func.now()),
+)
+Index("ix_inactivity_timers_due_at", inactivity_timers.c.due_at)
+
 cases = Table(
     "cases",
     metadata,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Literal
 
 from services.scheduler.domain.model import (
     ChurnEpisode,
@@ -130,3 +131,69 @@ def is_returner(previous_status: str | None, *, came_back: bool) -> bool:
     that converts, or a passive user active again, is not.
     """
     return came_back or previous_status == "churned"
+
+
+# -- passive users: found by winback itself ---------------------------------------------------
+NOT_PASSIVE_STATUSES: frozenset[str] = frozenset({"churned", "trial_expired", "lead_lost"})
+"""Statuses of people who are not passive users: they left (a win-back case covers them)."""
+
+PassiveVerdict = Literal["passive", "not_passive", "later"]
+
+
+@dataclass(frozen=True, slots=True)
+class InactivityRule:
+    """When a customer counts as a passive user.
+
+    ``period``: how long without product activity (``by_plan`` overrides it per plan);
+    ``usage_drop_percent``: the usage drop from which an external ``user.inactive`` signal
+    counts on its own.
+    """
+
+    period: timedelta = timedelta(days=30)
+    by_plan: Mapping[str, timedelta] = field(default_factory=dict)
+    usage_drop_percent: float = 50.0
+
+    def __post_init__(self) -> None:
+        if self.period <= timedelta(0) or any(p <= timedelta(0) for p in self.by_plan.values()):
+            raise ValueError("an inactivity period must be positive")
+        if not 0 <= self.usage_drop_percent <= 100:
+            raise ValueError("usage_drop_percent must be 0..100")
+
+    def period_for(self, plan: str | None) -> timedelta:
+        """The inactivity period of a customer on ``plan``."""
+        return self.by_plan.get(plan, self.period) if plan is not None else self.period
+
+    def due_at(self, last_active_at: datetime, plan: str | None) -> datetime:
+        """When a customer last active at ``last_active_at`` becomes a passive user."""
+        return last_active_at + self.period_for(plan)
+
+    def signal_opens(
+        self, days_inactive: int | None, usage_drop_percent: float | None, plan: str | None
+    ) -> bool:
+        """Whether a ``user.inactive`` signal opens a passive-user case: its usage drop reaches
+        ``usage_drop_percent``, or its days without activity reach the plan's period; a
+        signal with neither figure is the detector's own judgement and counts."""
+        if days_inactive is None and usage_drop_percent is None:
+            return True
+        if usage_drop_percent is not None and usage_drop_percent >= self.usage_drop_percent:
+            return True
+        return days_inactive is not None and timedelta(days=days_inactive) >= self.period_for(plan)
+
+
+def passive_verdict(
+    *, status: str | None, erased: bool, open_case_purpose: str | None
+) -> PassiveVerdict:
+    """What a due inactivity timer means for its customer.
+
+    ``passive``: open a passive-user case. ``not_passive``: a churned (or erased) customer, or
+    one with an open win-back case (a passive-user case included) — the timer is dropped; the
+    next activity arms it again. ``later``: a returner in re-onboarding, which watches for
+    silence itself — the timer waits for that case to end.
+    """
+    if erased or (status is not None and status in NOT_PASSIVE_STATUSES):
+        return "not_passive"
+    if open_case_purpose == "reonboarding":
+        return "later"
+    if open_case_purpose is not None:
+        return "not_passive"
+    return "passive"
