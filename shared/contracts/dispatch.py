@@ -112,6 +112,11 @@ class DispatchCustomer(Published):
     timezone: Annotated[str, StringConstraints(max_length=64)] | None
     plan: Short | None
     crm_owner: Short | None
+    crm_contact_id: Short | None = Field(
+        default=None,
+        description="the CRM's contact id (HubSpot: the contact the task is associated with); "
+        "absent: the dispatcher looks the contact up by email",
+    )
 
 
 class SendWindowSpec(Published):

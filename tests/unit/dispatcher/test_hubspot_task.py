@@ -15,6 +15,7 @@ from services.dispatcher.providers.hubspot import ContactCache, HubSpotTaskProvi
 from services.dispatcher.rendering import Brand, TemplateRenderer
 from services.dispatcher.signatures import UnsubscribeTokens
 from shared.clock import FrozenClock
+from shared.contracts.dispatch import DispatchCommand
 
 NOW = datetime(2026, 5, 4, 9, 30, tzinfo=UTC)
 
@@ -132,3 +133,39 @@ def test_the_contact_cache_keeps_the_most_recently_used() -> None:
 
     assert (cache.get("a"), cache.get("b"), cache.get("c")) == ("1", None, "3")
     assert len(cache) == 2
+
+
+def test_the_dispatch_contract_carries_the_crm_contact_id_and_leaves_it_optional() -> None:
+    customer: dict[str, Any] = {
+        "id": "cus_42",
+        "email": None,
+        "phone": None,
+        "name": None,
+        "locale": None,
+        "timezone": None,
+        "plan": None,
+        "crm_owner": "77",
+        "crm_contact_id": "3101",
+    }
+    data = {
+        "idempotency_key": "case-9:d14",
+        "case_id": "case-9",
+        "step_id": 3,
+        "step_key": "d14",
+        "playbook": "default",
+        "playbook_version": 1,
+        "channel": "crm",
+        "template": "crm_personal_outreach",
+        "offer": None,
+        "is_discount": False,
+        "variant": None,
+        "valid_until": None,
+        "customer": customer,
+        "reason": None,
+        "features": [],
+        "feature_description": None,
+        "requested_at": "2026-05-04T09:30:00+00:00",
+    }
+    assert DispatchCommand.decode(data).customer.crm_contact_id == "3101"
+    del customer["crm_contact_id"]
+    assert DispatchCommand.decode(data).customer.crm_contact_id is None
