@@ -8,7 +8,9 @@ faults per provider — for the next N requests or until healed:
 - ``Fault.rate_limited(retry_after="2")``: 429 with ``Retry-After``;
 - ``Fault.latency(0.05)``: answer normally after a delay;
 - ``Fault.hang(30)``: never answer (sleep past any client timeout), then close;
-- ``Fault.drop()``: read the request, then close the socket without a byte of answer.
+- ``Fault.drop()``: read the request, then close the socket without a byte of answer;
+- ``Fault.swallow(60)``: take the message (a real, accepted send), then never answer (close
+  after the time): the sender cannot know the provider has it.
 
 Postmark's outbound message search (``GET /messages/outbound?count=&offset=&metadata_<key>=``)
 answers over the messages it accepted, filtered on their ``Metadata``.
@@ -64,7 +66,7 @@ _TWILIO_PATH = re.compile(r"/2010-04-01/Accounts/(?P<sid>[^/]+)/Messages\.json")
 class Fault:
     """Something to do instead of (or before) a normal answer."""
 
-    kind: Literal["respond", "latency", "hang", "drop"]
+    kind: Literal["respond", "latency", "hang", "drop", "swallow"]
     status: int = 0
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
@@ -100,6 +102,10 @@ class Fault:
     @classmethod
     def drop(cls) -> Fault:
         return cls("drop")
+
+    @classmethod
+    def swallow(cls, seconds: float = 30.0) -> Fault:
+        return cls("swallow", seconds=seconds)
 
 
 def twilio_error(code: int, status: int = 400, message: str = "error") -> Fault:
@@ -366,6 +372,13 @@ class FakeProviderServer:
         )
         if delay:
             await asyncio.sleep(delay)
+        if fault is not None and fault.kind == "swallow":
+            answer = self._answer(provider, record)
+            record.fault, record.status = fault.kind, answer.status
+            record.accepted, record.replayed = answer.accepted, answer.replayed
+            await asyncio.sleep(fault.seconds)
+            writer.transport.abort()
+            return False
         if fault is not None and fault.kind != "latency":
             record.fault = fault.kind if fault.kind != "respond" else f"http {fault.status}"
             if fault.kind == "drop":
