@@ -146,6 +146,12 @@ class SchedulerHandler:
         row = b.customers.get(cid)
         if row is None or row["erased_at"] is not None:
             return
+        if ep["kind"] == "user_inactive" and not self.inactivity.signal_opens(
+            ep.get("days_inactive"), ep.get("usage_drop_percent"), row.get("plan")
+        ):
+            # a detector's signal below both thresholds: the inactivity timer decides
+            log.info("inactivity below the thresholds", extra={"customer_id": cid})
+            return
         current = await b.open_case(cid)
         if current is not None:
             superseded = await b.apply(current.supersede(now), cause)

@@ -68,6 +68,12 @@ class ChurnEpisodeData(Published):
     mrr_at_churn_minor: int | None = Field(ge=0)
     currency: Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")] | None
     tenure_days: int | None = Field(ge=0)
+    days_inactive: int | None = Field(
+        default=None, ge=0, description="user_inactive: days without activity, as detected"
+    )
+    usage_drop_percent: float | None = Field(
+        default=None, ge=0, le=100, description="user_inactive: how far usage dropped, as detected"
+    )
 
 
 class ChurnRecorded(Published):
