@@ -212,6 +212,7 @@ class FakeProviderServer:
         self._webhook_path = webhook_path
         self._webhook_secret = webhook_secret
         self._hubspot_property = hubspot_idempotency_property
+        self.hubspot_contacts: dict[str, str] = {}  # email → contact id (contact search)
         self._faults: dict[str, deque[_Injection]] = {p: deque() for p in PROVIDERS}
         self._latency: dict[str, float] = dict.fromkeys(PROVIDERS, 0.0)
         self._seen: dict[tuple[str, str], _Answer] = {}
@@ -425,7 +426,7 @@ class FakeProviderServer:
             return "postmark"
         if _TWILIO_PATH.fullmatch(route):
             return "twilio"
-        if route == "/crm/v3/objects/tasks":
+        if route in ("/crm/v3/objects/tasks", "/crm/v3/objects/contacts/search"):
             return "hubspot"
         if route == self._webhook_path:
             return "webhook"
@@ -558,6 +559,8 @@ class FakeProviderServer:
         if not auth.startswith("Bearer ") or not self._expected("hubspot", auth[7:]):
             return _json(401, {"status": "error", "category": "INVALID_AUTHENTICATION"})
         body = _parse_json(record.body)
+        if record.path.split("?", 1)[0].endswith("/contacts/search"):
+            return self._hubspot_contact(body)
         props = body.get("properties") if isinstance(body, dict) else None
         if not isinstance(props, dict) or not props.get("hs_timestamp"):
             return _json(
@@ -571,6 +574,18 @@ class FakeProviderServer:
         if key is not None:
             self._seen[("hubspot", key)] = answer
         return answer
+
+    def _hubspot_contact(self, body: Any) -> _Answer:
+        """Contact search by ``email EQ``: every email has a contact here (ids from 5001, one
+        per email), so a task finds whom it is about (the CRM is synced with the product)."""
+        try:
+            email = body["filterGroups"][0]["filters"][0]["value"]
+        except (KeyError, IndexError, TypeError):
+            return _json(400, {"status": "error", "category": "VALIDATION_ERROR"})
+        contact = self.hubspot_contacts.setdefault(
+            str(email), str(5001 + len(self.hubspot_contacts))
+        )
+        return _json(200, {"total": 1, "results": [{"id": contact, "properties": {}}]})
 
     def _webhook(self, record: RecordedRequest) -> _Answer:
         if self._webhook_secret is not None and not _winback_signature_ok(

@@ -278,6 +278,10 @@ async def test_a_crm_step_becomes_a_hubspot_task_for_the_account_owner(
     assert properties["hs_timestamp"] == "2026-05-05T09:00:00.000Z"  # due a day later
     assert "€249.00" in properties["hs_task_body"]
     assert "high value" in properties["hs_task_body"]
+    # associated with the contact found by the customer's email
+    contact = fake.hubspot_contacts["cus_crm@example.com"]
+    assert request.json["associations"][0]["to"] == {"id": contact}
+    assert "Email: cus_crm@example.com" in properties["hs_task_body"]
     (row,) = await delivery_rows(engine)
     assert (row.state, row.provider, row.provider_message_id) == ("sent", "hubspot", "1")
 
