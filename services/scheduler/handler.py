@@ -202,7 +202,9 @@ class SchedulerHandler:
         cid = snapshot["id"]
         b.take_snapshot(snapshot)
         returned_at = datetime.fromisoformat(event.data["returned_at"])
-        if is_returner(event.data.get("previous_status"), came_back=False):
+        known = b.customers.get(cid)
+        erased = known is None or known["erased_at"] is not None
+        if not erased and is_returner(event.data.get("previous_status"), came_back=False):
             # a churned customer back, credited or not, with or without a case: a re-churner
             # if they leave again
             b.set_last_won_back(cid, returned_at)
