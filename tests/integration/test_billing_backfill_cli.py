@@ -97,6 +97,13 @@ async def test_what_can_never_work_is_exit_2_and_an_absent_broker_69(
         "winback: billing.stripe.api_key (WINBACK_BILLING__STRIPE__API_KEY) is not set"
     )
 
+    bad_key = {**env, "WINBACK_BILLING__STRIPE__API_KEY": "sk_not_a_key_4242"}
+    code, _, err = await winback_backfill(bad_key, "stripe", *args, cache=tmp_path)
+    assert code == 2
+    assert err.startswith("winback: billing backfill stripe: Stripe refused the API key: ")
+    assert "sk_not_a_key_4242" not in err  # stripe-mock echoes the key; we do not
+    assert len(err.strip().splitlines()) == 1
+
     code, _, err = await winback_backfill(env, "paddle", *args, cache=tmp_path)
     assert code == 2
     assert "billing backfill paddle: not available yet" in err

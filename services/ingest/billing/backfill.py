@@ -235,6 +235,7 @@ class StripeSource:
     ) -> None:
         import stripe
 
+        self._key = api_key
         self._http = stripe.HTTPXClient()
         self.client = stripe.StripeClient(
             api_key,
@@ -257,7 +258,9 @@ class StripeSource:
         try:
             return await self.rate_limited.call(attempt, f"stripe {what}", log)
         except (stripe.AuthenticationError, stripe.PermissionError) as exc:
-            raise BackfillError(f"Stripe refused the API key: {exc.user_message or exc}") from None
+            # never the key itself in the message (a mock server echoes it back)
+            said = str(exc.user_message or exc).replace(self._key, "<the API key>")
+            raise BackfillError(f"Stripe refused the API key: {said}") from None
 
     async def total(self) -> int | None:
         """How many canceled subscriptions there are, from the Search API's ``total_count``
