@@ -400,7 +400,9 @@ class SchedulerHandler:
         if event.data.get("at"):
             at = datetime.fromisoformat(event.data["at"])
             b.set_last_active(cid, at)
-            if event.data.get("status") not in NOT_PASSIVE_STATUSES:
+            row = b.customers.get(cid)
+            erased = row is not None and row["erased_at"] is not None
+            if not erased and event.data.get("status") not in NOT_PASSIVE_STATUSES:
                 b.arm_inactivity(cid, at)
         case = await b.open_case(cid)
         if case is not None:

@@ -412,6 +412,7 @@ async def erase_customer(conn: AsyncConnection, customer_id: str, now: datetime)
         .where(case_steps.c.customer_id == customer_id)
         .values(context={}, updated_at=now)
     )
+    await drop_inactivity_timers(conn, [customer_id])  # an erased customer is nobody's passive user
 
 
 # -- moving open cases onto another playbook version -----------------------------------------

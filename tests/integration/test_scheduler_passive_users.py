@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from sqlalchemy import select
@@ -17,15 +18,17 @@ from services.scheduler.inactivity import InactivityTimer, inactivity_rule
 from services.scheduler.timers import StepFirer
 from services.scheduler.views import policy
 from shared import domain_events as de
-from shared.db.tables import cases, inactivity_timers, outbox
-from shared.settings import Settings
+from shared.db.tables import cases, inactivity_timers, outbox, scheduler_customers
+from shared.settings import DEV_SECRET, Settings
 from tests.integration.test_scheduler_flow import T0, System, cancellation, system
 from tests.support.buses import ServiceBus
+from tests.support.http import serve
 from tests.support.kafka import cloudevent
 from tests.support.services import eventually
 
 pytestmark = pytest.mark.integration
 DAYS = 30  # scheduler.inactivity_days, the default
+AUTH = {"authorization": f"Bearer {DEV_SECRET}"}
 
 
 def profile(cid: str) -> dict[str, Any]:
@@ -70,6 +73,13 @@ async def active(s: System, *customers: str, at: Any) -> None:
         lambda: timers(s.engine),
         lambda t: all(c in t and t[c].last_active_at == at for c in customers),
     )
+
+
+async def last_active(engine: AsyncEngine, cid: str) -> Any:
+    async with engine.connect() as conn:
+        return await conn.scalar(
+            select(scheduler_customers.c.last_active_at).where(scheduler_customers.c.id == cid)
+        )
 
 
 async def outcome_events(s: System) -> list[dict[str, Any]]:
@@ -173,3 +183,35 @@ async def test_due_timers_are_claimed_set_based_in_batches(
     assert {c: [r.playbook for r in rows] for c, rows in opened.items()} == {
         c: ["passive_user"] for c in ids
     }
+
+
+async def test_an_erased_customer_has_no_inactivity_timer(
+    settings: Settings, engine: AsyncEngine, service_bus: ServiceBus
+) -> None:
+    cid = "cus_pu_erased"
+    async with system(settings, engine, bus=service_bus) as s:
+        await s.send(profile(cid))
+        await active(s, cid, at=T0)
+        armed = await timers(engine)
+        async with (
+            serve(s.scheduler.app, lifespan="off") as url,
+            httpx.AsyncClient(base_url=url, headers=AUTH) as http,
+        ):
+            erased = await http.delete(f"/v1/customers/{cid}")
+        gone = await eventually(lambda: timers(engine), lambda t: cid not in t)
+        # activity after the erasure arms nothing
+        again = T0 + timedelta(days=1)
+        s.clock.set(again)
+        await s.send(cloudevent("user.active", {"customer_id": cid}, time=again))
+        seen = await eventually(lambda: last_active(engine, cid), lambda at: at == again)
+        s.clock.set(T0 + timedelta(days=DAYS + 2))
+        claimed = await s.scheduler.firer.find_passive_users()
+        after = await timers(engine)
+        rows = await customer_cases(engine, cid)
+    assert cid in armed
+    assert erased.status_code == 202
+    assert cid not in gone
+    assert seen == again  # the scheduler took the activity
+    assert claimed == 0
+    assert cid not in after
+    assert rows == []
