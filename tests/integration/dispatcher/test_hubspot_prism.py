@@ -36,9 +36,16 @@ from services.dispatcher.queries.sent_steps import SentSteps
 from services.dispatcher.rendering import Brand, TemplateRenderer
 from services.dispatcher.signatures import UnsubscribeTokens
 from shared.clock import FrozenClock
+from shared.cloudevents import from_json_dict
 from shared.db.tables import deliveries
+from shared.settings import Settings
+from tests.fakes.provider_server import FakeProviderServer
+from tests.support.dispatcher import T0, dispatcher_config, seed, service, with_dispatcher
+from tests.support.dispatcher import command as dispatch_command
 from tests.support.http import free_port, serve
 from tests.support.services import eventually
+
+pytestmark = pytest.mark.integration
 
 NOW = datetime(2026, 5, 4, 9, 30, tzinfo=UTC)
 SPEC = Path(__file__).parents[2] / "fixtures" / "hubspot" / "crm-v3-tasks-contacts.json"
@@ -156,7 +163,7 @@ async def hubspot() -> AsyncIterator[tuple[str, FakeHubSpot]]:
 
 
 @pytest.fixture
-def fake(hubspot: tuple[str, FakeHubSpot]) -> FakeHubSpot:
+def hs(hubspot: tuple[str, FakeHubSpot]) -> FakeHubSpot:
     state = hubspot[1]
     state.contacts.clear()
     state.tasks.clear()
@@ -258,20 +265,20 @@ async def sent_before(engine: AsyncEngine) -> None:
 
 async def test_a_task_is_associated_with_the_contact_found_by_email_and_says_whom_to_call(
     hubspot: tuple[str, FakeHubSpot],
-    fake: FakeHubSpot,
+    hs: FakeHubSpot,
     client: httpx.AsyncClient,
     composer: Composer,
     engine: AsyncEngine,
 ) -> None:
     await sent_before(engine)
-    fake.contacts["aino@example.com"] = "3101"
+    hs.contacts["aino@example.com"] = "3101"
     message = composer.compose(command(), PROFILE, NOW)
 
     result = await adapter(hubspot[0], client, engine=engine).send(message)
 
     assert result.provider_message_id == "901"
-    assert fake.calls == ["search", "create_task"]  # both passed Prism's validation
-    (task,) = fake.tasks
+    assert hs.calls == ["search", "create_task"]  # both passed Prism's validation
+    (task,) = hs.tasks
     assert task["associations"] == [
         {
             "to": {"id": "3101"},
@@ -298,7 +305,7 @@ async def test_a_task_is_associated_with_the_contact_found_by_email_and_says_who
 
 async def test_the_profiles_contact_id_is_used_as_is(
     hubspot: tuple[str, FakeHubSpot],
-    fake: FakeHubSpot,
+    hs: FakeHubSpot,
     client: httpx.AsyncClient,
     composer: Composer,
 ) -> None:
@@ -306,13 +313,13 @@ async def test_the_profiles_contact_id_is_used_as_is(
 
     await adapter(hubspot[0], client).send(message)
 
-    assert fake.calls == ["create_task"]
-    assert fake.tasks[0]["associations"][0]["to"] == {"id": "777"}
+    assert hs.calls == ["create_task"]
+    assert hs.tasks[0]["associations"][0]["to"] == {"id": "777"}
 
 
 async def test_no_contact_and_creating_is_off_fails_the_step_without_a_task(
     hubspot: tuple[str, FakeHubSpot],
-    fake: FakeHubSpot,
+    hs: FakeHubSpot,
     client: httpx.AsyncClient,
     composer: Composer,
 ) -> None:
@@ -323,13 +330,13 @@ async def test_no_contact_and_creating_is_off_fails_the_step_without_a_task(
 
     assert caught.value.error_code == "no_crm_contact"
     assert "create_missing_contacts" in caught.value.reason
-    assert fake.calls == ["search"]
-    assert fake.tasks == []
+    assert hs.calls == ["search"]
+    assert hs.tasks == []
 
 
 async def test_a_missing_contact_is_created_once_then_cached(
     hubspot: tuple[str, FakeHubSpot],
-    fake: FakeHubSpot,
+    hs: FakeHubSpot,
     client: httpx.AsyncClient,
     composer: Composer,
 ) -> None:
@@ -339,21 +346,21 @@ async def test_a_missing_contact_is_created_once_then_cached(
     await hubspot_tasks.send(composer.compose(command(), PROFILE, NOW))
     await hubspot_tasks.send(composer.compose(command(), PROFILE, NOW))
 
-    assert fake.calls == ["search", "create_contact", "create_task", "create_task"]
-    assert fake.contacts == {"aino@example.com": "5000"}
+    assert hs.calls == ["search", "create_contact", "create_task", "create_task"]
+    assert hs.contacts == {"aino@example.com": "5000"}
     assert cache.get("cus_42") == "5000"
-    assert [t["associations"][0]["to"]["id"] for t in fake.tasks] == ["5000", "5000"]
+    assert [t["associations"][0]["to"]["id"] for t in hs.tasks] == ["5000", "5000"]
 
 
 async def test_a_contact_created_meanwhile_is_taken_from_the_conflict(
     hubspot: tuple[str, FakeHubSpot],
-    fake: FakeHubSpot,
+    hs: FakeHubSpot,
     client: httpx.AsyncClient,
     composer: Composer,
 ) -> None:
     """Two tasks for one customer at once: the second create answers 409 with the id."""
     hubspot_tasks = adapter(hubspot[0], client, create_missing_contacts=True)
-    fake.contacts["aino@example.com"] = "4242"
+    hs.contacts["aino@example.com"] = "4242"
     message = composer.compose(command(), PROFILE, NOW)
     task = message.crm_task
     assert task is not None
@@ -361,12 +368,12 @@ async def test_a_contact_created_meanwhile_is_taken_from_the_conflict(
     contact = await hubspot_tasks._create("aino@example.com", task)
 
     assert contact == "4242"
-    assert fake.calls == ["create_contact"]
+    assert hs.calls == ["create_contact"]
 
 
 async def test_prism_refuses_a_task_without_its_association(
     hubspot: tuple[str, FakeHubSpot],
-    fake: FakeHubSpot,
+    hs: FakeHubSpot,
     client: httpx.AsyncClient,
     composer: Composer,
 ) -> None:
@@ -384,18 +391,87 @@ async def test_prism_refuses_a_task_without_its_association(
 
     assert response.status_code == 422
     assert re.search(r"required property 'associations'", response.text)
-    assert fake.calls == []
+    assert hs.calls == []
 
 
 async def test_the_task_shows_nothing_sent_when_nothing_was(
     hubspot: tuple[str, FakeHubSpot],
-    fake: FakeHubSpot,
+    hs: FakeHubSpot,
     client: httpx.AsyncClient,
     composer: Composer,
     engine: AsyncEngine,
 ) -> None:
-    fake.contacts["aino@example.com"] = "3101"
+    hs.contacts["aino@example.com"] = "3101"
 
     await adapter(hubspot[0], client, engine=engine).send(composer.compose(command(), PROFILE, NOW))
 
-    assert "Sent so far" not in fake.tasks[0]["properties"]["hs_task_body"]
+    assert "Sent so far" not in hs.tasks[0]["properties"]["hs_task_body"]
+
+
+async def test_the_dispatcher_sends_a_crm_step_to_a_created_contact_with_the_cases_history(
+    hubspot: tuple[str, FakeHubSpot],
+    hs: FakeHubSpot,
+    fake: FakeProviderServer,
+    settings: Settings,
+    engine: AsyncEngine,
+    tmp_path: Path,
+) -> None:
+    """The whole dispatcher (bootstrap's wiring, real PostgreSQL): a CRM step of a case whose
+    day-0 email went out, for a customer HubSpot does not know, with contact creation on."""
+    configured = with_dispatcher(
+        settings,
+        dispatcher_config(
+            fake,
+            tmp_path,
+            crm={
+                "primary": {"kind": "hubspot", "base_url": hubspot[0], "api_key": "hs-token"},
+                "create_missing_contacts": True,
+            },
+            status_api_base_url="https://winback.example.com/scheduler",
+        ),
+    )
+    case = await seed(engine, "cus_e2e", mrr_minor=24900)
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(deliveries).values(
+                idempotency_key=f"{case}:d0_we_miss_you",
+                case_id=case,
+                step_key="d0_we_miss_you",
+                customer_id="cus_e2e",
+                channel="email",
+                template="we_miss_you",
+                state="sent",
+                command={},
+                sent_at=T0 - timedelta(days=2),
+            )
+        )
+    svc = service(configured, engine, FrozenClock(T0))
+    try:
+        event = dispatch_command(
+            "cus_e2e", case, "d2_call", channel="crm", template="crm_personal_outreach"
+        )
+        items = [svc.pipeline.decode_payload(from_json_dict(event), None, None)]
+        await svc.pipeline.transact_reliably(items)
+
+        assert await svc.sender.drain() == 1
+    finally:
+        await svc.aclose()
+
+    assert hs.calls == ["search", "create_contact", "create_task"]
+    assert hs.contacts == {"cus_e2e@example.com": "5000"}
+    (task,) = hs.tasks
+    assert task["associations"][0]["to"] == {"id": "5000"}
+    lines = task["properties"]["hs_task_body"].split("<br>")
+    assert f"- email: we_miss_you ({(T0 - timedelta(days=2)).date().isoformat()})" in lines
+    assert (
+        "Win-back status: https://winback.example.com/scheduler/v1/customers/cus_e2e/winback"
+        in lines
+    )
+    assert "Email: cus_e2e@example.com" in lines
+    async with engine.connect() as conn:
+        state = (
+            await conn.execute(
+                deliveries.select().where(deliveries.c.idempotency_key == f"{case}:d2_call")
+            )
+        ).one()
+    assert (state.state, state.provider_message_id) == ("sent", "901")
