@@ -8,7 +8,10 @@ have the message. It is settled by the first of:
 1. **The provider's own webhook** (``webhooks.WebhookHandler``): any event about the message —
    delivered, opened, clicked, bounced, complained, dropped, unsubscribed — proves the
    provider accepted it. Matched by our idempotency key (SendGrid custom arg, Postmark
-   metadata) or the provider message id; the row becomes ``sent``.
+   metadata) or the provider message id; the row becomes ``sent``. An event that came while
+   the row was still ``sending`` (the usual case: a delivery report takes seconds, recovery
+   waits ``stale_after``) is in the message log (``delivery_events``) and confirms it on the
+   first pass.
 2. **A resend with the same key**, where every provider of the channel deduplicates on it
    (``ChannelSender.idempotent``: file, signed webhook, HubSpot with a unique property): the
    provider absorbs a second copy, so its answer confirms without a second message (HubSpot's
@@ -269,6 +272,25 @@ class Reconciler:
         async with self.unit("reconcile") as tx:
             conn, now = tx.conn, tx.now
             rows = await store.unknown_due(conn, now, cfg.batch_size)
+            # a webhook that came while the row was still ``sending`` is in the message log
+            reported = await store.reported_by_provider(
+                conn, [r["id"] for r in rows], CONFIRMING_KINDS
+            )
+            if reported:
+                done = await store.confirm_unknown(
+                    conn,
+                    [store.Confirmed(i, WEBHOOK, p, None) for i, p in reported.items()],
+                    now,
+                )
+                for row in rows:
+                    if row["id"] in done:
+                        delivery = Delivery.from_row(row)
+                        provider = reported[row["id"]]
+                        emit(tx, cfg.outcomes_topic, delivery, MESSAGE_SENT, provider, None)
+                        metrics.RECONCILED.labels(WEBHOOK).inc()
+                        metrics.MESSAGES.labels(row["channel"], provider, "sent").inc()
+                settled += len(done)
+                rows = [r for r in rows if r["id"] not in done]
             steps: dict[Step, list[RowMapping]] = {}
             for row in rows:
                 step = next_step(

@@ -10,7 +10,7 @@ never from the scheduler's tables: the views are the contract the scheduler keep
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -397,6 +397,25 @@ async def confirm_unknown(
         },
     )
     return {r.id for r in result}
+
+
+async def reported_by_provider(
+    conn: AsyncConnection, ids: Sequence[int], kinds: Collection[str]
+) -> dict[int, str]:
+    """Which of these deliveries a provider webhook already reported on (``delivery_events``:
+    an event may arrive while the row is still ``sending``), with the provider's name."""
+    if not ids:
+        return {}
+    e = delivery_events.c
+    rows = await conn.execute(
+        select(e.delivery_id, e.provider)
+        .where(e.delivery_id.in_(list(ids)), e.kind.in_(sorted(kinds)))
+        .order_by(e.delivery_id, e.id)
+    )
+    found: dict[int, str] = {}
+    for delivery_id, provider in rows:
+        found.setdefault(delivery_id, provider)
+    return found
 
 
 async def expire_unknown(

@@ -333,3 +333,40 @@ async def test_postmarks_outbound_search_confirms_an_unknown_delivery(harness: H
     assert after.provider_message_id is not None
     assert sent["data"]["provider_message_id"] == after.provider_message_id
     assert reconciled("search") == before + 1
+
+
+async def test_a_webhook_that_came_while_the_row_was_still_sending_confirms_it_once_unknown(
+    harness: Harness,
+) -> None:
+    """The usual order: SendGrid reports ``delivered`` seconds after the send, long before the
+    dead dispatcher's row is stale; the message log kept the event, and the first
+    reconciliation pass after the recovery confirms the delivery from it."""
+    row = await harness.crash_mid_send("cus_early")
+    restarted = harness.dispatcher()
+    try:
+        delivered = {
+            "email": "cus_early@example.com",
+            "timestamp": int(T0.timestamp()),
+            "event": "delivered",
+            "sg_event_id": "evt-early-1",
+            "sg_message_id": "sgmsg-88.filterdrecv-1",
+            "idempotency_key": row.idempotency_key,
+        }
+        async with (
+            serve(restarted.app, lifespan="off") as url,
+            httpx.AsyncClient(base_url=url) as http,
+        ):
+            await post_sendgrid(http, harness.clock, [delivered])
+        assert (await harness.row("cus_early")).state == "sending"  # not stale: left alone
+        harness.clock.advance(timedelta(seconds=STALE + 1))
+        await restarted.sender.drain()
+        await restarted.sender.drain()
+    finally:
+        await restarted.aclose()
+    after = await harness.row("cus_early")
+    assert (after.state, after.provider, after.error) == ("sent", "sendgrid", None)
+    assert after.unknown_since is not None
+    (sent,) = await harness.events(model.MESSAGE_SENT, "cus_early")
+    assert sent["data"]["provider"] == "sendgrid"
+    assert len(await harness.events(model.MESSAGE_DELIVERED, "cus_early")) == 1
+    assert len(harness.fake.requests_for("sendgrid")) == 1
