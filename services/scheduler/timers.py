@@ -7,6 +7,9 @@ schedulers on one database never fire a step twice (the row lock, and ``state`` 
 the same transaction); a scheduler killed mid-batch loses nothing (the transaction rolls
 back and the rows are claimable again). ``asyncio.sleep`` only paces the polling.
 
+Each pass makes a second claim the same way: due inactivity timers (one row per customer who
+is not churned), which open passive-user cases (``services.scheduler.inactivity``).
+
 A step written already due (a churn's day-0 message) fires at once, not at the next poll: the
 transaction that writes it (``store.steps_due``) marks its connection for this process's timers
 — woken when the pool takes the connection back after the commit — and sends ``pg_notify`` on
