@@ -104,9 +104,9 @@ async def test_what_can_never_work_is_exit_2_and_an_absent_broker_69(
     assert "sk_not_a_key_4242" not in err  # stripe-mock echoes the key; we do not
     assert len(err.strip().splitlines()) == 1
 
-    code, _, err = await winback_backfill(env, "paddle", *args, cache=tmp_path)
+    code, _, err = await winback_backfill(env, "chargebee", *args, cache=tmp_path)
     assert code == 2
-    assert "billing backfill paddle: not available yet" in err
+    assert "billing backfill chargebee: not available yet" in err
 
     code, _, err = await winback_backfill(env, "stripe", "--since", "soon", cache=tmp_path)
     assert code == 2

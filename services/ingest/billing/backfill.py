@@ -30,6 +30,8 @@ places each case in its current window (no burst of old steps).
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
@@ -39,12 +41,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO
 
 import orjson
 
 from services.ingest.billing import stripe as stripe_mapping
-from services.ingest.billing.common import BillingPayloadError, Mapped, as_int, obj, text
+from services.ingest.billing.common import (
+    BillingPayloadError,
+    Mapped,
+    as_int,
+    conform,
+    iso_time,
+    items,
+    obj,
+    text,
+)
 from shared.cloudevents import CloudEvent
 from shared.errors import TransientError
 from shared.messaging.transport import OutgoingRecord, Publisher
@@ -55,8 +66,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = ("stripe",)
-"""The providers the backfill reads (Paddle and Chargebee: not yet)."""
+PROVIDERS = ("stripe", "paddle")
+"""The providers the backfill reads (Chargebee: not yet)."""
 SOURCE = "/billing/{provider}"
 """The CloudEvent source: the webhook's, so the inbox deduplicates the two."""
 PAGE_SIZE = 100
@@ -209,12 +220,25 @@ def checkpoint_path(provider: str, api_key: str, since: datetime, topic: str) ->
 # --- the provider ---------------------------------------------------------------------------
 
 
+Skip = Literal["before_since", "active_again", "not_mapped"]
+"""Why a canceled subscription is left alone (a ``Counts`` field)."""
+
+
 class Source(Protocol):
+    """A billing provider's canceled subscriptions, page by page (each item has an ``id``;
+    the list resumes ``after`` one), and how each reads: our event, or why it is left alone."""
+
+    provider: str
+
     async def total(self) -> int | None: ...
+
+    async def prepare(self, since: datetime) -> None: ...
 
     def pages(self, after: str | None) -> AsyncIterator[list[dict[str, Any]]]: ...
 
-    async def recent_deletions(self, since: datetime) -> dict[str, tuple[str, int]]: ...
+    async def read(
+        self, page: list[dict[str, Any]], since: datetime, id_key: str | None
+    ) -> list[Mapped | Skip]: ...
 
     async def close(self) -> None: ...
 
@@ -223,6 +247,8 @@ class StripeSource:
     """Stripe's API through the official ``stripe`` library: canceled subscriptions, newest
     first (the library's pagination: ``starting_after`` the last one), each with its customer
     and the customer's current subscriptions expanded."""
+
+    provider = "stripe"
 
     def __init__(
         self,
@@ -245,6 +271,7 @@ class StripeSource:
         )
         self.page_size = page_size
         self.rate_limited = rate_limited
+        self.deletions: dict[str, tuple[str, int]] = {}
 
     async def _call(self, fn: Callable[[], Awaitable[Any]], what: str) -> Any:
         import stripe
@@ -316,8 +343,209 @@ class StripeSource:
                 return found
             page = await self._call(page.next_page_async, "events")
 
+    async def prepare(self, since: datetime) -> None:
+        self.deletions = await self.recent_deletions(since)
+
+    async def read(
+        self, page: list[dict[str, Any]], since: datetime, id_key: str | None
+    ) -> list[Mapped | Skip]:
+        floor = int(since.timestamp())
+        return [_stripe_verdict(sub, floor, self.deletions, id_key) for sub in page]
+
     async def close(self) -> None:
         await self._http.close_async()  # type: ignore[no-untyped-call]
+
+
+def _stripe_verdict(
+    sub: dict[str, Any], floor: int, deletions: dict[str, tuple[str, int]], id_key: str | None
+) -> Mapped | Skip:
+    ended = ended_at(sub)
+    if ended is not None and ended < floor:
+        return "before_since"
+    if active_again(sub):
+        return "active_again"
+    event_id, created = deletions.get(str(sub.get("id")), (None, None))
+    try:
+        return map_canceled_subscription(sub, event_id, created, id_key)
+    except BillingPayloadError as exc:
+        return _not_mapped("stripe", sub, exc)
+
+
+def _not_mapped(provider: str, sub: dict[str, Any], exc: Exception) -> Skip:
+    log.warning(
+        "a canceled subscription is not the provider's shape; left out",
+        extra={"provider": provider, "subscription": str(sub.get("id"))[:100], "reason": str(exc)},
+    )
+    return "not_mapped"
+
+
+@dataclass(frozen=True)
+class _PaddleAddress:
+    """Where the Paddle SDK sends its requests: it knows production and sandbox only, and reads
+    nothing of its ``Environment`` but ``base_url`` (``--api-base``, e.g. a local server)."""
+
+    base_url: str
+
+
+class PaddleSource:
+    """Paddle Billing's API through the official ``paddle-python-sdk`` (its authenticated
+    session and retries; the raw JSON, which is what the webhook mapping reads): canceled
+    subscriptions by id (``after`` the last one), 200 a page; for each page the customers
+    (``GET /customers?id=…``: the profile rides along on the cancellation) and their live
+    subscriptions (``GET /subscriptions?customer_id=…&status=active,trialing,past_due``)."""
+
+    provider = "paddle"
+    LIVE = "active,trialing,past_due"
+
+    def __init__(
+        self,
+        api_key: str,
+        api_base: str | None = None,
+        *,
+        page_size: int = 200,
+        retries: int = 3,
+        rate_limited: RetryPolicy = RATE_LIMITED,
+    ) -> None:
+        from paddle_billing import Client, Environment, Options  # type: ignore[import-untyped]
+
+        environment: Any = _PaddleAddress(api_base.rstrip("/")) if api_base else None
+        options = Options(environment or Environment.PRODUCTION)
+        self.client = Client(api_key, options=options, retry_count=retries)
+        self._key = api_key
+        self.page_size = page_size
+        self.rate_limited = rate_limited
+        self.cancellations: dict[str, tuple[str, str]] = {}
+
+    async def _get(self, path: str, params: dict[str, str], what: str) -> dict[str, Any]:
+        from paddle_billing.Exceptions.ApiError import ApiError  # type: ignore[import-untyped]
+
+        async def attempt() -> dict[str, Any]:
+            try:
+                response = await asyncio.to_thread(self.client.get_raw, path, params)
+            except ApiError as exc:
+                status = exc.response.status_code if exc.response is not None else None
+                if status == 429:
+                    raise RateLimited(f"Paddle rate limit (429): {exc.detail}") from exc
+                if status in (401, 403):
+                    said = str(exc.detail).replace(self._key, "<the API key>")
+                    raise BackfillError(f"Paddle refused the API key: {said}") from None
+                raise
+            return obj(response.json())
+
+        result: dict[str, Any] = await self.rate_limited.call(attempt, f"paddle {what}", log)
+        return result
+
+    async def _all(self, path: str, params: dict[str, str], what: str) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            body = await self._get(path, {**params, **({"after": after} if after else {})}, what)
+            data = items(body.get("data"))
+            found.extend(data)
+            more = obj(obj(body.get("meta")).get("pagination")).get("has_more") is True
+            if not more or not data:
+                return found
+            after = str(data[-1].get("id"))
+
+    async def total(self) -> int | None:
+        """Paddle's ``estimated_total`` of canceled subscriptions (for the ETA)."""
+        try:
+            body = await self._get(
+                "/subscriptions", {"status": "canceled", "per_page": "1"}, "list"
+            )
+        except (BackfillError, TransientError, OSError) as exc:
+            log.info("no total for the progress bar: %s", exc)
+            return None
+        return as_int(obj(obj(body.get("meta")).get("pagination")).get("estimated_total"))
+
+    async def prepare(self, since: datetime) -> None:
+        """The ``subscription.canceled`` events Paddle still keeps (90 days): subscription id →
+        (event id, occurred_at), so a cancellation the webhook delivered too is one event."""
+        params = {"event_type": "subscription.canceled", "per_page": str(self.page_size)}
+        for event in await self._all("/events", params, "events"):
+            sub_id = text(obj(event.get("data")).get("id"))
+            event_id, at = text(event.get("event_id")), text(event.get("occurred_at"))
+            if sub_id and event_id and at:
+                self.cancellations.setdefault(sub_id, (event_id, at))
+
+    async def pages(self, after: str | None) -> AsyncIterator[list[dict[str, Any]]]:
+        params = {"status": "canceled", "per_page": str(self.page_size)}
+        while True:
+            body = await self._get(
+                "/subscriptions", {**params, **({"after": after} if after else {})}, "list"
+            )
+            page = items(body.get("data"))
+            yield page
+            more = obj(obj(body.get("meta")).get("pagination")).get("has_more") is True
+            if not more or not page:
+                return
+            after = str(page[-1].get("id"))
+
+    async def read(
+        self, page: list[dict[str, Any]], since: datetime, id_key: str | None
+    ) -> list[Mapped | Skip]:
+        recent = [s for s in page if (_paddle_end(s) or since) >= since]
+        ids = sorted({c for s in recent if (c := text(s.get("customer_id"), 100))})
+        profiles: dict[str, dict[str, Any]] = {}
+        live: dict[str, set[str]] = {}
+        if ids:
+            joined = ",".join(ids)
+            per = str(self.page_size)
+            customers = await self._all("/customers", {"id": joined, "per_page": per}, "customers")
+            for customer in customers:
+                profiles[str(customer.get("id"))] = customer
+            query = {"customer_id": joined, "status": self.LIVE, "per_page": per}
+            for sub in await self._all("/subscriptions", query, "live subscriptions"):
+                live.setdefault(str(sub.get("customer_id")), set()).add(str(sub.get("id")))
+        return [self._verdict(s, since, profiles, live, id_key) for s in page]
+
+    def _verdict(
+        self,
+        sub: dict[str, Any],
+        since: datetime,
+        profiles: dict[str, dict[str, Any]],
+        live: dict[str, set[str]],
+        id_key: str | None,
+    ) -> Mapped | Skip:
+        from services.ingest.billing import paddle
+
+        ended = _paddle_end(sub)
+        if ended is not None and ended < since:
+            return "before_since"
+        customer = str(sub.get("customer_id"))
+        if live.get(customer, set()) - {str(sub.get("id"))}:
+            return "active_again"
+        sub_id = text(sub.get("id"))
+        event_id, at = self.cancellations.get(sub_id or "", (None, None))
+        event = {
+            "event_id": event_id or f"backfill:paddle:{sub_id}:cancelled",
+            "event_type": "subscription.canceled",
+            "occurred_at": at or sub.get("canceled_at"),
+            "data": sub,
+        }
+        try:
+            mapped = paddle.map_event(event, id_key)
+            if mapped.name is None or customer not in profiles:
+                return mapped
+            profile = paddle.map_event(
+                {
+                    "event_id": "profile",
+                    "event_type": "customer.updated",
+                    "occurred_at": event["occurred_at"],
+                    "data": profiles[customer],
+                }
+            )
+        except BillingPayloadError as exc:
+            return _not_mapped("paddle", sub, exc)
+        data = {**mapped.data, "customer": {**obj(profile.data.get("customer"))}}
+        return dataclasses.replace(mapped, data=conform(mapped.name, data))
+
+    async def close(self) -> None:
+        self.client.client.close()
+
+
+def _paddle_end(sub: dict[str, Any]) -> datetime | None:
+    return iso_time(sub.get("canceled_at"))
 
 
 # --- mapping --------------------------------------------------------------------------------
@@ -420,15 +648,18 @@ async def backfill(
     counts = state.counts
     counts.since = since
     counts.total = await source.total()
-    deletions = await source.recent_deletions(since)
-    floor = int(since.timestamp())
+    await source.prepare(since)
     if progress is not None:
         progress(counts, False)
     async for page in source.pages(state.after):
         records: list[OutgoingRecord] = []
-        for sub in page:
+        for verdict in await source.read(page, since, run.id_key):
             counts.read += 1
-            records.extend(_record(sub, floor, deletions, run, counts))
+            if isinstance(verdict, Mapped) and verdict.name is not None:
+                records.append(_record(verdict, run))
+            else:
+                skip = verdict if isinstance(verdict, str) else "not_mapped"
+                setattr(counts, skip, getattr(counts, skip) + 1)
         if records:
             await publisher.publish(records)
             counts.published += len(records)
@@ -444,37 +675,11 @@ async def backfill(
     return counts
 
 
-def _record(
-    sub: dict[str, Any],
-    floor: int,
-    deletions: dict[str, tuple[str, int]],
-    run: Run,
-    counts: Counts,
-) -> list[OutgoingRecord]:
-    ended = ended_at(sub)
-    if ended is not None and ended < floor:
-        counts.before_since += 1
-        return []
-    if active_again(sub):
-        counts.active_again += 1
-        return []
-    event_id, created = deletions.get(str(sub.get("id")), (None, None))
-    try:
-        mapped = map_canceled_subscription(sub, event_id, created, run.id_key)
-    except BillingPayloadError as exc:
-        counts.not_mapped += 1
-        log.warning(
-            "a canceled subscription is not Stripe's shape; left out",
-            extra={"subscription": str(sub.get("id"))[:100], "reason": str(exc)},
-        )
-        return []
-    if mapped.name is None:  # pragma: no cover - a deleted subscription always maps
-        counts.not_mapped += 1
-        return []
+def _record(mapped: Mapped, run: Run) -> OutgoingRecord:
     event = cloudevent(mapped, run.type_prefix)
     value, headers = event.to_structured()
     key = (event.subject or event.id).encode()
-    return [OutgoingRecord(run.topic, key, value, tuple(headers))]
+    return OutgoingRecord(run.topic, key, value, tuple(headers))
 
 
 # --- progress -------------------------------------------------------------------------------

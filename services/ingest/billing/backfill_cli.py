@@ -1,9 +1,9 @@
-"""``winback billing backfill stripe --since 2025-11-01``: the parser and the command's run
-(the work is ``services.ingest.billing.backfill``; the ``stripe`` library is imported only
-when the command runs).
+"""``winback billing backfill stripe|paddle --since 2025-11-01``: the parser and the command's
+run (the work is ``services.ingest.billing.backfill``; the providers' libraries are imported
+only when the command runs).
 
-The API key is ``WINBACK_BILLING__STRIPE__API_KEY`` (a restricted key with read access to
-subscriptions, customers and events is enough); the broker ``WINBACK_KAFKA__BOOTSTRAP_SERVERS``,
+The API key is ``WINBACK_BILLING__<PROVIDER>__API_KEY`` (read access to subscriptions,
+customers and events is enough); the broker ``WINBACK_KAFKA__BOOTSTRAP_SERVERS``,
 the topic the first of ``WINBACK_TOPICS__INBOUND``. Progress on stderr (a bar on a terminal),
 the summary on stdout.
 
@@ -78,9 +78,11 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    key = settings.billing.stripe.api_key
+    connector = getattr(settings.billing, args.provider)
+    key = connector.api_key
     if key is None or not key.get_secret_value():
-        raise ConfigError("billing.stripe.api_key (WINBACK_BILLING__STRIPE__API_KEY) is not set")
+        variable = f"WINBACK_BILLING__{args.provider.upper()}__API_KEY"
+        raise ConfigError(f"billing.{args.provider}.api_key ({variable}) is not set")
     if not settings.kafka.bootstrap_servers:
         raise ConfigError("kafka.bootstrap_servers (WINBACK_KAFKA__BOOTSTRAP_SERVERS) is empty")
     since: datetime = args.since
@@ -94,7 +96,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         type_prefix=settings.ingest.event_type_prefix,
         checkpoint=backfill.Checkpoint(path),
         restart=args.restart,
-        id_key=settings.billing.stripe.customer_id_key,
+        id_key=connector.customer_id_key,
     )
     # the outcome is this command's lines, not each client's log of a connection attempt
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
@@ -143,7 +145,11 @@ async def _run(
         max_record_bytes=settings.kafka.max_record_bytes,
     )
     publisher = transport.publisher()
-    source = backfill.StripeSource(api_key, api_base)
+    source: backfill.Source = (
+        backfill.StripeSource(api_key, api_base)
+        if provider == "stripe"
+        else backfill.PaddleSource(api_key, api_base)
+    )
     try:
         await publisher.start()
         return await backfill.backfill(source, publisher, job, backfill.default_progress(provider))
@@ -156,6 +162,7 @@ def _unavailable(exc: BaseException) -> bool:
     """The provider or the broker did not answer (after the retries)."""
     import stripe
     from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+    from requests import HTTPError
 
     from shared.messaging.transport import PublishFailed
     from shared.retry import is_transient
@@ -163,6 +170,8 @@ def _unavailable(exc: BaseException) -> bool:
     if isinstance(exc, PublishFailed):
         return exc.outcome.status == "failed"
     kinds = (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError)
+    if isinstance(exc, HTTPError) and exc.response is not None:
+        return exc.response.status_code >= 500  # Paddle's SDK: its ApiError is one
     return isinstance(exc, (*kinds, KafkaConnectionError, KafkaTimeoutError)) or is_transient(exc)
 
 
@@ -170,10 +179,11 @@ def _refused(exc: BaseException) -> bool:
     """The provider or the broker refused a request (a Stripe 400, a record refused)."""
     import stripe
     from aiokafka.errors import KafkaError
+    from requests import HTTPError
 
     from shared.messaging.transport import PublishFailed
 
-    return isinstance(exc, stripe.StripeError | KafkaError | PublishFailed)
+    return isinstance(exc, stripe.StripeError | HTTPError | KafkaError | PublishFailed)
 
 
 def _reason(exc: BaseException) -> str:
