@@ -1,30 +1,33 @@
-"""``winback billing backfill stripe --since 2025-11-01``: the churners of the past months.
+"""``winback billing backfill stripe|paddle --since 2025-11-01``: the churners of the past
+months.
 
 A new user's churners of the past year are the most valuable ones, and the webhooks only see
 what happens from now on. The backfill pages through the provider's API — every canceled
-subscription, its customer expanded — maps each with the same pure mapping the webhook uses
-(a canceled subscription is read as its ``customer.subscription.deleted`` event) and publishes
-the same inbound CloudEvent to the first inbound topic, with its real time: when the
-subscription ended. Ingest takes it like any other event; the scheduler's late-churn rule
-places each case in its current window (no burst of old steps).
+subscription, and its customer — maps each with the same pure mapping the webhook uses (a
+canceled subscription is read as its cancellation notification: Stripe's
+``customer.subscription.deleted``, Paddle's ``subscription.canceled``) and publishes the same
+inbound CloudEvent to the first inbound topic, with its real time: when the subscription
+ended. Ingest takes it like any other event; the scheduler's late-churn rule places each case
+in its current window (no burst of old steps).
 
-- Idempotent: the event id is deterministic — the webhook's own ``evt_…`` while Stripe still
-  keeps the ``customer.subscription.deleted`` event (30 days), so a cancellation both the
+- Idempotent: the event id is deterministic — the webhook's own ``evt_…`` while the provider
+  still keeps the cancellation event (Stripe 30 days, Paddle 90), so a cancellation both the
   webhook and the backfill saw is one event to ingest's inbox; else
-  ``backfill:stripe:<subscription id>:cancelled`` — so a second run is deduplicated by ingest's
-  inbox (source ``/billing/stripe``) and adds nothing.
+  ``backfill:<provider>:<subscription id>:cancelled`` — so a second run is deduplicated by
+  ingest's inbox (source ``/billing/<provider>``, the webhook's) and adds nothing.
 - Resumable: a checkpoint file (``Checkpoint``) holds the last subscription done, written
   after the broker acknowledged its page; an interrupted run resumes after it. A finished run
   is remembered too: the next run with the same key publishes only what ended after that run
   started (less a day of overlap, which the inbox deduplicates) — the inbox keeps its rows
   ``retention.keep_inbox_days``, and a cancellation re-sent after it forgot would open a
   second episode. ``--restart`` ignores the checkpoint.
-- Rate limits: the ``stripe`` library's own retries (``max_network_retries``: connection
-  errors, 409, 5xx and whatever Stripe marks ``Stripe-Should-Retry``) plus a backoff of our
-  own on 429 (``RATE_LIMITED``: the library does not retry a plain 429). One request at a
-  time, 100 subscriptions a page: far under Stripe's read limit.
-- Kept out: subscriptions that ended before ``--since`` (Stripe cannot filter on the end
-  time: ``created`` would miss a subscription created before ``--since`` and canceled after
+- Rate limits: one request at a time. Stripe: the ``stripe`` library's own retries
+  (``max_network_retries``: connection errors, 409, 5xx and whatever Stripe marks
+  ``Stripe-Should-Retry``) plus a backoff of our own on 429 (``RATE_LIMITED``: the library does
+  not retry a plain 429). Paddle: the SDK's session retries 429 and 5xx itself (three times,
+  honouring ``Retry-After``), then ``RATE_LIMITED``.
+- Kept out: subscriptions that ended before ``--since`` (neither API filters on the end time;
+  Stripe's ``created`` would miss a subscription created before ``--since`` and canceled after
   it), and those whose customer has another live subscription (not a churner now).
 """
 
@@ -390,7 +393,8 @@ class _PaddleAddress:
 class PaddleSource:
     """Paddle Billing's API through the official ``paddle-python-sdk`` (its authenticated
     session and retries; the raw JSON, which is what the webhook mapping reads): canceled
-    subscriptions by id (``after`` the last one), 200 a page; for each page the customers
+    subscriptions by id (``after`` the last one), 50 a page (each page's customer ids go into
+    one query string); for each page the customers
     (``GET /customers?id=…``: the profile rides along on the cancellation) and their live
     subscriptions (``GET /subscriptions?customer_id=…&status=active,trialing,past_due``)."""
 
@@ -402,7 +406,7 @@ class PaddleSource:
         api_key: str,
         api_base: str | None = None,
         *,
-        page_size: int = 200,
+        page_size: int = 50,
         retries: int = 3,
         rate_limited: RetryPolicy = RATE_LIMITED,
     ) -> None:
@@ -461,7 +465,7 @@ class PaddleSource:
     async def prepare(self, since: datetime) -> None:
         """The ``subscription.canceled`` events Paddle still keeps (90 days): subscription id →
         (event id, occurred_at), so a cancellation the webhook delivered too is one event."""
-        params = {"event_type": "subscription.canceled", "per_page": str(self.page_size)}
+        params = {"event_type": "subscription.canceled", "per_page": "200"}
         for event in await self._all("/events", params, "events"):
             sub_id = text(obj(event.get("data")).get("id"))
             event_id, at = text(event.get("event_id")), text(event.get("occurred_at"))
