@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import stripe
 from sqlalchemy import func, select
@@ -35,6 +36,7 @@ from shared.contracts import registry
 from shared.db.tables import churn_episodes, customers
 from shared.messaging.kafka import KafkaPublisher, KafkaTransport
 from shared.settings import Settings
+from tests.integration.test_billing_stripe_http import configured, signed, stripe_event
 from tests.integration.test_scheduler_flow import not_in_holdout, system
 from tests.support.http import serve
 from tests.support.kafka import cloudevent, produce, read_all, structured
@@ -368,3 +370,51 @@ async def test_backfilled_churn_40_days_old_opens_cases_in_their_current_window(
         assert planned[0][2] == datetime(2026, 4, 21, 8, i, tzinfo=UTC)  # churn + 3 months
         keys = [c["data"]["step_key"] for c in later_sent if c["data"]["customer"]["id"] == cid]
         assert keys == ["d90_whats_new"]
+
+
+async def test_a_cancellation_the_webhook_delivered_too_is_one_episode(
+    settings: Settings, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """Stripe still keeps the ``customer.subscription.deleted`` event: the backfill publishes
+    it under the webhook's own id, and ingest's inbox takes the two as one."""
+    ended = (datetime.now(UTC) - timedelta(days=5)).replace(microsecond=0)
+    sub = canceled("sub_w", "cus_w", ended)
+    webhook_sub = {**copy.deepcopy(sub), "customer": "cus_w"}  # as the webhook has it
+    body = stripe_event("evt_w", "customer.subscription.deleted", webhook_sub, ended)
+    deleted: dict[str, Any] = {
+        "id": "evt_w",
+        "object": "event",
+        "type": "customer.subscription.deleted",
+        "created": int(ended.timestamp()),
+        "data": {"object": webhook_sub},
+    }
+    fake = FakeStripe([sub], deletions=[deleted])
+    service = ingest_bootstrap(configured(settings), engine=engine)
+    async with (
+        serve(service.app) as url,  # its lifespan runs the consumers too
+        httpx.AsyncClient(base_url=url) as http,
+        serve(fake.app(), lifespan="off") as base,
+    ):
+        answer = await http.post("/v1/billing/stripe", content=body, headers=signed(body))
+        assert answer.json()["received"] == 1
+        counts = await run_backfill(settings, base, tmp_path / "cp.json")
+        assert counts.published == 1
+        # a later event of the customer: once its effect shows, the backfilled copy is done
+        marker = cloudevent("customer.updated", {"customer_id": "cus_w", "customer": {"plan": "m"}})
+        marker["type"] = f"{settings.ingest.event_type_prefix}.customer.updated"
+        await produce(
+            settings.kafka.bootstrap_servers,
+            settings.topics.inbound[0],
+            [(b"cus_w", *structured(marker))],
+        )
+
+        async def plan() -> Any:
+            async with engine.connect() as conn:
+                return await conn.scalar(select(customers.c.plan).where(customers.c.id == "cus_w"))
+
+        assert await eventually(plan, lambda p: p == "m") == "m"
+    events = await published(settings, 2)
+    assert sorted(e.id for e in events) == sorted(["evt_w", marker["id"]])
+    async with engine.connect() as conn:
+        rows = (await conn.execute(churn_episodes.select())).all()
+    assert [(r.source, r.source_event_id) for r in rows] == [("/billing/stripe", "evt_w")]
