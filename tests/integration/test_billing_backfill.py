@@ -256,6 +256,7 @@ async def test_pages_a_429_and_an_interruption_resume_where_it_stopped(
         assert fake.pages_asked()[4:] == ["sub_3", "sub_5"]  # resumed after what was done
     # counted over both runs: 7 read, sub_2 active again, sub_5 before --since
     assert (counts.read, counts.published, counts.active_again, counts.before_since) == (7, 5, 1, 1)
+    assert counts.earlier_run == 0
     assert backfill.Checkpoint(checkpoint).load().finished_at is not None
 
     events = await published(settings, 5)
@@ -302,9 +303,12 @@ async def test_a_second_run_adds_nothing_downstream(
         await eventually(lambda: count(engine, churn_episodes), lambda n: n >= 3)
         again = await run_backfill(settings, base, checkpoint, restart=True)
         assert again.published == 3  # the same ids once more
-        # a finished run is remembered: the next one looks only at what ended since
+        # finished runs are remembered: the next one publishes only what they did not —
+        # whatever its --since (the inbox forgets after retention.keep_inbox_days)
         later = await run_backfill(settings, base, checkpoint)
-        assert (later.published, later.before_since) == (0, 3)
+        assert (later.published, later.earlier_run) == (0, 3)
+        earlier = await run_backfill(settings, base, checkpoint, since=SINCE - timedelta(days=90))
+        assert (earlier.published, earlier.earlier_run) == (0, 3)
         # a later event of one customer: once its effect shows, the copies before it are done
         marker = cloudevent(
             "customer.updated",

@@ -57,8 +57,8 @@ async def test_the_command_publishes_shows_progress_and_remembers_a_finished_run
     assert code == 0, err
     assert out.splitlines()[0] == (
         f"stripe: 1 canceled subscriptions read, 1 events published to {topic}; left alone: "
-        "0 ended before 2009-01-01T00:00:00+00:00, 0 customers active again, 0 not readable "
-        "(logged)"
+        "0 ended before 2009-01-01T00:00:00+00:00, 0 published by an earlier run, 0 customers "
+        "active again, 0 not readable (logged)"
     )
     # not a terminal: a count line per page on stderr (with the total, a bar and the ETA)
     assert "backfill stripe [" in err
@@ -71,11 +71,12 @@ async def test_the_command_publishes_shows_progress_and_remembers_a_finished_run
     [event] = [from_kafka(r.value, r.headers) for r in records]
     assert event.id == "backfill:stripe:sub_1Pgc6rB7WZ01zgkWNy0Cn5nw:cancelled"
 
-    # the finished run is remembered: the next looks only at what ended since it began
+    # the finished run is remembered: the next publishes only what it did not
     code, out, err = await winback_backfill(env, *args, cache=tmp_path)
     assert code == 0, err
     assert "0 events published" in out
-    assert "--restart reads everything again" in out
+    assert "1 published by an earlier run" in out
+    assert "--restart publishes those again" in out
     code, out, err = await winback_backfill(env, *args, "--restart", cache=tmp_path)
     assert code == 0, err
     assert "1 events published" in out

@@ -15,10 +15,11 @@ in its current window (no burst of old steps).
   webhook and the backfill saw is one event to ingest's inbox; else
   ``backfill:<provider>:<subscription id>:cancelled`` — so a second run is deduplicated by
   ingest's inbox (source ``/billing/<provider>``, the webhook's) and adds nothing.
-- Resumable: a checkpoint file (``Checkpoint``) holds the last subscription done, written
-  after the broker acknowledged its page; an interrupted run resumes after it. A finished run
-  is remembered too: the next run with the same key publishes only what ended after that run
-  started (less a day of overlap, which the inbox deduplicates) — the inbox keeps its rows
+- Resumable: a checkpoint file (``Checkpoint``, one per account and topic) holds the last
+  subscription done, written after the broker acknowledged its page; an interrupted run
+  resumes after it. Finished runs are remembered too (``Window``): each covered the end times
+  from its ``--since`` to its start, and a later run publishes only what none of them did
+  (less a day of overlap, which the inbox deduplicates) — the inbox keeps its rows
   ``retention.keep_inbox_days``, and a cancellation re-sent after it forgot would open a
   second episode. ``--restart`` ignores the checkpoint.
 - Rate limits: one request at a time. Stripe: the ``stripe`` library's own retries
@@ -115,14 +116,14 @@ class Counts:
     """The customer has another live subscription: not a churner now."""
     not_mapped: int = 0
     """Not the provider's shape (logged with the subscription id): left alone."""
+    earlier_run: int = 0
+    """Ended within what a finished run published already: left alone."""
     total: int | None = None
     """Canceled subscriptions to read, when the provider says (for the ETA)."""
-    since: datetime | None = None
-    """The start this run used: ``--since``, or a finished run's start less ``OVERLAP``."""
 
     @property
     def skipped(self) -> int:
-        return self.before_since + self.active_again + self.not_mapped
+        return self.before_since + self.active_again + self.not_mapped + self.earlier_run
 
     def as_json(self) -> dict[str, int]:
         return {n: getattr(self, n) for n in _KEPT}
@@ -136,19 +137,44 @@ class Counts:
         return counts
 
 
-_KEPT = ("read", "published", "before_since", "active_again", "not_mapped")
+_KEPT = ("read", "published", "before_since", "active_again", "not_mapped", "earlier_run")
 """The counts a checkpoint keeps (a resumed run counts on)."""
+
+
+Span = tuple[datetime, datetime]
 
 
 @dataclass
 class State:
-    """A checkpoint: ``after`` — the last subscription done (the list resumes after it);
-    ``finished_at`` — when a run that finished had started."""
+    """A checkpoint: the run under way — its ``since``, ``after`` the last subscription done
+    (the list resumes after it), when it started and (once done) finished — and ``covered``:
+    the end times every finished run published, ``[since, started_at)`` each."""
 
     after: str | None = None
     counts: Counts = field(default_factory=Counts)
+    since: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    covered: list[Span] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Which end times this run publishes: from ``since``, except what a finished run
+    published already (less ``OVERLAP`` at each one's end: a subscription that ended just
+    before a run started may not have been listed yet; the inbox drops the repeat)."""
+
+    since: datetime
+    covered: tuple[Span, ...] = ()
+
+    def skip(self, ended: datetime | None) -> Skip | None:
+        if ended is None:
+            return None  # the mapping refuses it, naming why
+        if ended < self.since:
+            return "before_since"
+        if any(lo <= ended < hi - OVERLAP for lo, hi in self.covered):
+            return "earlier_run"
+        return None
 
 
 class Checkpoint:
@@ -173,11 +199,19 @@ class Checkpoint:
             )
             return State()
         value = obj(raw)
+        covered: list[Span] = []
+        for span in value.get("covered") or []:
+            if isinstance(span, list) and len(span) == 2:
+                lo, hi = _time(span[0]), _time(span[1])
+                if lo is not None and hi is not None:
+                    covered.append((lo, hi))
         return State(
             after=text(value.get("after"), 255),
             counts=Counts.of(value.get("counts")),
+            since=_time(value.get("since")),
             started_at=_time(value.get("started_at")),
             finished_at=_time(value.get("finished_at")),
+            covered=covered,
         )
 
     def save(self, state: State) -> None:
@@ -185,8 +219,10 @@ class Checkpoint:
         body = {
             "after": state.after,
             "counts": state.counts.as_json(),
+            "since": state.since.isoformat() if state.since else None,
             "started_at": state.started_at.isoformat() if state.started_at else None,
             "finished_at": state.finished_at.isoformat() if state.finished_at else None,
+            "covered": [[lo.isoformat(), hi.isoformat()] for lo, hi in state.covered],
         }
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2))
@@ -212,18 +248,18 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def checkpoint_path(provider: str, api_key: str, since: datetime, topic: str) -> Path:
-    """One checkpoint per provider account (a hash of the API key, never the key), ``--since``
-    and topic: a run for another account or another start never resumes this one."""
+def checkpoint_path(provider: str, api_key: str, topic: str) -> Path:
+    """One checkpoint per provider account (a hash of the API key, never the key) and topic: a
+    run for another account never resumes this one, and every run of this account — whatever
+    its ``--since`` — knows what the finished ones published."""
     account = hashlib.sha256(api_key.encode()).hexdigest()[:12]
-    name = f"{provider}-{account}-{since.strftime('%Y%m%d')}-{topic}.json"
-    return cache_dir() / "backfill" / name
+    return cache_dir() / "backfill" / f"{provider}-{account}-{topic}.json"
 
 
 # --- the provider ---------------------------------------------------------------------------
 
 
-Skip = Literal["before_since", "active_again", "not_mapped"]
+Skip = Literal["before_since", "active_again", "not_mapped", "earlier_run"]
 """Why a canceled subscription is left alone (a ``Counts`` field)."""
 
 
@@ -240,7 +276,7 @@ class Source(Protocol):
     def pages(self, after: str | None) -> AsyncIterator[list[dict[str, Any]]]: ...
 
     async def read(
-        self, page: list[dict[str, Any]], since: datetime, id_key: str | None
+        self, page: list[dict[str, Any]], window: Window, id_key: str | None
     ) -> list[Mapped | Skip]: ...
 
     async def close(self) -> None: ...
@@ -350,21 +386,21 @@ class StripeSource:
         self.deletions = await self.recent_deletions(since)
 
     async def read(
-        self, page: list[dict[str, Any]], since: datetime, id_key: str | None
+        self, page: list[dict[str, Any]], window: Window, id_key: str | None
     ) -> list[Mapped | Skip]:
-        floor = int(since.timestamp())
-        return [_stripe_verdict(sub, floor, self.deletions, id_key) for sub in page]
+        return [_stripe_verdict(sub, window, self.deletions, id_key) for sub in page]
 
     async def close(self) -> None:
         await self._http.close_async()  # type: ignore[no-untyped-call]
 
 
 def _stripe_verdict(
-    sub: dict[str, Any], floor: int, deletions: dict[str, tuple[str, int]], id_key: str | None
+    sub: dict[str, Any], window: Window, deletions: dict[str, tuple[str, int]], id_key: str | None
 ) -> Mapped | Skip:
     ended = ended_at(sub)
-    if ended is not None and ended < floor:
-        return "before_since"
+    skip = window.skip(datetime.fromtimestamp(ended, UTC) if ended is not None else None)
+    if skip is not None:
+        return skip
     if active_again(sub):
         return "active_again"
     event_id, created = deletions.get(str(sub.get("id")), (None, None))
@@ -486,9 +522,9 @@ class PaddleSource:
             after = str(page[-1].get("id"))
 
     async def read(
-        self, page: list[dict[str, Any]], since: datetime, id_key: str | None
+        self, page: list[dict[str, Any]], window: Window, id_key: str | None
     ) -> list[Mapped | Skip]:
-        recent = [s for s in page if (_paddle_end(s) or since) >= since]
+        recent = [s for s in page if window.skip(_paddle_end(s)) is None]
         ids = sorted({c for s in recent if (c := text(s.get("customer_id"), 100))})
         profiles: dict[str, dict[str, Any]] = {}
         live: dict[str, set[str]] = {}
@@ -501,21 +537,21 @@ class PaddleSource:
             query = {"customer_id": joined, "status": self.LIVE, "per_page": per}
             for sub in await self._all("/subscriptions", query, "live subscriptions"):
                 live.setdefault(str(sub.get("customer_id")), set()).add(str(sub.get("id")))
-        return [self._verdict(s, since, profiles, live, id_key) for s in page]
+        return [self._verdict(s, window, profiles, live, id_key) for s in page]
 
     def _verdict(
         self,
         sub: dict[str, Any],
-        since: datetime,
+        window: Window,
         profiles: dict[str, dict[str, Any]],
         live: dict[str, set[str]],
         id_key: str | None,
     ) -> Mapped | Skip:
         from services.ingest.billing import paddle
 
-        ended = _paddle_end(sub)
-        if ended is not None and ended < since:
-            return "before_since"
+        skip = window.skip(_paddle_end(sub))
+        if skip is not None:
+            return skip
         customer = str(sub.get("customer_id"))
         if live.get(customer, set()) - {str(sub.get("id"))}:
             return "active_again"
@@ -641,23 +677,21 @@ async def backfill(
     and checkpoint after each page the broker acknowledged. Returns the counts (a resumed run
     counts on from its checkpoint)."""
     state = State() if run.restart else run.checkpoint.load()
-    since = run.since
-    if state.finished_at is not None:
-        # finished before: look again only from that run's start (less the overlap)
-        if state.started_at is not None:
-            since = max(since, state.started_at - OVERLAP)
-        state = State()
+    if state.finished_at is not None or (state.since not in (None, run.since)):
+        # the last run finished (or another --since was under way): a new run, which knows
+        # what the finished ones published
+        state = State(covered=state.covered)
     if state.started_at is None:
-        state.started_at = now()
+        state.since, state.started_at = run.since, now()
+    window = Window(run.since, tuple(state.covered))
     counts = state.counts
-    counts.since = since
     counts.total = await source.total()
-    await source.prepare(since)
+    await source.prepare(run.since)
     if progress is not None:
         progress(counts, False)
     async for page in source.pages(state.after):
         records: list[OutgoingRecord] = []
-        for verdict in await source.read(page, since, run.id_key):
+        for verdict in await source.read(page, window, run.id_key):
             counts.read += 1
             if isinstance(verdict, Mapped) and verdict.name is not None:
                 records.append(_record(verdict, run))
@@ -673,6 +707,8 @@ async def backfill(
         if progress is not None:
             progress(counts, False)
     state.finished_at = now()
+    assert state.started_at is not None
+    state.covered = [*state.covered, (run.since, state.started_at)]
     run.checkpoint.save(state)
     if progress is not None:
         progress(counts, True)

@@ -53,12 +53,13 @@ def add_parser(sub: Any) -> None:
     f.add_argument(
         "--restart",
         action="store_true",
-        help="ignore the checkpoint: read everything again (the inbox deduplicates)",
+        help="ignore the checkpoint: publish everything since --since again, what earlier "
+        "runs published too (ingest's inbox drops what it still remembers)",
     )
     f.add_argument(
         "--checkpoint",
         type=Path,
-        help="the checkpoint file (default: one per account, --since and topic under "
+        help="the checkpoint file (default: one per account and topic under "
         "$WINBACK_CACHE_DIR or ~/.cache/winback/backfill/)",
     )
     f.add_argument(
@@ -87,9 +88,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         raise ConfigError("kafka.bootstrap_servers (WINBACK_KAFKA__BOOTSTRAP_SERVERS) is empty")
     since: datetime = args.since
     topic: str = args.topic or settings.topics.inbound[0]
-    path = args.checkpoint or backfill.checkpoint_path(
-        args.provider, key.get_secret_value(), since, topic
-    )
+    path = args.checkpoint or backfill.checkpoint_path(args.provider, key.get_secret_value(), topic)
     job = backfill.Run(
         since=since,
         topic=topic,
@@ -118,18 +117,15 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         line = f"winback: billing backfill {args.provider}: did not finish: {_reason(exc)}"
         print(f"{line}; run it again to go on from {path}"[:600], file=sys.stderr)
         return EXIT_UNAVAILABLE
-    start = counts.since or since
     print(
         f"{args.provider}: {counts.read} canceled subscriptions read, {counts.published} "
         f"events published to {topic}; left alone: {counts.before_since} ended before "
-        f"{start.isoformat()}, {counts.active_again} customers active again, "
-        f"{counts.not_mapped} not readable (logged)"
+        f"{since.isoformat()}, {counts.earlier_run} published by an earlier run, "
+        f"{counts.active_again} customers active again, {counts.not_mapped} not readable "
+        f"(logged)"
     )
-    if start > since:
-        print(
-            "(a finished run covered what ended before; --restart reads everything again, "
-            "and ingest's inbox drops what it already has)"
-        )
+    if counts.earlier_run:
+        print("(--restart publishes those again; ingest's inbox drops what it still remembers)")
     return 0
 
 
