@@ -68,6 +68,8 @@ FIELDS: Mapping[str, str] = MappingProxyType(
         "tenure": "text",
         "sent_so_far": "list",
         "status_url": "url",
+        # competitor_news: the competitor the customer left for (competitor.changed)
+        "competitor": "text",
     }
 )
 """The personalisation fields a template can use (the composer fills them), by kind."""

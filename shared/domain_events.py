@@ -13,6 +13,9 @@ CUSTOMER_ACTIVITY = f"{PREFIX}.customer.activity"
 CUSTOMER_UPDATED = f"{PREFIX}.customer.updated"
 CONSENT_CHANGED = f"{PREFIX}.consent.changed"
 FEATURE_RELEASED = f"{PREFIX}.feature.released"
+FEEDBACK_RECEIVED = f"{PREFIX}.feedback.received"
+ISSUE_RESOLVED = f"{PREFIX}.issue.resolved"
+COMPETITOR_CHANGED = f"{PREFIX}.competitor.changed"
 # scheduler → every service (topic: topics.erasure)
 CUSTOMER_ERASED = f"{PREFIX}.customer.erased"
 

@@ -156,6 +156,13 @@ class SchedulerSettings(BaseModel):
         description="a user.inactive whose usage_drop_percent (or days_inactive against "
         "inactivity_days) reaches this opens a passive-user case; one with neither opens one",
     )
+    fiscal_year_start_month: int = Field(
+        default=1,
+        ge=1,
+        le=12,
+        description="the month (1-12) a customer's fiscal year starts when their profile "
+        "(customer.updated: fiscal_year_start_month) names none: the budget_cycle calendar rule",
+    )
 
     @field_validator("consent_by_default", mode="before")
     @classmethod

@@ -89,6 +89,7 @@ class Composer:
             "segment": _segment_text(profile.segment),
             # who they are to us (a trial that ended is never told "you decided to leave")
             "lifecycle": (profile.segment or {}).get("lifecycle"),
+            "competitor": command.get("competitor"),
         }
         if channels.spec(channel).unsubscribe_link:
             ctx["unsubscribe_url"] = self.unsubscribe_url(str(customer["id"]), channel)

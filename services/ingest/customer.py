@@ -11,7 +11,12 @@ already ended (``returned`` or ``superseded``): history is complete, a returned 
 active. A return ends every open episode that began before it.
 
 Profile fields are last-writer-wins by event time, field by field. Consent withdrawal always
-applies, whatever its time: an objection to direct marketing is absolute.
+applies, whatever its time: an objection to direct marketing is absolute. So does erasure
+(``customer.erased``, ``erased``): an erased customer's later events never bring back the
+fields erasure removed (``ERASED_FIELDS``, and free-text comments).
+
+Events without a customer (``feature.released``, ``issue.resolved``, ``competitor.changed``)
+are announcements: each publishes its contract's model and changes nobody (``announce``).
 
 Events are applied to a ``Draft``: the customer's state, changed in place while a batch's
 events are folded into it (``apply_to``), so no event rebuilds a frozen state register by
@@ -34,17 +39,23 @@ from shared.contracts.base import Published
 from shared.contracts.customer import (
     ChurnEpisodeData,
     ChurnRecorded,
+    CompetitorNews,
     ConsentChanged,
     CustomerActivity,
     CustomerReturned,
     CustomerSnapshot,
     FeatureAnnounced,
+    FeedbackRecorded,
+    IssueAnnounced,
     ProfileUpdated,
 )
 from shared.contracts.inbound import (
+    CompetitorChanged,
     ConsentWithdrawn,
     CustomerEvent,
     FeatureReleased,
+    FeedbackReceived,
+    IssueResolved,
     Profile,
     SubscriptionReactivated,
 )
@@ -63,6 +74,9 @@ Activity = Literal["unknown", "active", "inactive"]
 CHURNED: frozenset[str] = frozenset({"churned", "trial_expired", "lead_lost"})
 PROFILE_FIELDS: tuple[str, ...] = tuple(Profile.model_fields)
 """The profile fields, in the inbound contract's order (the customers table's too)."""
+ERASED_FIELDS: frozenset[str] = frozenset({"email", "phone", "name"})
+"""What erasure removes from the profile (``services.ingest.erasure``): an erased customer's
+later events never write them again."""
 LIFECYCLE_CHURN: dict[str, tuple[str, Lifecycle]] = {
     "subscription.cancelled": ("subscription_cancelled", "churned"),
     "trial.expired": ("trial_expired", "trial_expired"),
@@ -89,6 +103,7 @@ class CustomerState:
     consent: dict[str, bool] = field(default_factory=dict)
     opted_out_all: bool = False
     open_episodes: tuple[OpenEpisode, ...] = ()
+    erased: bool = False
 
     @property
     def status(self) -> str:
@@ -107,6 +122,7 @@ class Draft:
         "activity",
         "activity_at",
         "consent",
+        "erased",
         "id",
         "lifecycle",
         "lifecycle_at",
@@ -127,6 +143,7 @@ class Draft:
         self.consent = dict(state.consent)
         self.opted_out_all = state.opted_out_all
         self.open_episodes = list(state.open_episodes)
+        self.erased = state.erased
 
     @classmethod
     def new(cls, customer_id: str) -> Draft:
@@ -154,6 +171,7 @@ class Draft:
             consent=dict(self.consent),
             opted_out_all=self.opted_out_all,
             open_episodes=tuple(self.open_episodes),
+            erased=self.erased,
         )
 
     def differs_from(self, state: CustomerState | None) -> bool:
@@ -246,6 +264,17 @@ class Effects:
     new_episode: Episode | None = None
     ended: list[tuple[str, datetime, str]] = field(default_factory=list)
     emit: list[Published] = field(default_factory=list)
+    refined: list[Refinement] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """An exit-survey answer written onto an open episode: its reason (and comment)."""
+
+    episode_id: str
+    reason: str | None
+    reason_raw: str | None
+    comment: str | None
 
 
 def episode_id(source: str, event_id: str) -> str:
@@ -258,6 +287,8 @@ def _merge_fields(draft: Draft, fields: dict[str, Any], at: datetime) -> bool:
     taken = False
     times = draft.profile_times
     for name, value in fields.items():
+        if draft.erased and name in ERASED_FIELDS:
+            continue  # erasure sticks: a later event never writes a removed field back
         if at >= times.get(name, EPOCH):
             draft.profile[name] = value
             times[name] = at
@@ -289,7 +320,7 @@ def apply(
     """Apply one validated inbound event to a customer's state (``None`` = unknown)."""
     payload = inbound.payload
     if not isinstance(payload, CustomerEvent):
-        return _feature_released(inbound)
+        return announce(inbound)
     draft = Draft(state) if state is not None else Draft.new(payload.customer_id)
     effects = apply_to(draft, inbound, source, event_id)
     effects.state = draft.freeze()
@@ -328,24 +359,77 @@ def apply_to(draft: Draft, inbound: Inbound, source: str, event_id: str) -> Effe
                 customer=draft.snapshot(),
             )
         )
+    elif name == "feedback.received":
+        _feedback(effects, draft, inbound)
     elif name == "customer.updated" and merged:
         effects.emit.append(ProfileUpdated(customer=draft.snapshot()))
     return effects
 
 
-def _feature_released(inbound: Inbound) -> Effects:
+def announce(inbound: Inbound) -> Effects:
+    """An event without a customer: what it publishes (no state changes)."""
+    payload, at = inbound.payload, inbound.occurred_at
+    model: Published
+    if isinstance(payload, FeatureReleased):
+        model = FeatureAnnounced(
+            feature=payload.feature,
+            name=payload.name,
+            description=payload.description,
+            released_at=at,
+        )
+    elif isinstance(payload, IssueResolved):
+        model = IssueAnnounced(
+            issue=payload.issue,
+            title=payload.title,
+            tags=list(payload.tags),
+            features=list(payload.features),
+            resolved_at=at,
+        )
+    elif isinstance(payload, CompetitorChanged):
+        model = CompetitorNews(
+            competitor=payload.competitor, kind=payload.kind, note=payload.note, changed_at=at
+        )
+    else:  # pragma: no cover - every inbound type without a customer is listed above
+        raise TypeError(f"{type(payload).__name__} is no announcement")
+    return Effects(state=None, emit=[model])
+
+
+def announcement_key(model: Published) -> str:
+    """The record key of an announcement: its feature, issue or competitor."""
+    if isinstance(model, FeatureAnnounced):
+        return model.feature
+    if isinstance(model, IssueAnnounced):
+        return model.issue
+    if isinstance(model, CompetitorNews):
+        return model.competitor
+    return ""
+
+
+def _feedback(effects: Effects, draft: Draft, inbound: Inbound) -> None:
+    """An exit-survey answer: the reason of the latest open episode is refined (a survey
+    answered with no open episode is published all the same: the scheduler decides)."""
     payload = inbound.payload
-    assert isinstance(payload, FeatureReleased)
-    return Effects(
-        state=None,
-        emit=[
-            FeatureAnnounced(
-                feature=payload.feature,
-                name=payload.name,
-                description=payload.description,
-                released_at=inbound.occurred_at,
+    assert isinstance(payload, FeedbackReceived)
+    reason = normalise_reason(payload.reason)
+    latest = max(draft.open_episodes, key=lambda e: e.occurred_at, default=None)
+    if latest is not None and (payload.reason is not None or payload.comment is not None):
+        effects.refined.append(
+            Refinement(
+                latest.id,
+                reason if payload.reason is not None else None,
+                payload.reason,
+                None if draft.erased else payload.comment,
             )
-        ],
+        )
+    effects.emit.append(
+        FeedbackRecorded(
+            customer_id=draft.id,
+            reason=reason,
+            reason_raw=payload.reason,
+            tags=list(payload.tags),
+            episode_id=latest.id if latest is not None else None,
+            received_at=inbound.occurred_at,
+        )
     )
 
 
@@ -373,7 +457,7 @@ def _episode(
         kind=kind,
         reason=normalise_reason(reason_raw),
         reason_raw=reason_raw,
-        comment=getattr(payload, "comment", None),
+        comment=None if draft.erased else getattr(payload, "comment", None),
         feature=getattr(payload, "feature", None),
         competitor=getattr(payload, "competitor", None),
         occurred_at=at,

@@ -6,11 +6,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.ingest import store
-from services.ingest.customer import Draft, Episode, apply, apply_to
+from services.ingest.customer import (
+    Draft,
+    Episode,
+    Refinement,
+    announcement_key,
+    apply,
+    apply_to,
+)
 from services.ingest.events import PUBLISHES, Inbound, decode
 from shared.clock import Clock
 from shared.cloudevents import CloudEvent
-from shared.contracts.customer import FeatureAnnounced
 from shared.messaging.pipeline import Incoming, Tx
 
 
@@ -37,6 +43,7 @@ class IngestHandler:
         drafts: dict[str, Draft] = {}
         new_episodes: list[Episode] = []
         ended: list[tuple[str, Any, str]] = []
+        refined: list[Refinement] = []
         for item in items:
             inbound: Inbound = item.payload
             event = item.event
@@ -52,11 +59,9 @@ class IngestHandler:
             if effects.new_episode is not None:
                 new_episodes.append(effects.new_episode)
             ended.extend(effects.ended)
+            refined.extend(effects.refined)
             for model in effects.emit:
-                if cid is not None:
-                    key = cid
-                else:
-                    key = model.feature if isinstance(model, FeatureAnnounced) else ""
+                key = cid if cid is not None else announcement_key(model)
                 tx.emit(
                     self.domain_topic,
                     key,
@@ -66,4 +71,4 @@ class IngestHandler:
                     subject=cid,
                 )
         changed = [d for cid, d in drafts.items() if d.differs_from(loaded.get(cid))]
-        await store.save(tx.conn, changed, new_episodes, ended, tx.now)
+        await store.save(tx.conn, changed, new_episodes, ended, tx.now, refined)

@@ -16,6 +16,7 @@ from services.ingest.customer import (
     Draft,
     Episode,
     OpenEpisode,
+    Refinement,
     status_of,
 )
 from shared.db.tables import churn_episodes, customers
@@ -70,6 +71,7 @@ async def load(conn: AsyncConnection, ids: Collection[str]) -> dict[str, Custome
             consent=dict(r.consent),
             opted_out_all=r.opted_out_all,
             open_episodes=tuple(episodes.get(r.id, ())),
+            erased=r.erased_at is not None,
         )
     return out
 
@@ -87,6 +89,7 @@ _CUSTOMER_COLUMNS: tuple[tuple[str, str], ...] = (
     ("customer_since", "timestamptz"),
     ("engagement", "text"),
     ("crm_owner", "text"),
+    ("fiscal_year_start_month", "smallint"),
     ("status", "text"),
     ("lifecycle", "text"),
     ("lifecycle_at", "timestamptz"),
@@ -186,6 +189,7 @@ async def save(
     new_episodes: Sequence[Episode],
     ended: Sequence[tuple[str, datetime, str]],
     now: datetime,
+    refined: Sequence[Refinement] = (),
 ) -> None:
     if states:
         await conn.execute(_UPSERT_CUSTOMERS, customer_columns(states, now))
@@ -205,3 +209,27 @@ async def save(
                 "reasons": [e[2] for e in ended],
             },
         )
+    if refined:
+        # exit-survey answers, in order: the last one for an episode wins
+        await conn.execute(
+            text(
+                "UPDATE churn_episodes AS e SET reason = COALESCE(t.reason, e.reason), "
+                "reason_raw = COALESCE(t.reason_raw, e.reason_raw), "
+                "comment = COALESCE(t.comment, e.comment) "
+                "FROM unnest(CAST(:ids AS text[]), CAST(:reasons AS text[]), "
+                "CAST(:raws AS text[]), CAST(:comments AS text[])) AS t(id, reason, reason_raw, "
+                "comment) WHERE e.id = t.id"
+            ),
+            {
+                "ids": [r.episode_id for r in latest(refined)],
+                "reasons": [r.reason for r in latest(refined)],
+                "raws": [r.reason_raw for r in latest(refined)],
+                "comments": [r.comment for r in latest(refined)],
+            },
+        )
+
+
+def latest(refined: Sequence[Refinement]) -> list[Refinement]:
+    """One refinement per episode, the last of each (an UPDATE … FROM takes one row per
+    target row, which one is not defined)."""
+    return list({r.episode_id: r for r in refined}.values())

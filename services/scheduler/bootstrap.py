@@ -62,7 +62,11 @@ def bootstrap(
     topics = settings.topics
     rule = inactivity_rule(settings.scheduler)
     handler = SchedulerHandler(
-        playbooks, topics.outcomes, settings.scheduler.fallback_timezone, inactivity=rule
+        playbooks,
+        topics.outcomes,
+        settings.scheduler.fallback_timezone,
+        inactivity=rule,
+        fiscal_year_start_month=settings.scheduler.fiscal_year_start_month,
     )
     pipeline = Pipeline(
         core.engine,

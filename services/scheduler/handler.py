@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from services.scheduler import store
+from services.scheduler import store, wake
 from services.scheduler.domain import (
     ChurnEpisode,
     PlannedStep,
@@ -38,7 +38,6 @@ from services.scheduler.domain import (
     find_playbook,
     plan_reonboarding,
     plan_steps,
-    plan_triggered,
     reonboarding_anchor,
     segment,
 )
@@ -60,9 +59,6 @@ from services.scheduler.domain.segmentation import (
 from services.scheduler.views import (
     customer_view,
     episode_from_event,
-    episode_from_json,
-    segment_from_json,
-    step_row,
 )
 from shared import domain_events as de
 from shared.cloudevents import CloudEvent
@@ -104,8 +100,10 @@ class SchedulerHandler:
         domain_topic: str,
         fallback_timezone: str = "UTC",
         inactivity: InactivityRule | None = None,
+        fiscal_year_start_month: int | None = None,
     ) -> None:
         self.playbooks = list(playbooks)
+        self.fiscal_year_start_month = fiscal_year_start_month  # budget_cycle's default
         self.topic = domain_topic
         self.fallback_timezone = fallback_timezone
         # when a customer counts as passive: arms the inactivity timers, reads user.inactive
@@ -160,7 +158,7 @@ class SchedulerHandler:
         episode = episode_from_event(ep, prior)
         if prior is not None and prior > episode.occurred_at:
             episode = episode_from_event(ep, None)
-        view = customer_view(row)
+        view = customer_view(row, self.fiscal_year_start_month)
         seg = segment(view, episode, now)
         playbook = choose_playbook(self.playbooks, seg)
         if playbook is None:
@@ -421,39 +419,6 @@ class SchedulerHandler:
     async def _updated(self, b: Batch, event: Event, cause: CloudEvent) -> None:
         b.take_snapshot(event.data["customer"])
 
-    async def _feature(self, b: Batch, event: Event, cause: CloudEvent) -> None:
-        # rare: the cases waiting for the feature are read (and extended) from the database,
-        # as the events before this one left them
-        await b.flush()
-        conn, now = b.tx.conn, b.tx.now
-        feature = event.data["feature"]
-        due = False
-        for case in await store.open_cases_for_feature(conn, normalise_feature(feature)):
-            playbook = self._playbook(case)
-            row = await b.customer(case.customer_id)
-            if playbook is None or row is None or case.status != "open":
-                continue
-            steps = plan_triggered(
-                playbook,
-                customer_view(row),
-                episode_from_json(case.episode),
-                now,
-                feature=feature,
-                segment=segment_from_json(case.segment),
-                already_planned=await store.step_keys(conn, case.id),
-            )
-            context = {
-                "feature": event.data.get("name") or feature,
-                "feature_description": event.data.get("description"),
-            }
-            await store.insert_steps(
-                conn, [step_row(case.id, case.customer_id, s, context) for s in steps]
-            )
-            b.forget_case(case.customer_id)  # it has new steps: read again when next needed
-            due = due or any(s.due_at <= now for s in steps)
-        if due:
-            await store.steps_due(conn)
-
     # -- the dispatcher's outcomes ----------------------------------------------------------
     def _outcome(self, b: Batch, event: Event) -> None:
         data = event.data
@@ -493,7 +458,11 @@ class SchedulerHandler:
         de.CUSTOMER_ACTIVITY: _activity,
         de.CONSENT_CHANGED: _consent,
         de.CUSTOMER_UPDATED: _updated,
-        de.FEATURE_RELEASED: _feature,
+        # what wakes a churner's case after it opened: services/scheduler/wake.py
+        de.FEATURE_RELEASED: wake.feature_released,
+        de.FEEDBACK_RECEIVED: wake.feedback,
+        de.ISSUE_RESOLVED: wake.issue_resolved,
+        de.COMPETITOR_CHANGED: wake.competitor_changed,
         UNSUBSCRIBED: _unsubscribed,
     }
 

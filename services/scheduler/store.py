@@ -35,6 +35,7 @@ PROFILE = (
     "engagement",
     "crm_owner",
     "status",
+    "fiscal_year_start_month",
 )
 
 
@@ -235,28 +236,30 @@ _LOCK_CUSTOMERS = text(
 _WRITE_CUSTOMERS = text(
     "INSERT INTO scheduler_customers (id, email, phone, name, locale, timezone, plan, "
     "mrr_minor, currency, customer_since, engagement, crm_owner, status, consent, "
-    "opted_out_all, last_won_back_at, last_active_at, updated_at) "
+    "opted_out_all, last_won_back_at, last_active_at, updated_at, fiscal_year_start_month) "
     "SELECT u.id, u.email, u.phone, u.name, u.locale, u.timezone, u.plan, u.mrr_minor, "
     "u.currency, u.customer_since, u.engagement, u.crm_owner, u.status, "
     "CAST(u.consent AS jsonb), u.opted_out_all, u.last_won_back_at, u.last_active_at, "
-    "u.updated_at "
+    "u.updated_at, u.fiscal_year_start_month "
     "FROM unnest(CAST(:id AS text[]), CAST(:email AS text[]), CAST(:phone AS text[]), "
     "CAST(:name AS text[]), CAST(:locale AS text[]), CAST(:timezone AS text[]), "
     "CAST(:plan AS text[]), CAST(:mrr_minor AS bigint[]), CAST(:currency AS text[]), "
     "CAST(:customer_since AS timestamptz[]), CAST(:engagement AS text[]), "
     "CAST(:crm_owner AS text[]), CAST(:status AS text[]), CAST(:consent AS text[]), "
     "CAST(:opted_out_all AS boolean[]), CAST(:last_won_back_at AS timestamptz[]), "
-    "CAST(:last_active_at AS timestamptz[]), CAST(:updated_at AS timestamptz[])) "
+    "CAST(:last_active_at AS timestamptz[]), CAST(:updated_at AS timestamptz[]), "
+    "CAST(:fiscal_year_start_month AS smallint[])) "
     "AS u(id, email, phone, name, locale, timezone, plan, mrr_minor, currency, "
     "customer_since, engagement, crm_owner, status, consent, opted_out_all, "
-    "last_won_back_at, last_active_at, updated_at) "
+    "last_won_back_at, last_active_at, updated_at, fiscal_year_start_month) "
     "ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email, phone = EXCLUDED.phone, "
     "name = EXCLUDED.name, locale = EXCLUDED.locale, timezone = EXCLUDED.timezone, "
     "plan = EXCLUDED.plan, mrr_minor = EXCLUDED.mrr_minor, currency = EXCLUDED.currency, "
     "customer_since = EXCLUDED.customer_since, engagement = EXCLUDED.engagement, "
     "crm_owner = EXCLUDED.crm_owner, status = EXCLUDED.status, consent = EXCLUDED.consent, "
     "opted_out_all = EXCLUDED.opted_out_all, last_won_back_at = EXCLUDED.last_won_back_at, "
-    "last_active_at = EXCLUDED.last_active_at, updated_at = EXCLUDED.updated_at"
+    "last_active_at = EXCLUDED.last_active_at, updated_at = EXCLUDED.updated_at, "
+    "fiscal_year_start_month = EXCLUDED.fiscal_year_start_month"
 )
 _OPEN_CASES = text(
     "SELECT * FROM cases WHERE customer_id = ANY(CAST(:ids AS text[])) "

@@ -298,6 +298,7 @@ class StepFirer:
             reason=(row["episode"] or {}).get("reason"),
             features=[context["feature"]] if context.get("feature") else [],
             feature_description=context.get("feature_description"),
+            competitor=context.get("competitor"),
             requested_at=now,
             # the dispatcher holds a late send (a backlog, retry rounds after an outage) to
             # the customer's send window and drops it once the step has expired

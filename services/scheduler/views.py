@@ -40,7 +40,12 @@ def _time(value: Any) -> datetime | None:
     return datetime.fromisoformat(str(value))
 
 
-def customer_view(row: Mapping[Any, Any]) -> CustomerView:
+def customer_view(
+    row: Mapping[Any, Any], fiscal_year_start_month: int | None = None
+) -> CustomerView:
+    """The customer as the domain sees it; ``fiscal_year_start_month`` is the default
+    (``scheduler.fiscal_year_start_month``) for a customer whose profile names none."""
+    month = row.get("fiscal_year_start_month") or fiscal_year_start_month
     consent = {k: bool(v) for k, v in (row.get("consent") or {}).items() if k in CHANNELS}
     engagement = row.get("engagement")
     return CustomerView(
@@ -58,6 +63,7 @@ def customer_view(row: Mapping[Any, Any]) -> CustomerView:
             cast(Channel, c) for c in (row.get("suppressed_channels") or []) if c in CHANNELS
         ),
         last_active_at=_time(row.get("last_active_at")),
+        fiscal_year_start_month=month if month is not None and 1 <= month <= 12 else None,
     )
 
 

@@ -48,6 +48,12 @@ class CustomerSnapshot(Published):
     customer_since: Time | None
     engagement: Engagement | None
     crm_owner: Short | None
+    fiscal_year_start_month: int | None = Field(
+        default=None,
+        ge=1,
+        le=12,
+        description="the month (1-12) the customer's fiscal year starts (absent: not known)",
+    )
     status: CustomerStatus
     consent: dict[Channel, bool] = Field(
         description="per channel: true given, false withdrawn; absent: no answer recorded"
@@ -129,6 +135,43 @@ class FeatureAnnounced(Published):
     name: Short | None
     description: Annotated[str, StringConstraints(max_length=2000)] | None
     released_at: Time
+
+
+Tag = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+
+
+class FeedbackRecorded(Published):
+    """``feedback.received``: an exit-survey answer; the scheduler refines the open case's
+    reason with it (and may move the case to the playbook of that reason). No free-text
+    comment (it may hold personal data: ingest keeps it on the episode)."""
+
+    customer_id: Id
+    reason: ChurnReason = Field(description="the answer's reason, normalised")
+    reason_raw: Short | None = Field(description="the reason as the survey gave it")
+    tags: list[Tag]
+    episode_id: Id | None = Field(description="the open churn episode it refines (none open: null)")
+    received_at: Time
+
+
+class IssueAnnounced(Published):
+    """``issue.resolved`` (keyed by the issue id): wakes the open cases whose reason, feature or
+    tags it names."""
+
+    issue: Id
+    title: Short | None
+    tags: list[Tag]
+    features: list[Tag]
+    resolved_at: Time
+
+
+class CompetitorNews(Published):
+    """``competitor.changed`` (keyed by the competitor): wakes the open cases of customers
+    who left for that competitor."""
+
+    competitor: Short
+    kind: Literal["price_increase", "outage", "sunset", "other"]
+    note: Annotated[str, StringConstraints(max_length=2000)] | None
+    changed_at: Time
 
 
 class CustomerErased(Published):

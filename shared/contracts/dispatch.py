@@ -166,6 +166,9 @@ class DispatchCommand(Published):
     reason: ChurnReason | None = Field(description="the churn's normalised reason")
     features: list[Short] = Field(description="the released feature a triggered step names")
     feature_description: Annotated[str, StringConstraints(max_length=2000)] | None
+    competitor: Short | None = Field(
+        default=None, description="competitor.changed: the competitor the customer left for"
+    )
     requested_at: Time
     send_window: SendWindowSpec | None = Field(
         default=None,

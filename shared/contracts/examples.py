@@ -105,10 +105,31 @@ INBOUND: dict[str, dict[str, Any]] = {
         "name": "SSO",
         "description": "Sign in with your identity provider.",
     },
+    "feedback.received": {
+        "customer_id": CUSTOMER,
+        "reason": "too_complex",
+        "comment": "Setting up the reports took us weeks.",
+        "tags": ["onboarding", "reports"],
+    },
+    "issue.resolved": {
+        "issue": "ENG-1042",
+        "title": "Report setup in one click",
+        "tags": ["poor_experience", "reports"],
+        "features": ["reports"],
+    },
+    "competitor.changed": {
+        "competitor": "Rival CRM",
+        "kind": "price_increase",
+        "note": "Rival CRM raised its prices by 30% on 1 May.",
+    },
     "consent.withdrawn": {"customer_id": CUSTOMER, "channel": "sms"},
     "customer.updated": {
         "customer_id": CUSTOMER,
-        "customer": {"phone": "+358401234567", "name": "Aino Virtanen"},
+        "customer": {
+            "phone": "+358401234567",
+            "name": "Aino Virtanen",
+            "fiscal_year_start_month": 4,
+        },
     },
 }
 """Inbound examples, by type name without the prefix."""
@@ -156,6 +177,27 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         "name": "SSO",
         "description": "Sign in with your identity provider.",
         "released_at": "2026-03-10T09:00:00+00:00",
+    },
+    "feedback.received": {
+        "customer_id": CUSTOMER,
+        "reason": "poor_experience",
+        "reason_raw": "too_complex",
+        "tags": ["onboarding", "reports"],
+        "episode_id": "3f1c2b7a9d4e5f60718293a4b5c6d7e8",
+        "received_at": "2026-03-03T10:00:00+00:00",
+    },
+    "issue.resolved": {
+        "issue": "ENG-1042",
+        "title": "Report setup in one click",
+        "tags": ["poor_experience", "reports"],
+        "features": ["reports"],
+        "resolved_at": "2026-05-02T09:00:00+00:00",
+    },
+    "competitor.changed": {
+        "competitor": "Rival CRM",
+        "kind": "price_increase",
+        "note": "Rival CRM raised its prices by 30% on 1 May.",
+        "changed_at": "2026-05-01T08:00:00+00:00",
     },
     "customer.erased": {
         "customer_id": CUSTOMER,

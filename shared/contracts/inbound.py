@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
@@ -136,6 +136,9 @@ class Profile(Received):
     customer_since: AwareTime = None
     engagement: Engagement | None = None
     crm_owner: ShortText | None = None
+    fiscal_year_start_month: int | None = Field(
+        default=None, ge=1, le=12, description="the month (1-12) the customer's fiscal year starts"
+    )
 
     def fields_set(self) -> dict[str, Any]:
         """The fields the event actually carried (absent ones leave the profile as it is)."""
@@ -201,6 +204,40 @@ class FeatureReleased(Received):
     description: Description | None = None
 
 
+Tag = Annotated[str, StringConstraints(min_length=1, max_length=100), AfterValidator(_line)]
+MAX_TAGS = 50
+
+
+class FeedbackReceived(CustomerEvent):
+    """An exit-survey answer: refines the reason of the customer's open churn episode."""
+
+    reason: ShortText | None = None
+    comment: Comment | None = None
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+
+
+class IssueResolved(Received):
+    """A problem got fixed (no customer): wakes the cases whose reason, feature or tags it
+    names ("we fixed what made you leave")."""
+
+    issue: Id
+    title: ShortText | None = None
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+    features: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+
+
+CompetitorChange = Literal["price_increase", "outage", "sunset", "other"]
+
+
+class CompetitorChanged(Received):
+    """Something happened at a competitor (no customer): wakes the cases of customers who left
+    for it."""
+
+    competitor: Id
+    kind: CompetitorChange = "other"
+    note: Description | None = None
+
+
 class ConsentWithdrawn(CustomerEvent):
     # one Literal (not a union of two): an error names the field, not a union member
     channel: ChannelOrAll = "all"
@@ -219,6 +256,9 @@ INBOUND: dict[str, type[Received]] = {
     "user.active": UserActive,
     "lead.lost": LeadLost,
     "feature.released": FeatureReleased,
+    "feedback.received": FeedbackReceived,
+    "issue.resolved": IssueResolved,
+    "competitor.changed": CompetitorChanged,
     "consent.withdrawn": ConsentWithdrawn,
     "customer.updated": CustomerUpdated,
 }

@@ -20,12 +20,15 @@ from shared.contracts.base import Published, Received
 from shared.contracts.cases import CaseClosed, CaseMigrated, CaseOpened, CaseWonBack
 from shared.contracts.customer import (
     ChurnRecorded,
+    CompetitorNews,
     ConsentChanged,
     CustomerActivity,
     CustomerErased,
     CustomerReturned,
     CustomerUnsubscribed,
     FeatureAnnounced,
+    FeedbackRecorded,
+    IssueAnnounced,
     ProfileUpdated,
 )
 from shared.contracts.dispatch import DispatchCommand
@@ -78,10 +81,18 @@ _INBOUND_SUMMARIES = {
     "user.inactive": "A customer stopped using the product.",
     "user.active": "A customer used the product.",
     "feature.released": "A feature shipped.",
+    "feedback.received": "An exit-survey answer: reason, comment, tags.",
+    "issue.resolved": "A problem was fixed: its tags and the features it touches.",
+    "competitor.changed": "A competitor raised prices, had an outage, sunset a product.",
     "consent.withdrawn": "A customer withdrew consent on a channel (or all).",
     "customer.updated": "A customer's profile changed.",
 }
 _BY_CUSTOMER = "customer id"
+_INBOUND_KEYS = {
+    "feature.released": "feature id",
+    "issue.resolved": "issue id",
+    "competitor.changed": "competitor",
+}
 
 
 def _inbound() -> list[Contract]:
@@ -92,7 +103,7 @@ def _inbound() -> list[Contract]:
             topic="inbound",
             producers=(EXTERNAL,),
             consumers=("ingest",),
-            key="feature id" if name == "feature.released" else _BY_CUSTOMER,
+            key=_INBOUND_KEYS.get(name, _BY_CUSTOMER),
             summary=_INBOUND_SUMMARIES[name],
             example=examples.INBOUND[name],
         )
@@ -176,6 +187,32 @@ CONTRACTS: tuple[Contract, ...] = (
         ("scheduler",),
         "A feature shipped: cases waiting for it get their triggered steps.",
         key="feature id",
+    ),
+    _ours(
+        de.FEEDBACK_RECEIVED,
+        FeedbackRecorded,
+        "domain",
+        "ingest",
+        ("scheduler",),
+        "An exit-survey answer: the open case's reason is refined (and its track may change).",
+    ),
+    _ours(
+        de.ISSUE_RESOLVED,
+        IssueAnnounced,
+        "domain",
+        "ingest",
+        ("scheduler",),
+        "A problem was fixed: cases whose reason, feature or tags it names get their steps.",
+        key="issue id",
+    ),
+    _ours(
+        de.COMPETITOR_CHANGED,
+        CompetitorNews,
+        "domain",
+        "ingest",
+        ("scheduler",),
+        "Something happened at a competitor: cases of customers who left for it wake.",
+        key="competitor",
     ),
     _ours(
         de.CUSTOMER_ERASED,

@@ -16,6 +16,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -91,6 +92,7 @@ customers = Table(
     _tz("customer_since"),
     Column("engagement", String(10)),
     Column("crm_owner", String(200)),
+    Column("fiscal_year_start_month", SmallInteger),
     Column("status", String(20), nullable=False),
     Column("lifecycle", String(20), nullable=False),
     _tz("lifecycle_at", nullable=False),
@@ -99,6 +101,7 @@ customers = Table(
     Column("profile_times", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Column("consent", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Column("opted_out_all", Boolean, nullable=False, server_default=text("false")),
+    _tz("erased_at"),  # customer.erased: later events never write the removed fields back
     _tz("created_at", nullable=False, server_default=func.now()),
     _tz("updated_at", nullable=False, server_default=func.now()),
 )
@@ -147,6 +150,7 @@ scheduler_customers = Table(
     _tz("customer_since"),
     Column("engagement", String(10)),
     Column("crm_owner", String(200)),
+    Column("fiscal_year_start_month", SmallInteger),
     Column("status", String(20)),
     Column("consent", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Column("opted_out_all", Boolean, nullable=False, server_default=text("false")),

@@ -347,6 +347,13 @@ async def test_every_event_the_services_emit_satisfies_its_contract(
             ),
             lambda n: n >= 1,
         )
+        # a survey answer with tags only, a fix and a competitor's news that name no case
+        now = s.clock.now()
+        await s.send(
+            cloudevent("feedback.received", {"customer_id": a, "tags": ["reports"]}, time=now),
+            cloudevent("issue.resolved", {"issue": "ENG-9", "tags": ["nothing"]}, time=now),
+            cloudevent("competitor.changed", {"competitor": "Nobody", "kind": "outage"}, time=now),
+        )
 
         # i's case moves to price_discount v2 (through a scheduler deployed with it)
         directory = migrated_playbooks(tmp_path / "playbooks", settings)
@@ -417,9 +424,11 @@ async def test_every_event_the_services_emit_satisfies_its_contract(
         contract = registry.contract_for(event.type)
         assert contract is not None, f"{event.type} has no contract"
         assert record.topic == getattr(topics, contract.topic), event.type
-        # keyed by customer id (the subject), a feature release by its feature
+        # keyed by customer id (the subject), an announcement by its feature, issue, competitor
         assert record.key is not None
-        assert record.key.decode() == (event.subject or event.data["feature"]), event.type
+        announced = event.data.get("feature") or event.data.get("issue")
+        key = event.subject or announced or event.data.get("competitor")
+        assert record.key.decode() == key, event.type
         decoded = contract.decode(event.data, tolerant=False)  # strict: no undeclared field
         assert decoded.to_data() == event.data, f"{event.type} is not its model's form"
         seen[event.type] = seen.get(event.type, 0) + 1

@@ -40,7 +40,9 @@ from services.scheduler.domain.windows import DEFAULT_LADDER, WindowLadder
 CalendarRule: TypeAlias = Literal["budget_cycle", "quarter_start"]
 """``budget_cycle``: next start of the customer's fiscal year (calendar year if unknown);
 ``quarter_start``: next start of a quarter of that year."""
-Trigger: TypeAlias = Literal["feature.released"]
+Trigger: TypeAlias = Literal["feature.released", "issue.resolved", "competitor.changed"]
+"""What wakes a triggered step (``services/scheduler/wake.py``): the episode's feature ships,
+a fix names its reason, feature or tags, or the competitor it left for changes."""
 ExitEvent: TypeAlias = Literal["reactivated", "activity", "unsubscribed_all"]
 StartsOn: TypeAlias = Literal["churned", "returned"]
 """When a playbook's cases open: ``churned`` (a win-back case, timed from the churn) or
@@ -109,7 +111,9 @@ class Step(_Frozen):
 
     * ``offset`` from churn (``"3d"``, ``"2w"``, ``"6mo"``);
     * ``calendar`` rule (optionally ``not_before`` a minimum time after churn);
-    * ``trigger`` event (``feature.released``: fires when the episode's feature ships).
+    * ``trigger`` event (``feature.released``: fires when the episode's feature ships;
+      ``issue.resolved``: when a fix names its reason, feature or tags;
+      ``competitor.changed``: when the competitor it left for changes).
 
     ``when`` narrows the step to some segments (e.g. a CRM task for high value only).
     ``inactive_for`` (re-onboarding playbooks only) makes it a monitoring step: when due, it
