@@ -8,7 +8,8 @@ from services.dispatcher.resilience import CircuitState
 
 MESSAGES = Counter(
     "winback_dispatcher_messages_total",
-    "Messages by channel, provider and outcome (sent, failed, suppressed, requeued)",
+    "Messages by channel, provider and outcome (sent, failed, suppressed, requeued, held; "
+    "unknown: a crash mid-send left it to reconciliation)",
     ["channel", "provider", "outcome"],
 )
 PROVIDER_SECONDS = Histogram(
@@ -50,7 +51,7 @@ UNSUBSCRIBES = Counter(
 )
 DELIVERIES = Gauge(
     "winback_dispatcher_deliveries",
-    "Deliveries waiting (queued) or handed to a provider (sending)",
+    "Deliveries waiting (queued), handed to a provider (sending) or left unknown by a crash",
     ["state"],
 )
 DELIVERIES_UNKNOWN = Gauge(
