@@ -26,6 +26,7 @@ from shared.cloudevents import from_kafka
 from shared.contracts import registry
 from shared.messaging.kafka import KafkaTransport
 from shared.settings import Settings
+from tests.integration.test_billing_backfill_cli import winback_backfill
 from tests.support.http import serve
 from tests.support.kafka import read_all
 
@@ -219,3 +220,29 @@ async def test_a_refused_key_is_named_without_the_key(tmp_path: Path) -> None:
         finally:
             await source.close()
     assert KEY not in str(e.value)
+
+
+async def test_the_command_backfills_paddle(settings: Settings, tmp_path: Path) -> None:
+    ended = SINCE + timedelta(days=3)
+    fake = FakePaddle([canceled("sub_c", "ctm_c", ended)], [customer("ctm_c")])
+    topic = settings.topics.inbound[0]
+    await KafkaTransport(settings.kafka.bootstrap_servers).ensure_topics([topic], 1)
+    env = {
+        "WINBACK_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "WINBACK_TOPICS__INBOUND": topic,
+        "WINBACK_BILLING__PADDLE__API_KEY": KEY,
+    }
+    args = ("paddle", "--since", "2025-11-01")
+    async with serve(fake.app(), lifespan="off") as base:
+        code, out, err = await winback_backfill(env, *args, "--api-base", base, cache=tmp_path)
+    assert code == 0, err
+    assert out.startswith(f"paddle: 1 canceled subscriptions read, 1 events published to {topic}")
+    [record] = await read_all(settings.kafka.bootstrap_servers, topic, 1)
+    assert from_kafka(record.value, record.headers).id == "backfill:paddle:sub_c:cancelled"
+    [checkpoint] = (tmp_path / "backfill").iterdir()
+    assert checkpoint.name.startswith("paddle-")
+
+    no_key = {**env, "WINBACK_BILLING__PADDLE__API_KEY": ""}
+    code, _, err = await winback_backfill(no_key, *args, cache=tmp_path)
+    assert code == 2
+    assert "WINBACK_BILLING__PADDLE__API_KEY" in err
