@@ -74,8 +74,14 @@ def fix_names(episode: ChurnEpisode, features: Iterable[str], tags: Iterable[str
     named = {normalise_feature(f) for f in (*features, *tags)}
     if episode.feature is not None and normalise_feature(episode.feature) in named:
         return True
-    reasons = {t.strip().casefold() for t in tags} & set(CHURN_REASONS)
-    return episode.reason != "unknown" and episode.reason in reasons
+    return episode.reason != "unknown" and episode.reason in tag_reasons(tags)
+
+
+def tag_reasons(tags: Iterable[str]) -> set[str]:
+    """The tags that are churn reasons (``shared.churn.CHURN_REASONS``, spelled like features:
+    ``Poor experience`` is ``poor_experience``); never ``unknown``."""
+    spelled = {normalise_feature(t).replace(" ", "_") for t in tags}
+    return spelled & set(CHURN_REASONS) - {"unknown"}
 
 
 def left_for(episode: ChurnEpisode, competitor: str) -> bool:
@@ -225,7 +231,7 @@ async def issue_resolved(
     features = list(event.data.get("features") or [])
     tags = list(event.data.get("tags") or [])
     keys = sorted({normalise_feature(n) for n in (*features, *tags)})
-    reasons = sorted({t.strip().casefold() for t in tags} & set(CHURN_REASONS) - {"unknown"})
+    reasons = sorted(tag_reasons(tags))
     await b.flush()
     found = await _woken_cases(
         b.tx.conn,
@@ -312,4 +318,5 @@ __all__ = [
     "left_for",
     "plan_woken",
     "refined_track",
+    "tag_reasons",
 ]

@@ -14,7 +14,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.ingest.erasure import erase
-from shared.db.tables import case_steps, cases, customers, scheduler_customers
+from services.scheduler.commands import Work, control_case
+from shared.db.tables import case_steps, cases, churn_episodes, customers, scheduler_customers
 from shared.settings import Settings
 from tests.integration.test_scheduler_flow import T0, cancellation, not_in_holdout, system
 from tests.support.buses import ServiceBus
@@ -69,6 +70,12 @@ async def test_an_exit_survey_answer_moves_the_case_to_the_track_of_its_reason(
     assert new.segment["reason"] == "poor_experience"
     assert new.episode["reason"] == "poor_experience"
     assert new.churned_at == old.churned_at  # the same churn, timed from it
+    async with engine.connect() as conn:
+        (episode,) = await conn.execute(
+            churn_episodes.select().where(churn_episodes.c.customer_id == cid)
+        )
+    # ingest keeps the answer on the episode it refines
+    assert (episode.reason, episode.reason_raw) == ("poor_experience", "too_complex")
 
 
 async def test_an_answer_that_keeps_the_track_records_the_refined_reason(
@@ -140,6 +147,43 @@ async def test_a_fix_wakes_the_cases_it_names_however_long_ago_they_left(
     assert [c for c in again if c["step_key"] == "issue_fixed"] == woken
 
 
+async def test_a_paused_case_gets_the_woken_step_and_sends_it_when_resumed(
+    settings: Settings, engine: AsyncEngine, service_bus: ServiceBus
+) -> None:
+    cid = not_in_holdout("cus_ip", "poor_experience")
+    async with system(settings, engine, bus=service_bus) as s:
+        work = Work(
+            engine,
+            s.clock,
+            "/winback/scheduler",
+            settings.kafka.max_record_bytes,
+            settings.topics.outcomes,
+            settings.topics.erasure,
+        )
+        await s.send(cancellation(cid, T0, reason="too_complex"))
+        case = await s.case(cid)
+        await s.fire_until(T0 + timedelta(days=2), step=timedelta(hours=6))
+        await control_case(work, case.id, "pause")
+        fixed = T0 + timedelta(days=3)
+        s.clock.set(fixed)
+        await s.send(
+            cloudevent(
+                "issue.resolved",
+                {"issue": "ENG-2", "features": ["x"], "tags": ["poor experience"]},
+                time=fixed,
+            )
+        )
+        woken = await eventually(lambda: _step_keys(engine, cid), lambda k: "issue_fixed" in k)
+        assert "issue_fixed" in woken
+        await s.fire_until(fixed + timedelta(days=1))
+        while_paused = [c["data"]["step_key"] for c in await s.dispatched()]
+        await control_case(work, case.id, "resume")
+        await s.fire_until(fixed + timedelta(days=2))
+        resumed = [c["data"]["step_key"] for c in await s.dispatched()]
+    assert "issue_fixed" not in while_paused
+    assert resumed.count("issue_fixed") == 1
+
+
 async def test_a_competitors_news_wakes_those_who_left_for_it_with_its_name(
     settings: Settings, engine: AsyncEngine, service_bus: ServiceBus
 ) -> None:
@@ -159,7 +203,8 @@ async def test_a_competitors_news_wakes_those_who_left_for_it_with_its_name(
                 time=news,
             )
         )
-        await eventually(lambda: _step_keys(engine, left), lambda k: "competitor_news" in k)
+        keys = await eventually(lambda: _step_keys(engine, left), lambda k: "competitor_news" in k)
+        assert "competitor_news" in keys
         await s.fire_until(news + timedelta(days=1))
         commands = [c["data"] for c in await s.dispatched()]
     woken = [c for c in commands if c["step_key"] == "competitor_news"]

@@ -73,6 +73,7 @@ def test_a_fix_names_the_episodes_feature_however_it_is_spelled(name: str) -> No
 @given(st.sampled_from([r for r in CHURN_REASONS if r != "unknown"]))
 def test_a_fix_names_the_reason_only_by_its_normalised_word(reason: str) -> None:
     assert fix_names(episode(reason=reason), [], [reason.upper()])
+    assert fix_names(episode(reason=reason), [], [reason.replace("_", " ").title()])
     others = [r for r in CHURN_REASONS if r != reason]
     assert not fix_names(episode(reason=reason), [], others)
 
