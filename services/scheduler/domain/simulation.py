@@ -310,6 +310,16 @@ def _unplanned(
 ) -> UnplannedStep:
     if step.when is not None and (unmet := unmet_conditions(step.when, seg)):
         return UnplannedStep(step, f"when: {'; '.join(unmet)}")
+    if step.trigger == "competitor.changed":
+        if episode.competitor is None:
+            return UnplannedStep(step, f"on {step.trigger}: the churn names no competitor, never")
+        return UnplannedStep(
+            step, f"on {step.trigger} of {episode.competitor!r}: sent when it does, in the horizon"
+        )
+    if step.trigger == "issue.resolved":
+        return UnplannedStep(
+            step, f"on {step.trigger} naming {episode.reason!r}: sent when fixed, in the horizon"
+        )
     if step.trigger is not None:
         if episode.feature is None:
             return UnplannedStep(step, f"on {step.trigger}: the churn names no feature, never")

@@ -14,6 +14,7 @@ from services.scheduler.domain import case_expires_at
 from services.scheduler.domain.loader import load_playbooks
 from services.scheduler.domain.model import ChurnEpisode, CustomerView, Segment
 from services.scheduler.domain.playbook import Playbook
+from services.scheduler.domain.simulation import simulate
 from services.scheduler.views import customer_view
 from services.scheduler.wake import (
     COMPETITOR_CHANGED,
@@ -186,3 +187,23 @@ def test_the_fiscal_year_is_the_profiles_or_the_settings_default(
     view = customer_view(row, default)
     assert view.fiscal_year_start_month == (own if own is not None else default)
     assert customer_view(row).fiscal_year_start_month == own
+
+
+def test_a_simulation_says_what_wakes_the_new_triggered_steps() -> None:
+    customer = CustomerView("cust-1", timezone="UTC", engagement="high")
+    rival = simulate(
+        PLAYBOOKS,
+        customer,
+        episode(reason="competitor", competitor="Rival CRM"),
+        CHURN,
+    )
+    assert rival.playbook is not None
+    assert rival.playbook.name == "competitor"
+    (news,) = [u for u in rival.unplanned if u.step.key == "competitor_news"]
+    assert news.reason == "on competitor.changed of 'Rival CRM': sent when it does, in the horizon"
+    nobody = simulate(PLAYBOOKS, customer, episode(reason="competitor"), CHURN)
+    (never,) = [u for u in nobody.unplanned if u.step.key == "competitor_news"]
+    assert never.reason == "on competitor.changed: the churn names no competitor, never"
+    hurt = simulate(PLAYBOOKS, customer, episode(), CHURN)
+    (fixed,) = [u for u in hurt.unplanned if u.step.key == "issue_fixed"]
+    assert fixed.reason.startswith("on issue.resolved naming 'poor_experience'")
