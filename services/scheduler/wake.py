@@ -22,6 +22,7 @@ before them in the batch left them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -187,7 +188,11 @@ async def feedback(handler: SchedulerHandler, b: Batch, event: Event, cause: Clo
     steps = plan_steps(
         target, view, episode, now, segment=seg, fallback_timezone=handler.fallback_timezone
     )
-    refined_id = f"{case.episode.episode_id}:{data['reason']}"[:64]
+    # one case per answer that moves it (A, then B, then A again: three cases of one churn)
+    answer = hashlib.sha256(cause.id.encode()).hexdigest()[:16]
+    refined_id = f"{case.episode.episode_id[:40]}~{answer}"
+    if refined_id in await store.episodes_with_cases(b.tx.conn, [refined_id]):
+        return  # this answer already moved it
     await handler._open_case(
         b,
         cause,

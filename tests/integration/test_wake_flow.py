@@ -5,6 +5,7 @@ sticks in ingest."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -33,6 +34,10 @@ async def _cases(engine: AsyncEngine, cid: str) -> list[Any]:
                 cases.select().where(cases.c.customer_id == cid).order_by(cases.c.opened_at)
             )
         )
+
+
+def _count(n: int) -> Callable[[list[Any]], bool]:
+    return lambda rows: len(rows) == n
 
 
 async def _step_keys(engine: AsyncEngine, cid: str) -> set[str]:
@@ -76,6 +81,34 @@ async def test_an_exit_survey_answer_moves_the_case_to_the_track_of_its_reason(
         )
     # ingest keeps the answer on the episode it refines
     assert (episode.reason, episode.reason_raw) == ("poor_experience", "too_complex")
+
+
+async def test_answers_that_change_their_mind_move_the_case_each_time(
+    settings: Settings, engine: AsyncEngine, service_bus: ServiceBus
+) -> None:
+    cid = not_in_holdout("cus_fm", "poor_experience")
+    async with system(settings, engine, bus=service_bus) as s:
+        await s.send(cancellation(cid, T0, reason="too_expensive"))
+        await s.case(cid)
+        for hours, reason in ((1, "too_complex"), (2, "too_expensive"), (3, "too_complex")):
+            s.clock.set(T0 + timedelta(hours=hours))
+            await s.send(
+                cloudevent(
+                    "feedback.received",
+                    {"customer_id": cid, "reason": reason},
+                    time=T0 + timedelta(hours=hours),
+                )
+            )
+            await eventually(lambda: _cases(engine, cid), _count(hours + 1))
+        rows = await _cases(engine, cid)
+    assert [r.playbook for r in rows] == [
+        "price_discount",
+        "poor_experience",
+        "price_discount",
+        "poor_experience",
+    ]
+    assert [r.status for r in rows] == ["closed", "closed", "closed", "open"]
+    assert len({r.episode_id for r in rows}) == 4
 
 
 async def test_an_answer_that_keeps_the_track_records_the_refined_reason(
