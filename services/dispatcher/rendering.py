@@ -210,6 +210,7 @@ SAMPLE_CONTEXT: Final[MessageContext] = {
     "tenure": "long term",
     "sent_so_far": ["email: we_miss_you (2030-11-02)"],
     "status_url": "https://example.invalid/v1/customers/cus_sample/winback",
+    "competitor": "Sample Rival",
 }
 """A complete context used by ``check_templates`` for its trial renders."""
 

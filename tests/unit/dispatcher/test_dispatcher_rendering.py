@@ -50,6 +50,7 @@ FULL: dict[str, Any] = {
     "tenure": "long term",
     "sent_so_far": ["email: we_miss_you (2026-02-01)"],
     "status_url": "https://winback.example.com/v1/customers/cus_42/winback",
+    "competitor": "Rival Books",
 }
 
 CASES = sorted((name, chan.value) for name, chan in TEMPLATE_SPECS)
