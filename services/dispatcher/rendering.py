@@ -139,6 +139,8 @@ class MessageContext(TypedDict, total=False):
     tenure: str
     sent_so_far: Sequence[str]
     status_url: str
+    # competitor_news: the competitor the customer left for
+    competitor: str
 
 
 OPTIONAL_PROFILE_FIELDS: Final = content.OPTIONAL_PROFILE_FIELDS
