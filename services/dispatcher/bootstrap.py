@@ -163,6 +163,7 @@ def bootstrap(
         Brand(d.company_name, d.postal_address),
         catalog.directory if templates is None else templates,
         specs=specs_from(catalog) if template_specs is None else template_specs,
+        variants=variants_from(catalog),
     )
     tokens = UnsubscribeTokens(
         [k.get_secret_value().encode() for k in d.unsubscribe_keys],
