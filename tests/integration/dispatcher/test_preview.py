@@ -6,6 +6,7 @@ reaches the provider marked as a test and writes no delivery; a recipient not al
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.clock import FrozenClock
+from shared.content import SHIPPED_CONTENT_DIR
 from shared.db.tables import deliveries, outbox
 from shared.settings import DEV_SECRET, Settings
 from tests.fakes.provider_server import FakeProviderServer
@@ -174,3 +176,44 @@ async def test_a_test_send_goes_through_the_provider_marked_and_unrecorded(
     sms = await harness.test_send(template="we_miss_you", channel="sms", to="+358401234567")
     assert sms.status_code == 200, sms.text
     assert len(harness.fake.accepted("twilio")) == 1
+
+
+async def test_a_content_variant_previews_and_sends_from_its_own_content_dir(
+    settings: Settings, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """A subject-line variant written in the content directory only (``like:``) is what the
+    running dispatcher renders: preview and test send both carry the variant's subject."""
+    content = tmp_path / "content"
+    shutil.copytree(SHIPPED_CONTENT_DIR, content)
+    with (content / "catalog.yaml").open("a", encoding="utf-8") as catalog:
+        catalog.write(
+            "  we_miss_you_short:\n"
+            "    like: we_miss_you\n"
+            '    subject: {en: "We kept your seat", fi: "Paikkasi odottaa"}\n'
+        )
+    async with FakeProviderServer() as fake:
+        config = dispatcher_config(fake, tmp_path, test_recipients=["*@acme.example"])
+        configured = with_dispatcher(settings, config).model_copy(update={"content_dir": content})
+        svc = service(configured, engine, FrozenClock(T0))
+        try:
+            async with (
+                serve(svc.app, lifespan="off") as url,
+                httpx.AsyncClient(base_url=url) as http,
+            ):
+                shown = await http.post(
+                    "/v1/preview",
+                    json={"template": "we_miss_you_short", "locale": "fi"},
+                    headers=KEY,
+                )
+                assert shown.status_code == 200, shown.text
+                assert shown.json()["subject"] == "Paikkasi odottaa"
+                sent = await http.post(
+                    "/v1/test-sends",
+                    json={"template": "we_miss_you_short", "to": "me@acme.example"},
+                    headers=KEY,
+                )
+                assert sent.status_code == 200, sent.text
+                [request] = fake.accepted("sendgrid")
+                assert request.json["subject"] == "[Test] We kept your seat"
+        finally:
+            await svc.aclose()
