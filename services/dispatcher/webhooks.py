@@ -196,8 +196,13 @@ class ProviderEvent:
 
 
 def _unix(value: Any) -> str | None:
+    """A provider's Unix-seconds time as ISO 8601; ``None`` when it is not a number or out of
+    the range a datetime holds (a signed event may still carry any number: never a 500)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, UTC).isoformat()
+        try:
+            return datetime.fromtimestamp(value, UTC).isoformat()
+        except (OverflowError, ValueError, OSError):
+            return None
     return None
 
 
