@@ -109,7 +109,7 @@ def command(i: int, run: str) -> bytes:
     data = {
         "idempotency_key": f"{case}:d0_we_miss_you",
         "case_id": case,
-        "step_id": i,
+        "step_id": i + 1,  # the contract: a step row id, from 1
         "step_key": "d0_we_miss_you",
         "playbook": "price_discount",
         "playbook_version": 1,
