@@ -7,9 +7,8 @@ problem in every file. One playbook per file (``*.yaml`` / ``*.yml``).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any
 
 import yaml
 from pydantic import ValidationError
@@ -18,6 +17,10 @@ from services.scheduler.domain.errors import FieldPath, PlaybookError, PlaybookP
 from services.scheduler.domain.playbook import Playbook
 from shared import templates_catalog
 from shared.content import Catalog
+from shared.yamlfile import duplicate_keys as _duplicate_keys
+from shared.yamlfile import line_of as _line_of
+from shared.yamlfile import pydantic_reason as _pydantic_reason
+from shared.yamlfile import yaml_problem
 
 
 def load_playbooks(
@@ -155,26 +158,6 @@ def _parse(
     return playbook, node
 
 
-def _yaml_error(exc: yaml.YAMLError, source: str) -> PlaybookError:
-    if isinstance(exc, yaml.MarkedYAMLError):
-        mark = exc.problem_mark or exc.context_mark
-        reason = "; ".join(part for part in (exc.context, exc.problem) if part)
-        line = mark.line + 1 if mark is not None else None
-    else:
-        reason, line = str(exc), None
-    return PlaybookError([PlaybookProblem((), f"not valid YAML: {reason}", file=source, line=line)])
-
-
-def _pydantic_reason(error: Any) -> str:
-    message = str(error["msg"])
-    message = message.removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        return "unknown field"
-    if error["type"] == "missing":
-        return "required field is missing"
-    return message
-
-
 def _catalog_problems(
     playbook: Playbook,
     templates: Collection[str] | None,
@@ -219,40 +202,6 @@ def _catalog_problems(
     return found
 
 
-def _duplicate_keys(node: yaml.Node, path: FieldPath) -> list[tuple[FieldPath, int]]:
-    found: list[tuple[FieldPath, int]] = []
-    if isinstance(node, yaml.MappingNode):
-        seen: set[object] = set()
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            if key is not None and key in seen:
-                found.append(((*path, str(key)), key_node.start_mark.line + 1))
-            seen.add(key)
-            found.extend(_duplicate_keys(value_node, (*path, str(key))))
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            found.extend(_duplicate_keys(item, (*path, index)))
-    return found
-
-
-def _line_of(node: yaml.Node, path: Sequence[str | int]) -> int:
-    """The 1-based line of the node at ``path``, or of its deepest existing ancestor."""
-    current = node
-    for depth, part in enumerate(path):
-        child: yaml.Node | None = None
-        if isinstance(current, yaml.MappingNode):
-            for key_node, value_node in current.value:
-                if isinstance(key_node, yaml.ScalarNode) and key_node.value == str(part):
-                    child = key_node if depth == len(path) - 1 else value_node
-                    break
-        elif (
-            isinstance(current, yaml.SequenceNode)
-            and isinstance(part, int)
-            and 0 <= part < len(current.value)
-        ):
-            child = current.value[part]
-        if child is None:
-            break
-        current = child
-    line: int = current.start_mark.line + 1
-    return line
+def _yaml_error(exc: yaml.YAMLError, source: str) -> PlaybookError:
+    found = yaml_problem(exc, source)
+    return PlaybookError([PlaybookProblem((), found.reason, file=source, line=found.line)])
