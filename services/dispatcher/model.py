@@ -171,6 +171,7 @@ def outcome(
     provider_message_id: str | None,
     reason: str | None = None,
     reported: tuple[str | None, str] | None = None,
+    confirmed_by: str | None = None,
 ) -> OutcomeData:
     """The data of a ``message.*`` (or ``customer.unsubscribed``) event about ``delivery``,
     built with the type's contract model: everything the scheduler and reporting use.
@@ -194,6 +195,8 @@ def outcome(
         fields["reason"] = reason
     if reported is not None:
         fields["occurred_at"], fields["provider_event_id"] = reported
+    if confirmed_by is not None:
+        fields["confirmed_by"] = confirmed_by
     return OUTCOME_MODELS[type](**fields)
 
 

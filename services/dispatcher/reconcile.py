@@ -158,8 +158,10 @@ def emit(
     provider: str | None,
     provider_message_id: str | None,
     reason: str | None = None,
+    confirmed_by: str | None = None,
 ) -> None:
-    """An outcome event about a delivery, into this transaction's outbox (as the sender's)."""
+    """An outcome event about a delivery, into this transaction's outbox (as the sender's);
+    ``confirmed_by``: how a send left unknown was confirmed (on its ``message.sent``)."""
     tx.emit(
         topic,
         delivery.customer_id,
@@ -170,6 +172,7 @@ def emit(
             provider=provider,
             provider_message_id=provider_message_id,
             reason=reason,
+            confirmed_by=confirmed_by,
         ).to_data(),
         cause=cause_of(delivery.command),
         subject=delivery.customer_id,
@@ -209,6 +212,7 @@ async def confirm_from_events(tx: Tx, topic: str, matches: Sequence[EventMatch])
             MESSAGE_SENT,
             match.provider or delivery.provider,
             match.provider_message_id or delivery.provider_message_id,
+            confirmed_by=WEBHOOK,
         )
         metrics.RECONCILED.labels(WEBHOOK).inc()
     return done
@@ -286,7 +290,15 @@ class Reconciler:
                     if row["id"] in done:
                         delivery = Delivery.from_row(row)
                         provider = reported[row["id"]]
-                        emit(tx, cfg.outcomes_topic, delivery, MESSAGE_SENT, provider, None)
+                        emit(
+                            tx,
+                            cfg.outcomes_topic,
+                            delivery,
+                            MESSAGE_SENT,
+                            provider,
+                            None,
+                            confirmed_by=WEBHOOK,
+                        )
                         metrics.RECONCILED.labels(WEBHOOK).inc()
                         metrics.MESSAGES.labels(row["channel"], provider, "sent").inc()
                 settled += len(done)
@@ -361,6 +373,7 @@ class Reconciler:
                     MESSAGE_SENT,
                     confirmed.provider,
                     confirmed.provider_message_id,
+                    confirmed_by=confirmed.how,
                 )
                 metrics.RECONCILED.labels(confirmed.how).inc()
                 metrics.MESSAGES.labels(row["channel"], confirmed.provider or "-", "sent").inc()

@@ -426,7 +426,7 @@ class SchedulerHandler:
             return
         name = event.type.rsplit(".", 1)[-1]
         outcome = {name: (event.time or b.tx.now).isoformat()}
-        for key in ("provider", "provider_message_id", "reason"):
+        for key in ("provider", "provider_message_id", "reason", "confirmed_by"):
             if data.get(key):
                 outcome[f"{name}_{key}" if key == "reason" else key] = data[key]
         b.outcomes.append(

@@ -300,6 +300,18 @@ class EngagementOut(BaseModel):
     unsubscribed: int = _d("with an unsubscribe from the message")
     failed: int = _d("state failed")
     suppressed: int = _d("state suppressed (suppression list, consent)")
+    awaiting_outcome: int = _d(
+        "handed to the dispatcher, no outcome yet: in flight, or a send a crash left unknown "
+        "until the dispatcher reconciles it (GET /v1/messages/reconciliation there)"
+    )
+    reconciled: int = _d(
+        "sent, confirmed after a crash had left it unknown (a provider webhook, a resend with "
+        "the same key, the provider's message search); counted in sent too"
+    )
+    unconfirmed: int = _d(
+        "failed with reason unconfirmed: a send a crash left unknown that nothing confirmed "
+        "within the reconciliation window; counted in failed too"
+    )
     rate_base: str = _d("delivered when deliveries are reported, else sent")
     open_rate: float | None = _d("opened ÷ rate base")
     open_rate_ci: IntervalOut | None = _d("Wilson score interval")
@@ -459,6 +471,9 @@ def _engagement_out(key: dict[str, Any], result: EngagementResult) -> Engagement
         unsubscribed=c.unsubscribed,
         failed=c.failed,
         suppressed=c.suppressed,
+        awaiting_outcome=c.awaiting_outcome,
+        reconciled=c.reconciled,
+        unconfirmed=c.unconfirmed,
         rate_base=result.rate_base,
         open_rate=result.open_rate,
         open_rate_ci=_interval(result.open_rate_ci),

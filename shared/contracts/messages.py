@@ -13,7 +13,7 @@ what this contract declares; ``channel`` is any registered channel (``Registered
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
@@ -46,4 +46,9 @@ class MessageOutcome(Published):
     )
     provider_event_id: str | None = Field(
         default=None, description="webhook events: the provider's event id"
+    )
+    confirmed_by: Literal["webhook", "resend", "search"] | None = Field(
+        default=None,
+        description="message.sent of a send a crash left unknown: what confirmed the provider "
+        "had it (its webhook, a resend with the same key it deduplicated, its message search)",
     )

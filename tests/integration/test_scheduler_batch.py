@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.scheduler.domain import OFFERS, TEMPLATE_NAMES, load_playbooks
 from services.scheduler.handler import SchedulerHandler
+from services.scheduler.queries.reports import Filters, count_messages
 from services.scheduler.timers import FireResult, StepFirer
 from services.scheduler.views import policy
 from shared import domain_events as de
@@ -397,3 +398,53 @@ async def test_a_timer_that_lost_its_listening_connection_listens_again(
         await elsewhere.dispose()
     assert step is not None
     assert step.fired_at == T0
+
+
+async def test_reconciled_and_unconfirmed_sends_are_counted_in_the_messages_report(
+    engine: AsyncEngine,
+) -> None:
+    """A ``message.sent`` confirming a send a crash left unknown (``confirmed_by``) and a
+    ``message.failed`` with reason ``unconfirmed``, through the real handler: the messages
+    report counts them, and a step still dispatched as awaiting its outcome."""
+    await empty(engine)
+    clock = FrozenClock(T0)
+    pipe = pipeline(engine, clock)
+    cids = [f"reconciled-{i}" for i in range(8)]
+    await pipe.transact(incoming(pipe, [churn(c, f"{c}-e1", T0) for c in cids]))
+    while (await firer(engine, clock).fire_once()).claimed:
+        pass
+    steps = [(c, s) for c in cids if (s := await dispatched_step(engine, c)) is not None]
+    assert len(steps) >= 3  # the rest are the holdout's
+    (webhook_cid, webhook_step), (lost_cid, lost_step) = steps[0], steps[1]
+
+    def message(kind: str, cid: str, step: Any, **extra: Any) -> CloudEvent:
+        event = outcome(kind, cid, step, T0)
+        return _event(f"message.{kind}", {**event.data, **extra}, T0, cid, "/winback/dispatcher")
+
+    await pipe.transact(
+        incoming(
+            pipe,
+            [
+                message("sent", webhook_cid, webhook_step, confirmed_by="webhook"),
+                message("failed", lost_cid, lost_step, reason="unconfirmed"),
+            ],
+        )
+    )
+    async with engine.connect() as conn:
+        found = await count_messages(conn, Filters())
+    total = {
+        name: sum(getattr(counts, name) for _, counts in found)
+        for name in (
+            "dispatched",
+            "sent",
+            "failed",
+            "awaiting_outcome",
+            "reconciled",
+            "unconfirmed",
+        )
+    }
+    assert total["dispatched"] == len(steps)
+    assert (total["reconciled"], total["unconfirmed"]) == (1, 1)
+    assert total["sent"] >= 1
+    assert total["failed"] >= 1
+    assert total["awaiting_outcome"] == len(steps) - 2

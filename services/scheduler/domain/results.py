@@ -330,6 +330,9 @@ class EngagementCounts:
     unsubscribed: int = 0
     failed: int = 0
     suppressed: int = 0
+    awaiting_outcome: int = 0
+    reconciled: int = 0
+    unconfirmed: int = 0
 
     def __post_init__(self) -> None:
         for count in fields(self):

@@ -68,6 +68,8 @@ GROUP_KEYS: dict[str, tuple[str, ...]] = {
     "variant": ("playbook", "step_key", "variant"),
 }
 ENGAGEMENT_KEYS = ("playbook", "step_key", "channel", "template", "variant")
+UNCONFIRMED = "unconfirmed"
+"""The dispatcher's reason for a send a crash left unknown that nothing confirmed in time."""
 FIRED = ("dispatched", "sent", "failed", "suppressed")
 """Step states of a message handed to the dispatcher."""
 SENT_EVIDENCE = ("sent", "delivered", "opened", "clicked", "bounced", "complained", "unsubscribed")
@@ -401,6 +403,9 @@ async def count_messages(
             ),
             count(case_steps.c.state == "failed", "failed"),
             count(case_steps.c.state == "suppressed", "suppressed"),
+            count(case_steps.c.state == "dispatched", "awaiting_outcome"),
+            count(outcome.has_key("confirmed_by"), "reconciled"),
+            count(outcome["failed_reason"].astext == UNCONFIRMED, "unconfirmed"),
         )
         .select_from(case_steps.join(cases, cases.c.id == case_steps.c.case_id))
         .where(

@@ -217,6 +217,7 @@ async def test_a_provider_webhook_confirms_an_unknown_delivery_sent_once(
     (sent,) = await harness.events(model.MESSAGE_SENT, "cus_hooked")
     assert sent["data"]["step_key"] == "d0_we_miss_you"
     assert sent["data"]["provider_message_id"] == "sgmsg-77"
+    assert sent["data"]["confirmed_by"] == "webhook"
     types = [e["type"] for e in await emitted(harness.engine, harness.outcomes)]
     assert types.index(model.MESSAGE_SENT) < types.index(model.MESSAGE_DELIVERED)
     assert await harness.events(model.MESSAGE_FAILED, "cus_hooked") == []
@@ -270,6 +271,7 @@ async def test_a_resend_with_the_same_key_confirms_and_the_provider_keeps_one_me
     assert requests[1].replayed
     (sent,) = await harness.events(model.MESSAGE_SENT, "cus_resend")
     assert sent["data"]["provider"] == "webhook"
+    assert sent["data"]["confirmed_by"] == "resend"
     assert await harness.attempts(row.id) == [(1, "unknown", "unknown"), (2, "sent", "2xx")]
     assert reconciled("resend") == before + 1
 
@@ -332,6 +334,7 @@ async def test_postmarks_outbound_search_confirms_an_unknown_delivery(harness: H
     (sent,) = await harness.events(model.MESSAGE_SENT, "cus_searched")
     assert after.provider_message_id is not None
     assert sent["data"]["provider_message_id"] == after.provider_message_id
+    assert sent["data"]["confirmed_by"] == "search"
     assert reconciled("search") == before + 1
 
 
@@ -368,5 +371,6 @@ async def test_a_webhook_that_came_while_the_row_was_still_sending_confirms_it_o
     assert after.unknown_since is not None
     (sent,) = await harness.events(model.MESSAGE_SENT, "cus_early")
     assert sent["data"]["provider"] == "sendgrid"
+    assert sent["data"]["confirmed_by"] == "webhook"
     assert len(await harness.events(model.MESSAGE_DELIVERED, "cus_early")) == 1
     assert len(harness.fake.requests_for("sendgrid")) == 1
