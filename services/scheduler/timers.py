@@ -298,7 +298,9 @@ class StepFirer:
             reason=(row["episode"] or {}).get("reason"),
             features=[context["feature"]] if context.get("feature") else [],
             feature_description=context.get("feature_description"),
-            competitor=context.get("competitor"),
+            # a woken step names the competitor that changed; any other step of a customer who
+            # left for one names theirs (the comparison email asks how it is going there)
+            competitor=context.get("competitor") or (row["episode"] or {}).get("competitor"),
             requested_at=now,
             # the dispatcher holds a late send (a backlog, retry rounds after an outage) to
             # the customer's send window and drops it once the step has expired

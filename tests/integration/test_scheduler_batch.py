@@ -448,3 +448,32 @@ async def test_reconciled_and_unconfirmed_sends_are_counted_in_the_messages_repo
     assert total["sent"] >= 1
     assert total["failed"] >= 1
     assert total["awaiting_outcome"] == len(steps) - 2
+
+
+async def test_the_comparison_step_of_a_competitor_churn_names_the_competitor(
+    engine: AsyncEngine,
+) -> None:
+    """The day-90 comparison command of a customer who left for a named competitor carries
+    the name (the dispatcher puts it in the template: "Has Rivalio delivered?")."""
+    await empty(engine)
+    clock = FrozenClock(T0)
+    pipe = pipeline(engine, clock)
+    events = []
+    for i in range(6):  # a few customers: the playbook holds 5% out
+        event = churn(f"switched-{i}", f"switched-{i}-e1", T0)
+        data = {**event.data, "episode": {**event.data["episode"], "reason": "competitor"}}
+        data["episode"]["competitor"] = "Rivalio"
+        events.append(_event("churn.recorded", data, T0, f"switched-{i}", "/winback/ingest"))
+    await pipe.transact(incoming(pipe, events))
+    clock.advance(timedelta(days=91))
+    while (await firer(engine, clock).fire_once()).claimed:
+        pass
+    async with engine.connect() as conn:
+        values = (
+            await conn.execute(select(outbox.c.value).where(outbox.c.topic == DISPATCH))
+        ).scalars()
+        commands = [orjson.loads(v)["data"] for v in values]
+    comparisons = [c for c in commands if c["step_key"] == "d90_comparison"]
+    assert comparisons, [c["step_key"] for c in commands]
+    assert {c["competitor"] for c in comparisons} == {"Rivalio"}
+    assert all(c["template"] == "comparison" for c in comparisons)

@@ -73,3 +73,17 @@ def test_the_composer_takes_the_lifecycle_from_the_case_segment() -> None:
     trial = composer.context(command, Profile(segment={"lifecycle": "expired_trial"}), "email")
     assert trial["lifecycle"] == "expired_trial"
     assert "lifecycle" not in composer.context(command, Profile(), "email")
+
+
+@pytest.mark.parametrize("locale", ["en", "fi", "da", "ms"])
+def test_the_comparison_names_the_competitor_they_left_for(locale: str) -> None:
+    context = {**CONTEXT, "name": "Aino"}
+    named = RENDERER.render("comparison", "email", locale, {**context, "competitor": "Rivalio"})
+    unnamed = RENDERER.render("comparison", "email", locale, context)
+    assert named.subject is not None
+    assert "Rivalio" in named.subject
+    assert "Rivalio" in named.text
+    assert named.html is not None
+    assert "Rivalio" in named.html
+    assert unnamed.subject is not None
+    assert "Rivalio" not in unnamed.subject + unnamed.text
