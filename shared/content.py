@@ -414,34 +414,45 @@ def _check_fields(
                 )
 
 
+def field_value(name: str, value: Any, *, blank_ok: bool = False) -> Any:
+    """``value`` of template field ``name`` as the renderer takes it (a date, a Decimal, a
+    tuple of texts, a text); ``blank_ok``: blank texts pass (the caller treats them as absent).
+
+    Raises:
+        ValueError: an unknown field, or a value not of the field's kind (the reason).
+    """
+    kind = FIELDS.get(name)
+    if kind is None:
+        raise ValueError(f"unknown field (known: {', '.join(sorted(FIELDS))})")
+    if kind == "date":
+        if isinstance(value, date):
+            return value
+        try:
+            return date.fromisoformat(str(value))
+        except ValueError:
+            raise ValueError("not a date (YYYY-MM-DD)") from None
+    if kind == "decimal":
+        try:
+            return Decimal(str(value))
+        except InvalidOperation:
+            raise ValueError("not a decimal number") from None
+    if kind == "list":
+        if isinstance(value, list) and all(
+            isinstance(v, str) and (blank_ok or v.strip()) for v in value
+        ):
+            return tuple(value)
+        raise ValueError("not a list of texts")
+    if not isinstance(value, str) or not (blank_ok or value.strip()):
+        raise ValueError("not a text")
+    return value
+
+
 def _sample(raw: Mapping[str, Any], path: FieldPath, at: Any) -> dict[str, Any]:
-    """Sample values converted to what the renderer gets (dates, Decimals, lists of text)."""
+    """Sample values converted to what the renderer gets (:func:`field_value`)."""
     out: dict[str, Any] = {}
     for name, value in raw.items():
-        kind = FIELDS.get(name)
-        where = (*path, name)
-        if kind is None:
-            at(where, f"unknown field {name!r}")
-        elif kind == "date":
-            if isinstance(value, date):
-                out[name] = value
-            else:
-                try:
-                    out[name] = date.fromisoformat(str(value))
-                except ValueError:
-                    at(where, "not a date (YYYY-MM-DD)")
-        elif kind == "decimal":
-            try:
-                out[name] = Decimal(str(value))
-            except InvalidOperation:
-                at(where, "not a decimal number")
-        elif kind == "list":
-            if isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value):
-                out[name] = tuple(value)
-            else:
-                at(where, "not a list of texts")
-        elif not isinstance(value, str) or not value.strip():
-            at(where, "not a text")
-        else:
-            out[name] = value
+        try:
+            out[name] = field_value(name, value)
+        except ValueError as exc:
+            at((*path, name), str(exc))
     return out

@@ -33,7 +33,7 @@ from services.dispatcher.queries.messages import (
 from services.dispatcher.webhooks import KIND_TYPES, ProviderEvent, WebhookHandler
 from shared.cloudevents import CloudEvent
 from shared.db.tables import delivery_events
-from shared.http.problems import Problem, problems
+from shared.http.problems import invalid_field, problems
 from shared.messaging.pipeline import Incoming, Tx
 
 
@@ -123,13 +123,7 @@ def router(engine: AsyncEngine, auth: Any) -> APIRouter:
             try:
                 before = decode_cursor(cursor)
             except BadCursor as exc:
-                raise Problem(
-                    422,
-                    "Request is not valid",
-                    f"field cursor: {exc}",
-                    type="/problems/validation",
-                    errors=[{"field": "cursor", "reason": str(exc)}],
-                ) from None
+                raise invalid_field("cursor", str(exc)) from None
         async with engine.connect() as conn:
             return await message_log(conn, customer_id, limit, before)
 

@@ -20,8 +20,7 @@ from __future__ import annotations
 import fnmatch
 import uuid
 from collections.abc import Mapping
-from datetime import date, timedelta
-from decimal import Decimal, InvalidOperation
+from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body
@@ -38,9 +37,9 @@ from services.dispatcher.providers.base import CrmTaskDetails, OutboundMessage
 from services.dispatcher.rendering import OPTIONAL_PROFILE_FIELDS, RenderedMessage
 from shared import channels, sms
 from shared.clock import Clock
-from shared.content import FIELDS, Catalog
+from shared.content import Catalog, field_value
 from shared.http.auth import require_scope
-from shared.http.problems import Problem, problems
+from shared.http.problems import Problem, invalid_field, problems
 
 TEST_SENDS = Counter(
     "winback_test_sends_total",
@@ -157,13 +156,13 @@ class Previewer:
         """The preview, the rendered message and the context it was rendered from."""
         template = self.catalog.templates.get(req.template)
         if template is None:
-            raise _invalid("template", f"unknown template {req.template!r}")
+            raise invalid_field("template", f"unknown template {req.template!r}")
         if req.channel not in channels.names():
-            raise _invalid("channel", f"unknown channel {req.channel!r}")
+            raise invalid_field("channel", f"unknown channel {req.channel!r}")
         fields = template.fields.get(req.channel)
         if fields is None:
             shipped = ", ".join(sorted(template.fields))
-            raise _invalid(
+            raise invalid_field(
                 "channel",
                 f"template {req.template!r} has no {req.channel} version (it has: {shipped})",
             )
@@ -266,43 +265,15 @@ class Previewer:
 
 
 def _fields(data: Mapping[str, Any]) -> dict[str, Any]:
-    """Inline data as the renderer takes it (dates, Decimals, lists of text); unknown names
-    and values of the wrong kind are a 422 naming the field."""
+    """Inline data as the renderer takes it (``shared.content.field_value``); an unknown name
+    or a value of the wrong kind is a 422 naming the field."""
     out: dict[str, Any] = {}
     for name, value in data.items():
-        kind = FIELDS.get(name)
-        where = f"data.{name}"
-        if kind is None:
-            raise _invalid(where, f"unknown field (known: {', '.join(sorted(FIELDS))})")
-        if kind == "date":
-            try:
-                out[name] = date.fromisoformat(str(value))
-            except ValueError:
-                raise _invalid(where, "not a date (YYYY-MM-DD)") from None
-        elif kind == "decimal":
-            try:
-                out[name] = Decimal(str(value))
-            except InvalidOperation:
-                raise _invalid(where, "not a decimal number") from None
-        elif kind == "list":
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise _invalid(where, "not a list of texts")
-            out[name] = value
-        elif not isinstance(value, str):
-            raise _invalid(where, "not a text")
-        else:
-            out[name] = value
+        try:
+            out[name] = field_value(name, value, blank_ok=True)
+        except ValueError as exc:
+            raise invalid_field(f"data.{name}", str(exc)) from None
     return out
-
-
-def _invalid(field: str, reason: str) -> Problem:
-    return Problem(
-        422,
-        "Request is not valid",
-        f"field {field}: {reason}",
-        type="/problems/validation",
-        errors=[{"field": field, "reason": reason}],
-    )
 
 
 def allowed_recipient(to: str, patterns: list[str], production: bool) -> bool:
@@ -391,7 +362,7 @@ def router(
                 type="/problems/provider",
             ) from None
         except KeyError:
-            raise _invalid("channel", f"no provider serves {req.channel!r}") from None
+            raise invalid_field("channel", f"no provider serves {req.channel!r}") from None
         TEST_SENDS.labels(req.channel, "sent").inc()
         return TestSendResult(
             preview=shown,

@@ -296,6 +296,11 @@ class ContentLoader(BaseLoader):
         self._directory = directory
         self._variants = variants
 
+    @property
+    def variants(self) -> Mapping[str, content.Template]:
+        """The catalogue's template variants this loader builds, by name."""
+        return self._variants
+
     def base_of(self, name: str) -> str | None:
         """The base template's file of a variant's part ``name`` (``None``: not a variant)."""
         split = _split_name(name)
@@ -452,7 +457,7 @@ class TemplateRenderer:
     def _check_variant_blocks(self, name: str, channels: list[Channel]) -> list[str]:
         """A variant's block overrides name blocks its base template has (a misspelt block
         would otherwise be ignored without a word)."""
-        variant = self._loader._variants.get(name)
+        variant = self._loader.variants.get(name)
         if variant is None or not variant.blocks:
             return []
         problems = []

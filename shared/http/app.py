@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute
 
 from shared.http.auth import SCHEME, install_keys, scope_sentence
 from shared.http.metrics import RequestMetrics
-from shared.http.problems import Problem, document_problems, install, problems
+from shared.http.problems import Problem, document_problems, install, invalid_field, problems
 from shared.logging import throttled
 from shared.settings import ApiKey
 
@@ -226,13 +226,7 @@ async def single_valued_query(request: Request) -> None:
     counts = Counter(key for key, _ in request.query_params.multi_items())
     for param in route.dependant.query_params:
         if counts[param.alias] > 1 and not _takes_many(param.field_info.annotation):
-            raise Problem(
-                422,
-                "Request is not valid",
-                f"field {param.alias}: given more than once",
-                type="/problems/validation",
-                errors=[{"field": param.alias, "reason": "given more than once"}],
-            )
+            raise invalid_field(param.alias, "given more than once")
 
 
 def _takes_many(annotation: Any) -> bool:

@@ -134,6 +134,18 @@ class Problem(Exception):
         self.headers = headers
 
 
+def invalid_field(field: str, reason: str) -> Problem:
+    """The 422 problem+json naming one field of the request (the shape request validation
+    answers with)."""
+    return Problem(
+        422,
+        "Request is not valid",
+        f"field {field}: {reason}",
+        type="/problems/validation",
+        errors=[{"field": field, "reason": reason}],
+    )
+
+
 def problem_response(problem: Problem, instance: str | None = None) -> JSONResponse:
     body: dict[str, Any] = {"type": problem.type, "title": problem.title, "status": problem.status}
     if problem.detail:

@@ -39,7 +39,7 @@ class Harness:
     async def preview(self, **body: Any) -> httpx.Response:
         return await self.http.post("/v1/preview", json=body, headers=KEY)
 
-    async def test_send(self, **body: Any) -> httpx.Response:
+    async def send_test(self, **body: Any) -> httpx.Response:
         return await self.http.post("/v1/test-sends", json=body, headers=KEY)
 
 
@@ -158,7 +158,7 @@ async def test_a_test_send_goes_through_the_provider_marked_and_unrecorded(
     harness: Harness,
 ) -> None:
     before = await _counts(harness.engine)
-    sent = await harness.test_send(template="we_miss_you", to="marketer@acme.example")
+    sent = await harness.send_test(template="we_miss_you", to="marketer@acme.example")
     assert sent.status_code == 200, sent.text
     result = sent.json()
     assert result["provider"] == "sendgrid"
@@ -170,10 +170,10 @@ async def test_a_test_send_goes_through_the_provider_marked_and_unrecorded(
     assert payload["custom_args"]["test"] == "true"
     assert await _counts(harness.engine) == before  # no delivery, no outbox row
 
-    refused = await harness.test_send(template="we_miss_you", to="someone@gmail.example")
+    refused = await harness.send_test(template="we_miss_you", to="someone@gmail.example")
     assert refused.status_code == 403
     assert refused.json()["errors"][0]["field"] == "to"
-    sms = await harness.test_send(template="we_miss_you", channel="sms", to="+358401234567")
+    sms = await harness.send_test(template="we_miss_you", channel="sms", to="+358401234567")
     assert sms.status_code == 200, sms.text
     assert len(harness.fake.accepted("twilio")) == 1
 
